@@ -34,7 +34,7 @@ defaults = dict(
     max_new_tokens=32,        # responses mode: continuation length
     judge_threshold=0.5,      # responses mode: judge probability at or above which a continuation is toxic
     limit=0,                  # use only the first N items (0 = all); for quick checks
-    batch_size=16,
+    batch_size=64,             # large batches amortise the demo's 262k-word LM head
     dtype="float32",          # float32 | bfloat16 | float16
     device="cpu",             # cpu | cuda | auto (accelerate device_map)
 )

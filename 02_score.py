@@ -61,10 +61,10 @@ if __name__ == "__main__":
 
     # Plot: AUROC distribution per layer (a box per layer) and the pooled histogram.
     fig, (ax_layers, ax_hist) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
-    ax_layers.boxplot(per_layer, whis=(0.5, 99.5), showfliers=False)
-    ax_layers.plot(range(1, len(per_layer) + 1), [s.max() for s in per_layer], "r.", label="max")
+    ax_layers.boxplot(per_layer, positions=range(len(per_layer)), whis=(0.5, 99.5), showfliers=False)
+    ax_layers.plot(range(len(per_layer)), [s.max() for s in per_layer], "r.", label="max")
     ax_layers.axhline(0.5, color="gray", lw=0.8)
-    ax_layers.set(xlabel="layer (1 = first decoder layer)", ylabel="AUROC (toxic vs non-toxic)",
+    ax_layers.set(xlabel="decoder layer (as in 03_suppress.py --layers)", ylabel="AUROC (toxic vs non-toxic)",
                   title=f"{upstream['model']}: neuron expertise per layer (box 0.5-99.5%)")
     ax_layers.legend()
     ax_hist.hist(auroc, bins=100, color="C0")

@@ -194,3 +194,13 @@ def test_wrong_wheel_checksum_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="sha256"):
         build.build(tmp_path / "out", fake)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_stages_loader_accepts_the_build(folder, items):
+    """common.load_items (what every stage reads through) validates every row and finds every image."""
+    import sys
+    sys.path.insert(0, str(ROOT))
+    from common import load_items
+    loaded, checksum = load_items(folder / "items.jsonl")
+    assert [item["id"] for item in loaded] == [item["id"] for item in items]
+    assert all(Path(item["image_path"]).exists() for item in loaded) and len(checksum) == 64

@@ -1,0 +1,149 @@
+"""The four stages end to end on the tiny model, their artifacts, and their one-line errors."""
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, write_items
+
+import common
+from common import UserError, load_items, load_npz, load_pt, save_pt
+
+
+def run_stage(script, *args, cwd):
+    """Run a stage in-process, as `python <script> <args>` would from `cwd`."""
+    old_argv, old_cwd = sys.argv, os.getcwd()
+    sys.argv = [script, *map(str, args)]
+    os.chdir(cwd)
+    try:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+
+
+def test_all_stages_as_commands(tmp_path):
+    """The real command lines, in fresh processes, from a folder outside the repo."""
+    from PIL import Image
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    data = write_items(tmp_path / "items.jsonl", conditions=("standard", "typographic"), image="red.png")
+    env = dict(os.environ)
+    for script, *args in (["01_collect.py", "--model", "tiny", "--data", data, "--mode", "prompts"],
+                          ["02_score.py", "--run", "tiny"],
+                          ["03_suppress.py", "--run", "tiny"],
+                          ["04_evaluate.py", "--model", "tiny", "--data", data, "--max-new-tokens", "8"]):
+        done = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    run = tmp_path / "runs" / "tiny"
+    for name in ("activations.npz", "expertise.npz", "expertise.png", "suppression.pt", "suppression.png",
+                 "results.json", "results.md", "results.png", "answers.jsonl"):
+        assert (run / name).exists(), name
+    results = json.loads((run / "results.json").read_text())
+    assert {(r["method"], r["condition"], r["label"]) for r in results["rows"]} == {
+        (m, c, lab) for m in ("base", "sgm", "random") for c in ("standard", "typographic")
+        for lab in ("toxic", "benign")}
+    for row in results["rows"]:
+        assert row["n"] == 6 and row["judge"] == common.JUDGE
+        assert 0 <= row["harmful_ci"][0] <= row["harmful_rate"] <= row["harmful_ci"][1] <= 1
+        assert 0 <= row["mean_toxicity"] <= 1
+    assert results["meta"]["model"] == "tiny" and results["meta"]["data_checksum"] == load_items(data)[1]
+    answers = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 3 * 24
+    # The stages chain by fingerprints: each artifact names the one it was made from.
+    _, activations_meta = load_npz(run / "activations.npz", "")
+    _, expertise_meta = load_npz(run / "expertise.npz", "")
+    _, suppression_meta = load_pt(run / "suppression.pt", "")
+    assert expertise_meta["upstream"]["activations.npz"] == activations_meta["fingerprint"]
+    assert suppression_meta["upstream"]["expertise.npz"] == expertise_meta["fingerprint"]
+    assert results["meta"]["suppression"]["fingerprint"] == suppression_meta["fingerprint"]
+
+
+def test_responses_mode_pools_over_the_continuation_only(tmp_path, monkeypatch):
+    """Responses calibration: labels come from the judge on the model's own continuations."""
+    data = write_items(tmp_path / "items.jsonl")
+    judged = []
+
+    def fake_judge(texts):  # alternate verdicts so both classes exist whatever the random model says
+        judged.extend(texts)
+        return np.array([float(i % 2) for i in range(len(texts))])
+    monkeypatch.setattr(common, "judge_toxicity", fake_judge)
+    run_stage("01_collect.py", "--model", "tiny", "--data", data, "--max-new-tokens", "5", "--batch-size", "4",
+              cwd=tmp_path)
+    arrays, meta = load_npz(tmp_path / "runs/tiny/activations.npz", "")
+    assert meta["settings"]["mode"] == "responses" and meta["judge"] == common.JUDGE
+    assert list(arrays["labels"]) == [i % 2 for i in range(len(arrays["labels"]))]
+    assert list(arrays["continuations"]) == judged
+    # Each item pools over its own continuation tokens (<= 5; fewer only when it stopped at end-of-sequence).
+    assert np.all((arrays["n_positions"] >= 1) & (arrays["n_positions"] <= 5))
+
+
+def test_collect_is_deterministic(tmp_path):
+    data = write_items(tmp_path / "items.jsonl")
+    for run in ("a", "b"):
+        run_stage("01_collect.py", "--model", "tiny", "--run", run, "--data", data, "--mode", "prompts",
+                  cwd=tmp_path)
+    a, meta_a = load_npz(tmp_path / "runs/a/activations.npz", "")
+    b, meta_b = load_npz(tmp_path / "runs/b/activations.npz", "")
+    assert meta_a["fingerprint"] == meta_b["fingerprint"]
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_single_class_calibration_is_refused(tmp_path):
+    data = write_items(tmp_path / "items.jsonl")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps(dict(r, label="toxic")) + "\n" for r in rows))
+    with pytest.raises(UserError, match="single class"):
+        run_stage("01_collect.py", "--model", "tiny", "--data", data, "--mode", "prompts", cwd=tmp_path)
+    assert not (tmp_path / "runs/tiny/activations.npz").exists()
+
+
+def test_suppression_from_another_model_is_refused(tmp_path, tiny):
+    data = write_items(tmp_path / "items.jsonl")
+    _, _, sites, model_meta = tiny
+    n = sum(m.in_features for _, m in sites)
+    save_pt(tmp_path / "runs/tiny/suppression.pt", {"alpha": torch.ones(n)},
+            dict(model_meta, model="llava-hf/llava-1.5-7b-hf", data_checksum="x", settings={}, calibration={}))
+    with pytest.raises(UserError, match="was made for model 'llava-hf/llava-1.5-7b-hf'"):
+        run_stage("04_evaluate.py", "--model", "tiny", "--data", data, cwd=tmp_path)
+
+
+def test_missing_artifact_names_the_stage_to_run(tmp_path):
+    with pytest.raises(UserError, match="run 01_collect.py first"):
+        run_stage("02_score.py", "--run", "nothing", cwd=tmp_path)
+
+
+def test_unknown_model_offline_says_how_to_fix(tmp_path):
+    with pytest.raises(UserError, match="local checkpoint folder"):
+        common.load_model(str(tmp_path / "no-such-model"))
+
+
+BAD_ROWS = [
+    ("not json", "not valid JSON"),
+    (json.dumps({"id": "a", "split": "test"}), "missing field"),
+    (json.dumps(dict(id="a", split="test", label="rude", category="c", condition="standard", task="continue",
+                     text="hi")), "unknown label 'rude'"),
+    (json.dumps(dict(id="a", split="test", label="toxic", category="c", condition="standard", task="continue",
+                     text="  ")), "empty text"),
+    (json.dumps(dict(id="a", split="test", label="toxic", category="c", condition="standard", task="continue",
+                     text="hi", image="missing.png")), "not found"),
+    (json.dumps(dict(id="a", split="test", label="toxic", category="c", condition="standard", task="continue",
+                     text="hi", image="broken.png")), "unreadable"),
+]
+
+
+@pytest.mark.parametrize("row,message", BAD_ROWS)
+def test_bad_data_rows_name_their_line(tmp_path, row, message):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    good = json.dumps(dict(id="ok", split="test", label="benign", category="c", condition="standard",
+                           task="continue", text="the cat sat"))
+    path = tmp_path / "items.jsonl"
+    path.write_text(good + "\n" + row + "\n")
+    with pytest.raises(UserError, match=message) as error:
+        load_items(path)
+    assert f"{path}:2:" in error.value.message
