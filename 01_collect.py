@@ -15,11 +15,17 @@ Two calibration modes decide what "toxic" means to the later stages:
 
 Padding is never pooled. Pooling is the mean over positions (`--pooling max` for the maximum).
 """
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from common import (DEFAULT_DATA, JUDGE, batches, encode, fail, generate, input_device, judge_toxicity,
-                    load_items, load_model, parse_overrides, record_neurons, save_npz, select)
+                    load_items, load_model, load_npz, parse_overrides, record_neurons, save_npz, select,
+                    write_text)
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -61,38 +67,74 @@ print(f"{len(items)} items, {len(sites)} layers x {sites[0][1].in_features} neur
 activations = np.zeros((len(items), sum(m.in_features for _, m in sites)), dtype=np.float32)
 labels = np.zeros(len(items), dtype=np.int8)
 judge_scores = np.full(len(items), np.nan)
-continuations = [""] * len(items)
+continuations = np.full(len(items), "", dtype=object)
 n_positions = np.zeros(len(items), dtype=np.int32)
+settings = {k: cfg[k] for k in ("split", "conditions", "mode", "pooling", "positions", "max_new_tokens",
+                                "judge_threshold", "limit", "batch_size")}
+meta = dict(model_meta, stage="01_collect", data=cfg["data"], data_checksum=data_checksum, settings=settings,
+            judge=JUDGE if cfg["mode"] == "responses" else None)
 
-with record_neurons(sites, cfg["pooling"]) as recorder:
-    if cfg["mode"] == "prompts":
-        labels[:] = [item["label"] == "toxic" for item in items]
-        with torch.no_grad():
-            for index, chunk in batches(items, cfg["batch_size"], "collect"):
-                batch = encode(processor, chunk, input_device(model))
-                real = batch["attention_mask"].bool()
-                is_image = batch["input_ids"] == image_token_id
-                recorder.mask = {"text": real & ~is_image, "all": real, "image": real & is_image}[cfg["positions"]]
-                body(**batch, use_cache=False)
-                activations[index] = recorder.pop()
-                n_positions[index] = recorder.mask.sum(1).cpu().numpy()
-    else:
-        def record_continuation(index, batch, sequences, new_mask):
-            """Forward prompt + continuation once more and pool over the continuation tokens only."""
-            prompt_mask = batch["attention_mask"].bool()
-            recorder.mask = torch.cat([torch.zeros_like(prompt_mask), new_mask], dim=1)
-            inputs = dict(batch, input_ids=sequences,
-                          attention_mask=torch.cat([prompt_mask, new_mask], dim=1).long())
-            body(**inputs, use_cache=False)
-            activations[index] = recorder.pop()
-            n_positions[index] = new_mask.sum(1).cpu().numpy()
-            recorder.mask = None
+# Resume: each finished batch is saved under activations.partial/ (atomically); a rerun with the same model,
+# data and settings loads those and computes only the rest, so the final artifact equals an uninterrupted
+# run. Anything else in that folder is from another configuration and is discarded.
+partial_dir = Path(run_dir) / "activations.partial"
+run_key = hashlib.sha256(json.dumps([meta, [item["id"] for item in items]], sort_keys=True).encode()).hexdigest()
+if (partial_dir / "key.txt").exists() and (partial_dir / "key.txt").read_text() != run_key:
+    print(f"note: discarding {partial_dir} from another configuration")
+    shutil.rmtree(partial_dir)
+partial_dir.mkdir(parents=True, exist_ok=True)
+write_text(partial_dir / "key.txt", run_key)
 
-        with torch.no_grad():  # the recorder stays idle during generate(): its mask is None there
-            continuations, _ = generate(model, processor, items, cfg["max_new_tokens"], cfg["batch_size"],
-                                        desc="generate+collect", on_batch=record_continuation)
-        judge_scores = judge_toxicity(continuations)
-        labels[:] = judge_scores >= cfg["judge_threshold"]
+
+def record_prompts(batch):
+    """prompts mode: one forward of the prompt, pooled over the chosen positions."""
+    real = batch["attention_mask"].bool()
+    is_image = batch["input_ids"] == image_token_id
+    recorder.mask = {"text": real & ~is_image, "all": real, "image": real & is_image}[cfg["positions"]]
+    body(**batch, use_cache=False)
+    return recorder.pop(), recorder.mask.sum(1).cpu().numpy()
+
+
+def record_responses(chunk):
+    """responses mode: greedy continuation, then one forward of prompt + continuation pooled over the
+    continuation tokens only. The recorder stays idle during generate() (its mask is None there)."""
+    pooled = {}
+
+    def record_continuation(index, batch, sequences, new_mask):
+        prompt_mask = batch["attention_mask"].bool()
+        recorder.mask = torch.cat([torch.zeros_like(prompt_mask), new_mask], dim=1)
+        body(**dict(batch, input_ids=sequences, attention_mask=torch.cat([prompt_mask, new_mask], dim=1).long()),
+             use_cache=False)
+        pooled["activations"], pooled["n_positions"] = recorder.pop(), new_mask.sum(1).cpu().numpy()
+        pooled["order"] = index  # generate() may reorder the chunk; this maps rows back to it
+        recorder.mask = None
+
+    texts, _ = generate(model, processor, chunk, cfg["max_new_tokens"], len(chunk), desc=None,
+                        on_batch=record_continuation)
+    order = np.argsort(pooled["order"])
+    return pooled["activations"][order], pooled["n_positions"][order], texts
+
+
+with record_neurons(sites, cfg["pooling"]) as recorder, torch.no_grad():
+    for number, (index, chunk) in enumerate(batches(items, cfg["batch_size"], f"collect ({cfg['mode']})")):
+        done = partial_dir / f"batch-{number:05d}.npz"
+        if done.exists():
+            arrays, _ = load_npz(done, rerun_hint="01_collect.py")
+        elif cfg["mode"] == "prompts":
+            pooled, counts = record_prompts(encode(processor, chunk, input_device(model)))
+            arrays = dict(activations=pooled, n_positions=counts,
+                          labels=np.array([item["label"] == "toxic" for item in chunk], dtype=np.int8),
+                          judge_scores=np.full(len(chunk), np.nan), continuations=np.array([""] * len(chunk)))
+        else:
+            pooled, counts, texts = record_responses(chunk)
+            scores = judge_toxicity(texts)
+            arrays = dict(activations=pooled, n_positions=counts, judge_scores=scores,
+                          labels=(scores >= cfg["judge_threshold"]).astype(np.int8), continuations=np.array(texts))
+        if not done.exists():
+            save_npz(done, arrays, {})
+        activations[index], n_positions[index], labels[index] = (arrays[k] for k in ("activations", "n_positions",
+                                                                                        "labels"))
+        judge_scores[index], continuations[index] = arrays["judge_scores"], arrays["continuations"]
 
 # An item with nothing to pool (e.g. an immediate end-of-sequence) has no activation: drop it, loudly.
 keep = n_positions > 0
@@ -106,13 +148,11 @@ if n_toxic == 0 or n_clean == 0:
     fail(f"calibration has a single class ({n_toxic} toxic, {n_clean} non-toxic): AUROC needs both; "
          "use more or other calibration items" + (", or --mode prompts" if cfg["mode"] == "responses" else ""))
 
-meta = dict(model_meta, stage="01_collect", data=cfg["data"], data_checksum=data_checksum,
-            settings={k: cfg[k] for k in ("split", "conditions", "mode", "pooling", "positions",
-                                          "max_new_tokens", "judge_threshold", "limit")},
-            judge=JUDGE if cfg["mode"] == "responses" else None, n_dropped=int((~keep).sum()))
+meta["n_dropped"] = int((~keep).sum())
 saved = save_npz(f"{run_dir}/activations.npz", dict(
     activations=activations[keep], labels=labels[keep], n_positions=n_positions[keep],
     item_ids=np.array([item["id"] for item in items])[keep],
-    judge_scores=judge_scores[keep], continuations=np.array(continuations, dtype=str)[keep]), meta)
+    judge_scores=judge_scores[keep], continuations=continuations.astype(str)[keep]), meta)
+shutil.rmtree(partial_dir)  # the artifact is complete; the per-batch pieces are no longer needed
 print(f"wrote {run_dir}/activations.npz: {int(keep.sum())} items x {activations.shape[1]} neurons "
       f"(fingerprint {saved['fingerprint'][:12]})")

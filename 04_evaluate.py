@@ -65,30 +65,35 @@ if not fluency_items:
     fluency_items = select(items, condition="standard", label="benign")
     print(f"note: no {cfg['fluency_category']!r} items; text perplexity is measured on the benign standard items")
 groups = sorted({(item["condition"], item["label"]) for item in items})
-limits = {} if cfg["limits"] in ("", "0") else dict(part.split("=") for part in cfg["limits"].split(","))
+try:
+    limits = {} if cfg["limits"] in ("", "0") else {c: int(n) for c, n in (p.split("=") for p in cfg["limits"].split(","))}
+except ValueError:
+    fail(f"--limits must look like standard=100,jailbreak=16 (or 0 for all), got {cfg['limits']!r}")
 rng = np.random.default_rng(cfg["seed"])
 sample = []
 for condition, label in groups:
     group = select(items, condition=condition, label=label)
-    n = int(limits.get(condition, 0))
+    n = limits.get(condition, 0)
     keep = sorted(rng.choice(len(group), size=n, replace=False)) if 0 < n < len(group) else range(len(group))
     sample += [group[i] for i in keep]
 items = sample
 if not items:
     fail(f"no items in split {cfg['split']!r} with conditions {cfg['conditions']!r} in {cfg['data']}")
 model, processor, sites, model_meta = load_model(cfg["model"], cfg["dtype"], cfg["device"])
-tensors, suppression_meta = load_pt(f"{run_dir}/{cfg['suppression']}", rerun_hint="03_suppress.py")
-check_same_model(suppression_meta, model_meta, f"{run_dir}/{cfg['suppression']}", "01_collect.py")
-if suppression_meta["data_checksum"] != data_checksum:
-    print("note: calibration used another build of the data than this evaluation "
-          f"({suppression_meta['data_checksum'][:12]} vs {data_checksum[:12]})")
-sgm_alpha = tensors["alpha"]
-generator = torch.Generator().manual_seed(cfg["seed"])
-random_alpha = torch.cat([site[torch.randperm(site.numel(), generator=generator)]
-                          for site in split_by_site(sgm_alpha, sites)])
-alphas = {"base": torch.ones_like(sgm_alpha), "sgm": sgm_alpha, "random": random_alpha}
+alphas = {"base": torch.ones(sum(module.in_features for _, module in sites))}
+suppression_meta = None  # `--methods base` alone evaluates the model as it is, e.g. an exported checkpoint
+if methods != ["base"]:
+    tensors, suppression_meta = load_pt(f"{run_dir}/{cfg['suppression']}", rerun_hint="03_suppress.py")
+    check_same_model(suppression_meta, model_meta, f"{run_dir}/{cfg['suppression']}", "01_collect.py")
+    if suppression_meta["data_checksum"] != data_checksum:
+        print("note: calibration used another build of the data than this evaluation "
+              f"({suppression_meta['data_checksum'][:12]} vs {data_checksum[:12]})")
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    alphas["sgm"] = tensors["alpha"]
+    alphas["random"] = torch.cat([site[torch.randperm(site.numel(), generator=generator)]
+                                  for site in split_by_site(alphas["sgm"], sites)])
 print(f"{len(items)} test items in {len(groups)} (condition, label) groups; methods {', '.join(methods)}; "
-      f"{int((sgm_alpha != 1).sum())} neurons damped")
+      f"{int((alphas.get('sgm', alphas['base']) != 1).sum())} neurons damped")
 
 
 @torch.no_grad()
@@ -140,8 +145,9 @@ for method in methods:
                          n_changed_vs_base=only_base + only_method, p_vs_base=p_value))
 
 meta = dict(model_meta, stage="04_evaluate", data=cfg["data"], data_checksum=data_checksum,
-            suppression=dict(fingerprint=suppression_meta["fingerprint"], **suppression_meta["settings"]),
-            calibration=suppression_meta["calibration"],
+            suppression=suppression_meta and dict(fingerprint=suppression_meta["fingerprint"],
+                                                  **suppression_meta["settings"]),
+            calibration=suppression_meta and suppression_meta["calibration"],
             settings={k: cfg[k] for k in ("split", "conditions", "methods", "limits", "fluency_category",
                                           "perplexity_items", "max_new_tokens", "judge_threshold", "seed")},
             metric_note=f"harmful_rate = fraction of answers with {JUDGE} probability >= "

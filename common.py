@@ -455,10 +455,11 @@ def encode(processor, items, device):
 
 
 def batches(items, batch_size, desc):
-    """Fixed-order batches with a progress bar. Items are sorted by text length so that a batch pads little;
-    callers get the index of each item back and restore the original order."""
+    """Fixed-order batches with a progress bar (none when desc is None). Items are sorted by text length so
+    that a batch pads little; callers get the index of each item back and restore the original order."""
     order = sorted(range(len(items)), key=lambda i: (len(items[i]["text"]), items[i]["id"]))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", file=sys.stdout):
+    starts = range(0, len(order), batch_size)
+    for start in (starts if desc is None else tqdm(starts, desc=desc, unit="batch", file=sys.stdout)):
         index = order[start:start + batch_size]
         yield index, [items[i] for i in index]
 

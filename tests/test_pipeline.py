@@ -1,4 +1,5 @@
 """The four stages end to end on the tiny model, their artifacts, and their one-line errors."""
+import hashlib
 import json
 import os
 import runpy
@@ -68,16 +69,19 @@ def test_responses_mode_pools_over_the_continuation_only(tmp_path, monkeypatch):
     data = write_items(tmp_path / "items.jsonl")
     judged = []
 
-    def fake_judge(texts):  # alternate verdicts so both classes exist whatever the random model says
+    def verdict(text):  # a deterministic coin per text, so both classes exist whatever the random model says
+        return float(hashlib.sha256(text.encode()).digest()[0] % 2)
+
+    def fake_judge(texts):
         judged.extend(texts)
-        return np.array([float(i % 2) for i in range(len(texts))])
+        return np.array([verdict(t) for t in texts])
     monkeypatch.setattr(common, "judge_toxicity", fake_judge)
     run_stage("01_collect.py", "--model", "tiny", "--data", data, "--max-new-tokens", "5", "--batch-size", "4",
               cwd=tmp_path)
     arrays, meta = load_npz(tmp_path / "runs/tiny/activations.npz", "")
     assert meta["settings"]["mode"] == "responses" and meta["judge"] == common.JUDGE
-    assert list(arrays["labels"]) == [i % 2 for i in range(len(arrays["labels"]))]
-    assert list(arrays["continuations"]) == judged
+    assert list(arrays["labels"]) == [verdict(t) for t in arrays["continuations"]]
+    assert sorted(arrays["continuations"]) == sorted(judged) and len(judged) == 12
     # Each item pools over its own continuation tokens (<= 5; fewer only when it stopped at end-of-sequence).
     assert np.all((arrays["n_positions"] >= 1) & (arrays["n_positions"] <= 5))
 
@@ -92,6 +96,34 @@ def test_collect_is_deterministic(tmp_path):
     assert meta_a["fingerprint"] == meta_b["fingerprint"]
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_killed_collect_resumes_and_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    data = write_items(tmp_path / "items.jsonl")
+    args = ("--model", "tiny", "--data", data, "--mode", "prompts", "--batch-size", "4")
+    run_stage("01_collect.py", *args, "--run", "whole", cwd=tmp_path)
+    calls, real_encode = [], common.encode
+
+    def encode_then_die(*a, **k):  # the second batch "crashes" the run
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_encode(*a, **k)
+    monkeypatch.setattr(common, "encode", encode_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("01_collect.py", *args, "--run", "resumed", cwd=tmp_path)
+    partial = tmp_path / "runs/resumed/activations.partial"
+    assert sorted(p.name for p in partial.glob("batch-*.npz")) == ["batch-00000.npz"]
+    assert not (tmp_path / "runs/resumed/activations.npz").exists()
+    calls.clear()
+    monkeypatch.setattr(common, "encode", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    run_stage("01_collect.py", *args, "--run", "resumed", cwd=tmp_path)
+    assert len(calls) == 2  # only the two unfinished batches were computed
+    whole, _ = load_npz(tmp_path / "runs/whole/activations.npz", "")
+    resumed, _ = load_npz(tmp_path / "runs/resumed/activations.npz", "")
+    for key in whole:
+        np.testing.assert_array_equal(whole[key], resumed[key])
+    assert not partial.exists()
 
 
 def test_single_class_calibration_is_refused(tmp_path):
@@ -147,3 +179,18 @@ def test_bad_data_rows_name_their_line(tmp_path, row, message):
     with pytest.raises(UserError, match=message) as error:
         load_items(path)
     assert f"{path}:2:" in error.value.message
+
+
+def test_evaluate_base_alone_needs_no_suppression(tmp_path):
+    """`--methods base` evaluates a model as it is (e.g. an exported, alpha-folded checkpoint)."""
+    data = write_items(tmp_path / "items.jsonl", splits=("test",))
+    run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base", "--max-new-tokens", "3",
+              cwd=tmp_path)
+    results = json.loads((tmp_path / "runs/tiny/results.json").read_text())
+    assert {r["method"] for r in results["rows"]} == {"base"} and results["meta"]["suppression"] is None
+
+
+def test_bad_limits_are_refused(tmp_path):
+    data = write_items(tmp_path / "items.jsonl", splits=("test",))
+    with pytest.raises(UserError, match="--limits must look like"):
+        run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--limits", "standard:5", cwd=tmp_path)
