@@ -163,6 +163,10 @@ BAD_ROWS = [
     (json.dumps(dict(id="a", split="test", label="toxic", category="c", condition="standard", task="continue",
                      text="  ")), "empty text"),
     (json.dumps(dict(id="a", split="test", label="toxic", category="c", condition="standard", task="continue",
+                     text="word " * 2000)), "characters"),
+    (json.dumps(dict(id="ok", split="test", label="toxic", category="c", condition="standard", task="continue",
+                     text="hi")), "duplicate id"),
+    (json.dumps(dict(id="a", split="test", label="toxic", category="c", condition="standard", task="continue",
                      text="hi", image="missing.png")), "not found"),
     (json.dumps(dict(id="a", split="test", label="toxic", category="c", condition="standard", task="continue",
                      text="hi", image="broken.png")), "unreadable"),
@@ -194,3 +198,31 @@ def test_bad_limits_are_refused(tmp_path):
     data = write_items(tmp_path / "items.jsonl", splits=("test",))
     with pytest.raises(UserError, match="--limits must look like"):
         run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--limits", "standard:5", cwd=tmp_path)
+
+
+def test_suppression_from_another_data_build_is_refused(tmp_path, tiny):
+    """Another build may split differently: evaluating on it could test on calibration items."""
+    data = write_items(tmp_path / "items.jsonl")
+    _, _, sites, model_meta = tiny
+    save_pt(tmp_path / "runs/tiny/suppression.pt", {"alpha": torch.ones(sum(m.in_features for _, m in sites))},
+            dict(model_meta, data_checksum="0" * 64, settings={}, calibration={}))
+    with pytest.raises(UserError, match="another data build"):
+        run_stage("04_evaluate.py", "--model", "tiny", "--data", data, cwd=tmp_path)
+
+
+def test_non_finite_activations_name_the_layer():
+    model, processor, sites, _ = common.load_model("tiny")  # a private copy to break
+    with torch.no_grad():
+        model.model.language_model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    batch = common.encode(processor, [dict(id="0", text="the cat", task="continue", image_path=None)], "cpu")
+    with pytest.raises(UserError, match="layers.1.mlp.down_proj"):
+        with torch.no_grad(), common.record_neurons(sites) as recorder:
+            recorder.mask = batch["attention_mask"].bool()
+            model.model(**batch)
+
+
+def test_failed_write_leaves_no_artifact(tmp_path):
+    """Atomic writes: an error while writing leaves neither the artifact nor a temp file."""
+    with pytest.raises(ValueError, match="pickle"):  # object arrays would need pickle: refused mid-write
+        common.save_npz(tmp_path / "a.npz", {"ok": np.ones(3), "bad": np.array([object()], dtype=object)}, {})
+    assert list(tmp_path.iterdir()) == []
