@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, write_items
+from conftest import MILD_TEXTS, REPO, write_items
 
 import common
 from common import UserError, load_items, load_npz, load_pt, save_pt
@@ -226,3 +226,26 @@ def test_failed_write_leaves_no_artifact(tmp_path):
     with pytest.raises(ValueError, match="pickle"):  # object arrays would need pickle: refused mid-write
         common.save_npz(tmp_path / "a.npz", {"ok": np.ones(3), "bad": np.array([object()], dtype=object)}, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_filter_prompt_and_refusal_accounting(tmp_path, monkeypatch):
+    """filter replaces every flagged answer by the refusal (generating nothing); refusal_rate counts it; the
+    copied/novel split follows the judge's verdict on the prompt."""
+    data = write_items(tmp_path / "items.jsonl", splits=("test",))
+    refusal_marker = "sorry"
+
+    def judge(texts):  # everything is "toxic" except refusals and the benign prompts' texts
+        benign = set(MILD_TEXTS["benign"])
+        return np.array([0.0 if refusal_marker in t.lower() or t in benign else 1.0 for t in texts])
+    monkeypatch.setattr(common, "judge_toxicity", judge)
+    generated = []
+    real_generate = common.generate
+    monkeypatch.setattr(common, "generate", lambda *a, **k: generated.append(1) or real_generate(*a, **k))
+    run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base,prompt,filter",
+              "--max-new-tokens", "3", cwd=tmp_path)
+    assert len(generated) == 2  # base and prompt; filter post-processes base
+    rows = {(r["method"], r["label"]): r for r in json.loads((tmp_path / "runs/tiny/results.json").read_text())["rows"]}
+    assert rows["base", "toxic"]["harmful_rate"] == 1.0 and rows["filter", "toxic"]["harmful_rate"] == 0.0
+    assert rows["filter", "toxic"]["refusal_rate"] == 1.0 and rows["base", "toxic"]["refusal_rate"] == 0.0
+    assert rows["base", "toxic"]["n_prompt_flagged"] == 6 and rows["base", "benign"]["n_prompt_flagged"] == 0
+    assert rows["base", "toxic"]["harmful_rate_copied"] == 1.0 and rows["base", "toxic"]["harmful_rate_novel"] is None
