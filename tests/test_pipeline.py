@@ -249,3 +249,21 @@ def test_filter_prompt_and_refusal_accounting(tmp_path, monkeypatch):
     assert rows["filter", "toxic"]["refusal_rate"] == 1.0 and rows["base", "toxic"]["refusal_rate"] == 0.0
     assert rows["base", "toxic"]["n_prompt_flagged"] == 6 and rows["base", "benign"]["n_prompt_flagged"] == 0
     assert rows["base", "toxic"]["harmful_rate_copied"] == 1.0 and rows["base", "toxic"]["harmful_rate_novel"] is None
+
+
+def test_selectivity_is_zero_for_an_identity_suppression(tmp_path, tiny, monkeypatch):
+    """With alpha = 1 everywhere the teacher-forced NLL of base's answers cannot change: every delta is 0;
+    the offensive/clean split follows the judge's verdicts on base's answers."""
+    data = write_items(tmp_path / "items.jsonl", splits=("test",))
+    _, _, sites, model_meta = tiny
+    save_pt(tmp_path / "runs/tiny/suppression.pt", {"alpha": torch.ones(sum(m.in_features for _, m in sites))},
+            dict(model_meta, data_checksum=load_items(data)[1], settings={}, calibration={}))
+    monkeypatch.setattr(common, "judge_toxicity",
+                        lambda texts: np.array([float(hashlib.sha256(t.encode()).digest()[0] % 2) for t in texts]))
+    run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base,sgm", "--max-new-tokens", "5",
+              "--judge-threshold", "0.5", cwd=tmp_path)
+    results = json.loads((tmp_path / "runs/tiny/results.json").read_text())
+    (entry,) = results["selectivity"]
+    base_toxic = next(r for r in results["rows"] if (r["method"], r["label"]) == ("base", "toxic"))
+    assert entry["n_offensive"] == round(base_toxic["harmful_rate"] * 6) and entry["n_offensive"] + entry["n_clean"] == 6
+    assert all(entry[k] in (0.0, None) for k in ("delta_nll_offensive", "delta_nll_clean", "selectivity"))
