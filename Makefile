@@ -16,7 +16,7 @@ EVALUATE_ARGS ?=
 
 R := runs/$(RUN)
 
-.PHONY: all venv data collect score suppress evaluate test clean
+.PHONY: all venv data collect score suppress evaluate quick sweep test clean
 all: $(R)/results.json
 
 venv: $(VENV)/.installed
@@ -46,6 +46,16 @@ $(R)/suppression.pt: 03_suppress.py common.py $(R)/expertise.npz
 evaluate: $(R)/results.json
 $(R)/results.json: 04_evaluate.py common.py $(R)/suppression.pt
 	$(PY) 04_evaluate.py --model $(MODEL) --run $(RUN) --data $(DATA) $(EVALUATE_ARGS)
+
+# base vs sgm vs the random control on the standard condition only (a few minutes after collect).
+quick: $(R)/suppression.pt
+	$(PY) 04_evaluate.py --model $(MODEL) --run $(RUN) --data $(DATA) --conditions standard --report quick $(EVALUATE_ARGS)
+
+# Choose settings on dev, never on test: SGM at several strengths, toxicity vs fluency -> runs/<run>/sweep*.
+STRENGTHS ?= 0.5,1,1.5,2
+sweep: $(R)/suppression.pt
+	$(PY) 04_evaluate.py --model $(MODEL) --run $(RUN) --data $(DATA) --split dev --methods base \
+		--strengths $(STRENGTHS) --report sweep $(EVALUATE_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

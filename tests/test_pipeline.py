@@ -42,7 +42,7 @@ def test_all_stages_as_commands(tmp_path):
         assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     run = tmp_path / "runs" / "tiny"
     for name in ("activations.npz", "expertise.npz", "expertise.png", "suppression.pt", "suppression.png",
-                 "results.json", "results.md", "results.png", "answers.jsonl"):
+                 "results.json", "results.md", "results.png", "results-answers.jsonl"):
         assert (run / name).exists(), name
     results = json.loads((run / "results.json").read_text())
     assert {(r["method"], r["condition"], r["label"]) for r in results["rows"]} == {
@@ -53,7 +53,7 @@ def test_all_stages_as_commands(tmp_path):
         assert 0 <= row["harmful_ci"][0] <= row["harmful_rate"] <= row["harmful_ci"][1] <= 1
         assert 0 <= row["mean_toxicity"] <= 1
     assert results["meta"]["model"] == "tiny" and results["meta"]["data_checksum"] == load_items(data)[1]
-    answers = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
+    answers = [json.loads(line) for line in (run / "results-answers.jsonl").read_text().splitlines()]
     assert len(answers) == 3 * 24
     # The stages chain by fingerprints: each artifact names the one it was made from.
     _, activations_meta = load_npz(run / "activations.npz", "")
@@ -267,3 +267,22 @@ def test_selectivity_is_zero_for_an_identity_suppression(tmp_path, tiny, monkeyp
     base_toxic = next(r for r in results["rows"] if (r["method"], r["label"]) == ("base", "toxic"))
     assert entry["n_offensive"] == round(base_toxic["harmful_rate"] * 6) and entry["n_offensive"] + entry["n_clean"] == 6
     assert all(entry[k] in (0.0, None) for k in ("delta_nll_offensive", "delta_nll_clean", "selectivity"))
+
+
+def test_strength_sweep_scales_alpha(tmp_path, tiny):
+    """--strengths adds sgm@s methods; strength 0 is exactly base, and the trade-off plot is written."""
+    data = write_items(tmp_path / "items.jsonl", splits=("dev",))
+    _, _, sites, model_meta = tiny
+    n = sum(m.in_features for _, m in sites)
+    save_pt(tmp_path / "runs/tiny/suppression.pt", {"alpha": torch.full((n,), 0.6)},
+            dict(model_meta, data_checksum=load_items(data)[1], settings={}, calibration={}))
+    run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--split", "dev", "--methods", "base",
+              "--strengths", "0,2", "--report", "sweep", "--max-new-tokens", "4", cwd=tmp_path)
+    run = tmp_path / "runs/tiny"
+    results = json.loads((run / "sweep.json").read_text())
+    assert (run / "sweep-tradeoff.png").exists()
+    answers = [json.loads(line) for line in (run / "sweep-answers.jsonl").read_text().splitlines()]
+    by_method = {m: [a["answer"] for a in answers if a["method"] == m] for m in ("base", "sgm@0", "sgm@2")}
+    assert by_method["sgm@0"] == by_method["base"]            # strength 0 = the unmodified model
+    fluency = {f["method"]: f["perplexity"] for f in results["fluency"]}
+    assert fluency["sgm@0"] == fluency["base"] and fluency["sgm@2"] != fluency["base"]
