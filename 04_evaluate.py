@@ -32,6 +32,7 @@ clean, with a 95% bootstrap interval. Positive = the method makes the model's of
 likely than its clean ones, i.e. it acts on toxicity rather than on language in general.
 """
 import json
+import re
 
 import matplotlib
 
@@ -102,9 +103,11 @@ def neurons_of(method):
 # ---- data, model, suppression ---------------------------------------------------------------------------------
 items, data_checksum = load_items(cfg["data"])
 items = select(items, split=cfg["split"], condition=set(cfg["conditions"].split(",")))
-# Fluency reference texts (book prose in MM-TOXIC-QA): perplexity only, no generation.
+# Fluency reference texts (book prose in MM-TOXIC-QA): perplexity only, no generation. The visual probe
+# (items with an exact `answer`): accuracy only. Neither belongs to the toxic/benign groups.
 fluency_items = [item for item in items if item["category"] == cfg["fluency_category"]]
-items = [item for item in items if item["category"] != cfg["fluency_category"]]
+probe_items = [item for item in items if item.get("answer")]
+items = [item for item in items if item["category"] != cfg["fluency_category"] and not item.get("answer")]
 if not fluency_items:
     fluency_items = select(items, condition="standard", label="benign")
     print(f"note: no {cfg['fluency_category']!r} items; text perplexity is measured on the benign standard items")
@@ -180,15 +183,19 @@ if 0 < cfg["perplexity_items"] < len(fluency_items):
                                                                  replace=False))]
 
 
-prompted_items = [dict(item, text=SAFETY_INSTRUCTION + item["text"]) for item in items]
+probe_answers = {}  # method -> answers to the visual probe
 for method in methods:
     if method.endswith("filter"):
         continue  # post-processes another method's answers below; generates nothing
+    # One generation pass over the test items and the probe; a prompt method prepends its instruction to both.
+    shown = [dict(item, text=SAFETY_INSTRUCTION + item["text"]) if method.endswith("prompt") else item
+             for item in items + probe_items]
     with suppress_neurons(sites, alphas[neurons_of(method)]):
-        answers[method], tokens[method] = generate(model, processor, prompted_items if method.endswith("prompt") else items,
-                                      cfg["max_new_tokens"], cfg["batch_size"], desc=f"{method}: generate")
+        texts, ids = generate(model, processor, shown, cfg["max_new_tokens"], cfg["batch_size"],
+                              desc=f"{method}: generate")
         if neurons_of(method) not in perplexity:  # fluency depends on the neurons only, not on the prompt
             perplexity[neurons_of(method)] = float(np.exp(text_perplexity(fluency_items).mean()))
+    answers[method], tokens[method], probe_answers[method] = texts[:len(items)], ids[:len(items)], texts[len(items):]
     scores[method] = judge_toxicity(answers[method])
 for method in methods:
     if method.endswith("filter"):
@@ -198,6 +205,8 @@ for method in methods:
         flagged = scores[source] >= cfg["judge_threshold"]
         answers[method] = [REFUSAL if f else a for f, a in zip(flagged, answers[source])]
         scores[method] = np.where(flagged, judge_toxicity([REFUSAL])[0], scores[source])
+        probe_flagged = judge_toxicity(probe_answers[source]) >= cfg["judge_threshold"]
+        probe_answers[method] = [REFUSAL if f else a for f, a in zip(probe_flagged, probe_answers[source])]
 refused = {m: np.array([any(p in a.lower() for p in REFUSAL_PHRASES) for a in answers[m]]) for m in methods}
 # "Copied" toxicity: the prompt the model sees (the image's text for typographic items) is itself flagged.
 prompt_flagged = judge_toxicity([item.get("image_text") or item["text"] for item in items]) >= cfg["judge_threshold"]
@@ -232,13 +241,13 @@ def continuation_nll(chunk_items, continuations):
 selectivity = []
 if cfg["selectivity"]:
     from scipy.stats import bootstrap
-    probe = [i for i, item in enumerate(items) if (item["condition"], item["label"]) == ("standard", "toxic")]
-    offensive = scores["base"][probe] >= cfg["judge_threshold"]
-    probe_items, probe_tokens = [items[i] for i in probe], [tokens["base"][i] for i in probe]
-    base_nll = continuation_nll(probe_items, probe_tokens)
+    teacher = [i for i, item in enumerate(items) if (item["condition"], item["label"]) == ("standard", "toxic")]
+    offensive = scores["base"][teacher] >= cfg["judge_threshold"]
+    teacher_items, teacher_tokens = [items[i] for i in teacher], [tokens["base"][i] for i in teacher]
+    base_nll = continuation_nll(teacher_items, teacher_tokens)
     for neurons in sorted({neurons_of(m) for m in methods} - {"base"}, key=methods.index):
         with suppress_neurons(sites, alphas[neurons]):
-            delta = continuation_nll(probe_items, probe_tokens) - base_nll
+            delta = continuation_nll(teacher_items, teacher_tokens) - base_nll
         entry = dict(method=neurons, n_offensive=int(offensive.sum()), n_clean=int((~offensive).sum()),
                      delta_nll_offensive=float(delta[offensive].mean()) if offensive.any() else None,
                      delta_nll_clean=float(delta[~offensive].mean()) if (~offensive).any() else None,
@@ -272,6 +281,27 @@ for method in methods:
                          harmful_rate_novel=float(flagged[~copied].mean()) if (~copied).any() else None,
                          n_changed_vs_base=only_base + only_method, p_vs_base=p_value))
 
+# Visual probe: an answer is right when the expected word (or, for counts, its digit) appears in it.
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def probe_correct(answer, expected):
+    words = set(re.findall(r"[a-z0-9]+", answer.lower()))
+    return expected in words or (expected in NUMBER_WORDS and str(NUMBER_WORDS.index(expected)) in words)
+
+
+probe = []
+if probe_items:
+    # Chance: one over the number of distinct answers of the probe's kind (the part of the id before the number).
+    kinds = [item["id"].rsplit("-", 2)[0] for item in probe_items]
+    options = {kind: len({p["answer"] for p, k in zip(probe_items, kinds) if k == kind}) for kind in set(kinds)}
+    chance = float(np.mean([1 / options[kind] for kind in kinds]))
+    for method in methods:
+        right = np.array([probe_correct(a, p["answer"]) for a, p in zip(probe_answers[method], probe_items)])
+        ci = binomtest(int(right.sum()), len(right)).proportion_ci(method="wilson")
+        probe.append(dict(method=method, n=len(right), accuracy=float(right.mean()),
+                          accuracy_ci=[float(ci.low), float(ci.high)], chance=chance))
+
 meta = dict(model_meta, stage="04_evaluate", data=cfg["data"], data_checksum=data_checksum,
             suppression=suppression_meta and dict(fingerprint=suppression_meta["fingerprint"],
                                                   **suppression_meta["settings"]),
@@ -288,11 +318,15 @@ fluency_texts = (cfg["fluency_category"] if fluency_items[0]["category"] == cfg[
 fluency = [dict(method=method, texts=fluency_texts, n=len(fluency_items), perplexity=perplexity[neurons_of(method)],
                 change_vs_base=perplexity[neurons_of(method)] / perplexity["base"] - 1) for method in methods]
 write_text(f"{run_dir}/{cfg['report']}.json",
-           json.dumps(dict(rows=rows, fluency=fluency, selectivity=selectivity, meta=meta), indent=1) + "\n")
+           json.dumps(dict(rows=rows, fluency=fluency, selectivity=selectivity, probe=probe, meta=meta), indent=1)
+           + "\n")
 write_text(f"{run_dir}/{cfg['report']}-answers.jsonl", "".join(
     json.dumps(dict(id=item["id"], method=method, condition=item["condition"], label=item["label"],
                     answer=answers[method][i], toxicity=float(scores[method][i])), ensure_ascii=False) + "\n"
-    for method in methods for i, item in enumerate(items)))
+    for method in methods for i, item in enumerate(items)) + "".join(
+    json.dumps(dict(id=item["id"], method=method, expected=item["answer"], answer=probe_answers[method][i],
+                    correct=bool(probe_correct(probe_answers[method][i], item["answer"]))), ensure_ascii=False) + "\n"
+    for method in methods for i, item in enumerate(probe_items)))
 
 # ---- report: tables, a reading generated from the numbers, a plot --------------------------------------------
 def pct(x):
@@ -326,6 +360,12 @@ lines += [f"## Fluency: perplexity of {fluency[0]['n']} {fluency[0]['texts']} te
 lines += [f"| {f['method']} | {f['perplexity']:.2f} | {100 * f['change_vs_base']:+.1f}% |" for f in fluency]
 lines.append("")
 
+if probe:
+    lines += [f"## Visual probe: exact-answer questions about rendered images (chance {pct(probe[0]['chance'])})", "",
+              "| method | n | accuracy [95% CI] |", "|---|---:|---|"]
+    lines += [f"| {p['method']} | {p['n']} | {pct(p['accuracy'])} [{pct(p['accuracy_ci'][0])}, "
+              f"{pct(p['accuracy_ci'][1])}] |" for p in probe]
+    lines.append("")
 if selectivity:
     lines += ["## Selectivity: teacher-forced change on base's own answers to standard toxic items", "",
               f"Offensive answers: {selectivity[0]['n_offensive']}, clean: {selectivity[0]['n_clean']}. "

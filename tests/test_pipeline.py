@@ -286,3 +286,26 @@ def test_strength_sweep_scales_alpha(tmp_path, tiny):
     assert by_method["sgm@0"] == by_method["base"]            # strength 0 = the unmodified model
     fluency = {f["method"]: f["perplexity"] for f in results["fluency"]}
     assert fluency["sgm@0"] == fluency["base"] and fluency["sgm@2"] != fluency["base"]
+
+
+def test_visual_probe_accuracy(tmp_path, monkeypatch):
+    """Items with an exact `answer` are scored as accuracy, not as toxic/benign rows; a count may be a digit."""
+    from PIL import Image
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "probe.png")
+    data = write_items(tmp_path / "items.jsonl", splits=("test",))
+    probes = [dict(id=f"probe-count-{k:02d}-standard", split="test", label="benign", category="visual-probe",
+                   condition="standard", task="answer", text=f"How many circles? ({k})", image="probe.png",
+                   source="tests", image_text="", answer=answer) for k, answer in enumerate(["three", "red"])]
+    with open(data, "a") as f:
+        f.writelines(json.dumps(p) + "\n" for p in probes)
+    replies = {"How many circles? (0)": "I see 3 circles.", "How many circles? (1)": "It is blue."}
+
+    def fake_generate(model, processor, items, *args, **kwargs):
+        texts = [replies.get(item["text"], "the cat") for item in items]
+        return texts, [[1, 2] for _ in items]
+    monkeypatch.setattr(common, "generate", fake_generate)
+    run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base", cwd=tmp_path)
+    results = json.loads((tmp_path / "runs/tiny/results.json").read_text())
+    (probe,) = results["probe"]
+    assert probe["n"] == 2 and probe["accuracy"] == 0.5
+    assert sum(r["n"] for r in results["rows"]) == 12  # the probe is not in the toxic/benign rows
