@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (DEFAULT_DATA, JUDGE, batches, encode, fail, generate, input_device, judge_toxicity,
+from common import (DEFAULT_DATA, JUDGE, append_tokens, batches, encode, fail, generate, input_device, judge_toxicity,
                     load_items, load_model, load_npz, parse_overrides, record_neurons, save_npz, select,
                     write_text)
 
@@ -103,8 +103,8 @@ def record_responses(chunk):
     def record_continuation(index, batch, sequences, new_mask):
         prompt_mask = batch["attention_mask"].bool()
         recorder.mask = torch.cat([torch.zeros_like(prompt_mask), new_mask], dim=1)
-        body(**dict(batch, input_ids=sequences, attention_mask=torch.cat([prompt_mask, new_mask], dim=1).long()),
-             use_cache=False)
+        new_ids = sequences[:, prompt_mask.shape[1]:]
+        body(**append_tokens(processor, batch, new_ids, new_mask), use_cache=False)
         pooled["activations"], pooled["n_positions"] = recorder.pop(), new_mask.sum(1).cpu().numpy()
         pooled["order"] = index  # generate() may reorder the chunk; this maps rows back to it
         recorder.mask = None

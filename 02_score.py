@@ -6,7 +6,7 @@ Expertise of neuron m = AUROC of its pooled activation at separating toxic (posi
 the probability that a random toxic item activates m more than a random non-toxic one, ties counting one
 half. A constant neuron scores exactly 0.5. Computed for all neurons at once from ranks (Mann-Whitney U):
     AUROC = (sum of the toxic items' ranks - n_toxic (n_toxic + 1) / 2) / (n_toxic n_clean)
-with average ranks for ties (scipy.stats.rankdata), in column chunks so memory stays bounded.
+with average ranks for ties, computed in column chunks so memory stays bounded (see auroc_columns).
 """
 import matplotlib
 
@@ -19,22 +19,51 @@ from common import fail, load_npz, parse_overrides, save_npz  # noqa: E402
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
     run="demo",           # reads runs/<run>/activations.npz, writes runs/<run>/expertise.npz
-    chunk_neurons=8192,   # neurons ranked at once (memory ~ items x chunk x 8 bytes)
+    chunk_neurons=4096,   # neurons sorted at once (memory ~ items x chunk x 8 bytes, twice)
 )
 
 
-def auroc_columns(activations, labels, chunk_neurons=8192):
-    """AUROC of every column of `activations` (items x neurons) for binary `labels` (1 = toxic)."""
-    from scipy.stats import rankdata
+def auroc_columns(activations, labels, chunk_neurons=4096):
+    """AUROC of every column of `activations` (items x neurons, float32) for binary `labels` (1 = toxic).
+
+    Same number as the rank formula in the module docstring, computed from one integer sort per neuron (the
+    floor of any rank method; `make bench` compares it with a plain np.sort and with sklearn):
+    - each activation becomes an int64 key = (an integer with the same order as the float32) * 2 + label bit,
+      and the keys of each neuron are sorted: equal activations then put the non-toxic items first;
+    - in sorted order, the positions of the toxic items summed, minus n_toxic (n_toxic - 1) / 2, count the
+      (toxic, non-toxic) pairs where the non-toxic activation is <= the toxic one: ties counted fully;
+    - neurons with a tie are sorted once more with the label bit flipped (ties then count zero), and the two
+      counts averaged: ties count one half, exactly the Mann-Whitney U of average ranks."""
     labels = np.asarray(labels).astype(bool)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         fail(f"AUROC needs both classes, got {n_pos} toxic and {n_neg} non-toxic items: rerun 01_collect.py "
              "with more or other calibration items")
+    position = np.arange(labels.size, dtype=np.float64)
+    offset = n_pos * (n_pos - 1) / 2
     out = np.empty(activations.shape[1], dtype=np.float64)
+
+    def sorted_keys(order_key, label_bit):  # items x neurons int32 -> neurons x items int64, sorted per neuron
+        keys = order_key.T.astype(np.int64, order="C")
+        keys <<= 1
+        keys |= label_bit
+        keys.sort(axis=1)
+        return keys
+
     for start in range(0, activations.shape[1], chunk_neurons):
-        ranks = rankdata(activations[:, start:start + chunk_neurons], axis=0)  # average ranks for ties
-        out[start:start + chunk_neurons] = (ranks[labels].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        bits = np.ascontiguousarray(activations[:, start:start + chunk_neurons], dtype=np.float32).view(np.int32)
+        # float32 bits as an int32 with the same order: magnitude bits, negated for negative numbers
+        # (-0.0 and +0.0 both become 0, as they compare equal).
+        order_key = bits & 0x7FFFFFFF
+        np.negative(order_key, out=order_key, where=bits < 0)
+        keys = sorted_keys(order_key, labels)
+        pairs = (keys & 1).astype(np.float64) @ position - offset
+        values = keys >> 1
+        tied = (values[:, 1:] == values[:, :-1]).any(1)
+        if tied.any():
+            keys = sorted_keys(order_key[:, tied], ~labels)
+            pairs[tied] = (pairs[tied] + (1 - (keys & 1)).astype(np.float64) @ position - offset) / 2
+        out[start:start + chunk_neurons] = pairs / (n_pos * n_neg)
     return out
 
 
@@ -72,4 +101,5 @@ if __name__ == "__main__":
     ax_hist.set(xlabel="AUROC", ylabel="neurons", yscale="log", title="all neurons")
     fig.tight_layout()
     fig.savefig(f"{run_dir}/expertise.png", dpi=110)
+    plt.close(fig)
     print(f"wrote {run_dir}/expertise.npz and expertise.png (fingerprint {saved['fingerprint'][:12]})")

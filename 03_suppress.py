@@ -13,7 +13,20 @@ Methods (alpha multiplies the neuron's input to down_proj; 1 = untouched, 0 = si
 Knobs: --strength s scales the damping, alpha_s = clip(1 - s (1 - alpha), 0, 1) (s = 1 is the method itself,
 s = 0 is the unmodified model); --top-k k keeps only the k most expert neurons (0 = all, aura/published);
 --layers a:b restricts to decoder layers a..b-1.
+
+Baked checkpoint: --export DIR also loads the model (the one stages 1-2 ran on, or --model), folds alpha into
+each language-model down_proj weight (column m times alpha_m, the same logits as the hooks) and saves it as
+a normal transformers checkpoint plus SGM_EXPORT.md, the record of what was changed. Any server that loads
+the original loads it with AutoModelForImageTextToText.from_pretrained, no hooks and no code from here:
+
+    python 03_suppress.py --run demo --export exports/demo-sgm
 """
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -21,7 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import fail, load_npz, parse_overrides, save_pt  # noqa: E402
+from common import (fail, fold_alpha, load_model, load_npz, parse_overrides, resolve_model_path,  # noqa: E402
+                    save_pt, write_text)
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -32,6 +46,11 @@ defaults = dict(
     damp_factor=0.5,     # damp: alpha of the top-k neurons
     layers="",           # "a:b" = decoder layers a..b-1 only (empty = all)
     out="suppression.pt",
+    export="",           # a folder: also save the model with alpha folded into its weights (see above)
+    model="",            # --export: the model to bake (empty = the model recorded in expertise.npz)
+    dtype="auto",        # --export: float32 | bfloat16 | float16 | auto (= as the checkpoint is saved)
+    device="cpu",        # --export: cpu | cuda | auto; every weight must fit in memory (no disk offload)
+    trust_remote_code=False,  # --export: run Python shipped with the checkpoint (only if you trust it)
 )
 METHODS = ("aura", "det0", "damp", "published")
 
@@ -81,6 +100,70 @@ def layer_mask(layers, sizes):
     return np.repeat(keep, sizes)
 
 
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".index.json")
+
+
+def export_checkpoint(out_dir, alpha, meta, cfg):
+    """Fold alpha into a fresh copy of the model and save it to out_dir (written beside it, then renamed)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir / "SGM_EXPORT.md").exists():
+        fail(f"{out_dir} exists and is not an SGM export: choose a new --export folder")
+    name = cfg["model"] or meta["model"]
+    model, processor, sites, model_meta = load_model(name, cfg["dtype"], cfg["device"], cfg["trust_remote_code"])
+    if model_meta["sites"] != meta["sites"]:
+        fail(f"model {name!r} has other neuron sites than the one alpha was made for ({meta['model']!r}): "
+             "pass the calibrated model with --model, or rerun 01_collect.py for this one")
+    if name != meta["model"]:
+        print(f"note: alpha was made on {meta['model']!r}; exporting onto {name!r}, which has the same sites")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        fail("some weights were offloaded to disk (--device auto without enough GPU and CPU memory): "
+             "export on a machine that holds the whole model, e.g. --device cpu")
+    fold_alpha(sites, alpha)
+
+    tmp, old = (out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{part}") for part in ("tmp", "old"))
+    try:
+        model.save_pretrained(tmp)   # safetensors
+        processor.save_pretrained(tmp)
+        # Files of the source checkpoint the processor did not write (e.g. a video processor's config, which
+        # cannot be built here without torchvision): copied unchanged, weights never.
+        source = Path(resolve_model_path(name))
+        if source.is_dir():
+            for file in sorted(source.iterdir()):
+                if file.is_file() and not (tmp / file.name).exists() and not file.name.endswith(WEIGHT_FILES):
+                    shutil.copy2(file, tmp / file.name)
+        write_text(tmp / "SGM_EXPORT.md", export_note(name, alpha, meta, str(model.dtype).removeprefix("torch.")))
+        if out_dir.exists():  # an earlier export: swap it out, so a reader never sees a half-written folder
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    print(f"wrote {out_dir}: {name} with alpha folded into {len(sites)} down_proj weights "
+          "(loads with AutoModelForImageTextToText.from_pretrained, no hooks)")
+
+
+def export_note(name, alpha, meta, dtype):
+    changed = alpha != 1
+    layers = sorted({i for i, a in enumerate(torch.split(alpha, [size for _, size in meta["sites"]]))
+                     if (a != 1).any()})
+    return "\n".join([
+        f"# SGM export of {name}", "",
+        "This checkpoint is the model above with SGM's neuron damping folded into its weights: column m of "
+        "each language-model MLP `down_proj` weight (the input of neuron m) is multiplied by alpha_m. It "
+        "gives the logits of the original model with the suppression hooks of this repository, and loads "
+        "with `AutoModelForImageTextToText.from_pretrained` like the original, with no hooks. Nothing else "
+        "(vision tower, attention, embeddings, tokenizer, processor) was changed.", "",
+        f"- source model: `{name}` (alpha computed on `{meta['model']}`)",
+        f"- method: `{meta['settings']['method']}`, settings {json.dumps(meta['settings'])}",
+        f"- calibration: {json.dumps(meta['calibration'])}",
+        f"- neurons changed: {int(changed.sum())} of {alpha.numel()} in {len(layers)} of {len(meta['sites'])} "
+        f"layers; min alpha {float(alpha.min()):.4f}, sum(1 - alpha) = {float((1 - alpha).sum()):.1f}",
+        f"- alpha file fingerprint (sha256, `suppression.pt`): `{meta['fingerprint']}`",
+        f"- expertise fingerprint: `{meta['upstream']['expertise.npz']}`; data checksum `{meta['data_checksum']}`",
+        f"- weights dtype: {dtype}",
+        f"- made by: `python {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`", ""])
+
+
 if __name__ == "__main__":
     cfg = parse_overrides(defaults)
     run_dir = f"runs/{cfg['run']}"
@@ -112,4 +195,7 @@ if __name__ == "__main__":
     ax_layer.set(xlabel="decoder layer", ylabel="sum of (1 - alpha)", title="damping per layer")
     fig.tight_layout()
     fig.savefig(f"{run_dir}/{cfg['out'].rsplit('.', 1)[0]}.png", dpi=110)
+    plt.close(fig)
     print(f"wrote {run_dir}/{cfg['out']} (fingerprint {saved['fingerprint'][:12]})")
+    if cfg["export"]:
+        export_checkpoint(cfg["export"], torch.tensor(alpha, dtype=torch.float32), saved, cfg)

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 
-from common import (DEFAULT_DATA, JUDGE, batches, check_same_model, encode, fail, generate,  # noqa: E402
+from common import (DEFAULT_DATA, JUDGE, append_tokens, batches, check_same_model, encode, fail, generate,  # noqa: E402
                     input_device, judge_toxicity, load_items, load_model, load_pt, parse_overrides, select,
                     split_by_site, suppress_neurons, write_text)
 
@@ -163,8 +163,8 @@ def text_perplexity(chunk_items):
     for index, chunk in batches(chunk_items, 8, "perplexity"):
         batch = encode(processor, chunk, input_device(model))
         logits = model(**batch).logits[:, :-1].float()
-        targets = batch["input_ids"][:, 1:]
-        counted = batch["attention_mask"][:, 1:].bool() & (targets != model.config.image_token_id)
+        targets = batch["input_ids"][:, 1:].to(logits.device)  # logits sit on the last layer's device
+        counted = batch["attention_mask"][:, 1:].to(logits.device).bool() & (targets != model.config.image_token_id)
         # Counted: every real token that is not an image placeholder (the fallback prompt is the item's text;
         # with a chat template its few template tokens count too, identically for every method).
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
@@ -228,11 +228,11 @@ def continuation_nll(chunk_items, continuations):
         for row, i in enumerate(index):
             targets[row, :len(continuations[i])] = torch.tensor(continuations[i], dtype=torch.long)
             counted[row, :len(continuations[i])] = True
-        targets, counted = targets.to(batch["input_ids"].device), counted.to(batch["input_ids"].device)
-        inputs = dict(batch, input_ids=torch.cat([batch["input_ids"], targets], 1),
-                      attention_mask=torch.cat([batch["attention_mask"], counted.long()], 1))
+        inputs = append_tokens(processor, batch, targets, counted)
         # Logits only where they predict a continuation token (the LM head is the demo's biggest cost).
         logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()
+        # With device_map="auto" the logits sit on the last layer's device.
+        targets, counted = targets.to(logits.device), counted.to(logits.device)
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         nll[index] = ((losses * counted).sum(1) / counted.sum(1).clamp(min=1)).cpu().numpy()
     return nll
@@ -422,6 +422,7 @@ fig.suptitle(f"{cfg['model']}" + (" (demo: text pathway only, images carry no in
                                   if cfg["model"] == "demo" else ""))
 fig.tight_layout()
 fig.savefig(f"{run_dir}/{cfg['report']}.png", dpi=110)
+plt.close(fig)
 
 if strengths:  # trade-off: toxic-language rate vs fluency cost, one line per condition, base = strength 0
     sweep = ["base"] + [f"sgm@{s:g}" for s in strengths]
@@ -437,5 +438,6 @@ if strengths:  # trade-off: toxic-language rate vs fluency cost, one line per co
     ax.legend()
     fig.tight_layout()
     fig.savefig(f"{run_dir}/{cfg['report']}-tradeoff.png", dpi=110)
+    plt.close(fig)
 print("\n".join(lines))
 print(f"wrote {run_dir}/{cfg['report']}.json, .md, .png, -answers.jsonl" + (", -tradeoff.png" if strengths else ""))

@@ -16,7 +16,7 @@ EVALUATE_ARGS ?=
 
 R := runs/$(RUN)
 
-.PHONY: all venv data collect score suppress evaluate quick sweep test clean
+.PHONY: all venv data collect score suppress evaluate quick sweep test clean bench
 all: $(R)/results.json
 
 venv: $(VENV)/.installed
@@ -59,6 +59,10 @@ sweep: $(R)/suppression.pt
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# Speed of the hot paths as ratios measured in one run (bench.py; a few minutes on the demo model).
+bench: $(VENV)/.installed $(DATA)
+	$(PY) bench.py
 
 clean:
 	rm -rf runs

@@ -75,7 +75,8 @@ def _atomic_write(path, write):
 def save_npz(path, arrays, meta):
     """arrays: name -> numpy array (no object dtype). meta (JSON) travels inside as the string `meta`."""
     meta = dict(meta, fingerprint=array_fingerprint(arrays))
-    _atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays))
+    _atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), allow_pickle=False,
+                                           **arrays))
     return meta
 
 
@@ -216,27 +217,38 @@ def tiny_corpus():
     return [" ".join(rng.choice(words, size=12)) for _ in range(400)]
 
 
-def build_tiny(out_dir):
-    """A random-weight LLaVA (CLIP vision tower + Llama decoder) and an in-code BPE tokenizer, saved as a
-    normal checkpoint so that it loads through exactly the same path as a Hugging Face model."""
+def tiny_tokenizer(special_tokens=(), **named_tokens):
+    """An in-code byte-level BPE tokenizer trained on tiny_corpus(), for random test models.
+
+    special_tokens: extra tokens that must stay whole (image placeholders, chat markers); named_tokens: what
+    PreTrainedTokenizerFast takes besides bos/eos/pad/unk, e.g. extra_special_tokens={"image_token": ...}."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, PreTrainedTokenizerFast)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<image>"],
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>", *special_tokens],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(tiny_corpus(), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>", padding_side="left",
-                                        extra_special_tokens={"image_token": "<image>"})
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, **dict(
+        dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", padding_side="left"),
+        **named_tokens))
+
+
+def build_tiny(out_dir, chat_template=None):
+    """A random-weight LLaVA (CLIP vision tower + Llama decoder) and an in-code BPE tokenizer, saved as a
+    normal checkpoint so that it loads through exactly the same path as a Hugging Face model.
+    `tiny` has no chat template (the fallback prompt); tests pass one to mimic llava-1.5-hf."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = tiny_tokenizer(["<image>"], extra_special_tokens={"image_token": "<image>"})
     # 28x28 images, 14x14 patches -> 4 image tokens per prompt ("default" drops the CLS feature).
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=chat_template)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
@@ -305,16 +317,49 @@ def resolve_model_path(name):
     return str(path)
 
 
-def load_model(name, dtype="float32", device="cpu"):
-    """Model (eval mode, no grads), processor (left padding) and the meta every artifact records."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    if dtype not in DTYPES:
-        fail(f"unknown --dtype {dtype!r}; use one of {sorted(DTYPES)}")
+def image_only_processor(processor_class):
+    """`processor_class` without its video processor.
+
+    Processors that also take video (Qwen2-VL, Qwen2.5-VL, SmolVLM, ...) cannot be built without a video
+    processor, and transformers' video processors need torchvision, which must not be installed beside the
+    torch used here. The stages give images only, so the video part is left out. The subclass keeps the
+    parent's name, so a processor saved from it (03_suppress.py --export) loads as the original class."""
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    return type(processor_class.__name__, (processor_class,), {"__init__": __init__})
+
+
+def load_processor(path, trust_remote_code=False):
+    """AutoProcessor, except for a processor that also takes video when torchvision is absent: then the same
+    processor class without its video processor (image_only_processor)."""
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    from transformers.utils import is_torchvision_available
+    if not is_torchvision_available():
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor_class = PROCESSOR_MAPPING.get(type(config), None)
+        if processor_class is not None and "video_processor" in processor_class.get_attributes():
+            return image_only_processor(processor_class).from_pretrained(path)
+    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
+    """Model (eval mode, no grads), processor (left padding) and the meta every artifact records.
+
+    dtype: float32 | bfloat16 | float16, or "auto" for the dtype the checkpoint was saved in.
+    device: cpu | cuda | cuda:N | auto (accelerate's device_map="auto" spreads the layers over every GPU, then
+    CPU; the hooks follow each layer's device). trust_remote_code runs Python shipped with the checkpoint:
+    off unless asked for."""
+    from transformers import AutoModelForImageTextToText
+    if dtype not in DTYPES and dtype != "auto":
+        fail(f"unknown --dtype {dtype!r}; use one of {sorted(DTYPES)} or auto")
     path = resolve_model_path(name)
     device_map = "auto" if device == "auto" else {"": device}
     try:
-        processor = AutoProcessor.from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], device_map=device_map)
+        processor = load_processor(path, trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES.get(dtype, dtype),
+                                                            device_map=device_map,
+                                                            trust_remote_code=trust_remote_code)
     except OSError as e:
         fail(f"cannot load model {name!r} ({str(e).splitlines()[0][:160]}); offline, pass a local "
              "checkpoint folder with --model PATH, or use --model demo / --model tiny")
@@ -333,15 +378,20 @@ def neuron_sites(model):
     """[(qualified name, down_proj Linear)] of the language model's decoder layers, in layer order.
 
     The language model is found from the structure (`get_decoder()`), so the vision tower's MLPs are never
-    included even when they also name a layer `down_proj` (Qwen2-VL's vision blocks do)."""
+    included even when they also name a layer `down_proj` (Qwen2.5-VL's vision blocks do). Works for every
+    family whose decoder layers have a gated MLP with a `down_proj` Linear (LLaVA, LLaVA-NeXT, Qwen2-VL,
+    Qwen2.5-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, ...)."""
     language_model = model.get_decoder()
     names = {module: name for name, module in model.named_modules()}
     sites = [(names[module], module) for name, module in language_model.named_modules()
              if name.endswith("mlp.down_proj") and isinstance(module, torch.nn.Linear)]
     vision = [n for n, _ in sites if any(v in n for v in ("vision", "visual"))]
     if not sites or vision or language_model is model:
-        fail(f"cannot find the language model's MLP down_proj layers in {type(model).__name__}: "
-             "add a rule for this class in common.neuron_sites (the decoder layers' `mlp.down_proj`)")
+        found = f"found {vision[0]}, in the vision tower" if vision else f"found {len(sites)}"
+        fail(f"cannot find the language model's neurons in {type(model).__name__}: common.neuron_sites looks "
+             f"for Linear layers named `mlp.down_proj` inside model.get_decoder() ({type(language_model).__name__}) "
+             f"and {found}; add a rule there that returns, per decoder layer, the layer whose input is the "
+             "MLP's hidden activation (e.g. `fc2` in OPT)")
     return sites
 
 
@@ -434,24 +484,59 @@ def fold_alpha(sites, alpha):
 # ----------------------------------------------------------------------------------------------------------
 # prompts, batching, generation
 
+def fallback_image_prefix(processor):
+    """What stands for the image at the start of a prompt without a chat template; the processor expands it
+    into the image's tokens. Most processors take their `image_token` (Gemma 3's is <start_of_image>)."""
+    name = type(processor).__name__
+    if name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
+        # Qwen's position ids (M-RoPE) find an image by the <|vision_start|> before its <|image_pad|>.
+        return f"<|vision_start|>{processor.image_token}<|vision_end|>\n"
+    if name == "PaliGemmaProcessor":
+        return processor.image_token  # the processor itself puts <bos> between image and text
+    return f"{processor.image_token}\n"
+
+
 def prompt_text(processor, item):
     """The prompt string (with the image placeholder) for an item.
 
     With a chat template (instruction-tuned checkpoints) the item is one user turn: image, then text.
-    Without one (base models such as the demo) the fallback is plain text after the image: `continue` items
-    are continued as written, `answer` items become "Question: ...\nAnswer:"."""
+    Without one (base models such as the demo) the fallback is plain text after the image placeholder
+    (fallback_image_prefix): `continue` items are continued as written, `answer` items become
+    "Question: ...\nAnswer:"."""
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["text"]}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     text = item["text"] if item["task"] == "continue" else f"Question: {item['text']}\nAnswer:"
-    return f"{processor.image_token}\n{text}"
+    return fallback_image_prefix(processor) + text
 
 
 def encode(processor, items, device):
     texts = [prompt_text(processor, item) for item in items]
-    batch = processor(text=texts, images=[load_image(item) for item in items], return_tensors="pt",
+    # One image per prompt, as a list per prompt: processors that take several images per prompt (Gemma 3)
+    # would otherwise read a flat list as all the images of the first prompt.
+    batch = processor(text=texts, images=[[load_image(item)] for item in items], return_tensors="pt",
                       padding=True)
+    # PaliGemma's processor also returns training `labels`; a forward pass given them would compute a loss.
+    batch.pop("labels", None)
     return batch.to(device)
+
+
+def append_tokens(processor, batch, ids, mask):
+    """`batch` (from encode) with the tokens `ids` (batch x new) after every prompt, `mask` marking the real
+    ones: one forward pass over prompt + continuation (01's responses mode, 04's teacher forcing).
+
+    The per-token fields some processors return grow too, with the value their model's generate() gives new
+    tokens: 0 (text) in Qwen's mm_token_type_ids and Gemma 3's token_type_ids, 1 in PaliGemma's
+    token_type_ids (after the prefix, attended causally). Left at the prompt's length, Qwen's field makes
+    the forward pass fail (IndexError in its M-RoPE position ids)."""
+    ids, mask = ids.to(batch["input_ids"].device), mask.to(batch["input_ids"].device)
+    extended = dict(batch, input_ids=torch.cat([batch["input_ids"], ids], 1),
+                    attention_mask=torch.cat([batch["attention_mask"], mask.long()], 1))
+    new_type = {"token_type_ids": int(type(processor).__name__ == "PaliGemmaProcessor"), "mm_token_type_ids": 0}
+    for field, value in new_type.items():
+        if field in batch:
+            extended[field] = torch.cat([batch[field], torch.full_like(ids, value).to(batch[field].dtype)], 1)
+    return extended
 
 
 def batches(items, batch_size, desc):

@@ -1,0 +1,320 @@
+"""Every stage on each supported model family, offline: a tiny random checkpoint per family (2 decoder layers,
+a one-layer vision tower, a few image tokens, an in-code tokenizer with the family's special tokens) is built
+from config, saved to a folder and used through `--model PATH`, exactly as a downloaded checkpoint would be.
+
+Each checkpoint carries a small chat template in its family's format (the real checkpoints ship one), except
+PaliGemma, whose checkpoints have none; test_fallback_prompt_places_the_image covers the other path per family.
+"""
+import numpy as np
+import pytest
+import torch
+from conftest import write_items
+from test_pipeline import run_stage
+
+import common
+from common import (encode, fold_alpha, load_model, load_npz, load_pt, record_neurons, suppress_neurons,
+                    tiny_tokenizer)
+
+# PaliGemma's processor builds its (unused here) training labels in a way numpy 2 warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+HIDDEN, INTERMEDIATE, LAYERS = 32, 48, 2
+TEXT = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=512)
+
+
+def chat_template(image, turn="{role}: ", end="\n", assistant="assistant: "):
+    """A chat template in a family's format: `image` is what the real template writes for an image part."""
+    return ("{% for message in messages %}" + turn.format(role="{{ message['role'] }}")
+            + "{% for part in message['content'] %}{% if part['type'] == 'image' %}" + image
+            + "{% else %}{{ part['text'] }}{% endif %}{% endfor %}" + end
+            + "{% endfor %}{% if add_generation_prompt %}" + assistant + "{% endif %}")
+
+
+def token_ids(tokenizer, config_kwargs):
+    """The special-token ids every text config wants, from the in-code tokenizer."""
+    return dict(config_kwargs, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def finish(model, processor, tokenizer, out_dir):
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def build_llava(out_dir):
+    common.build_tiny(out_dir, chat_template=chat_template("<image>\n", "USER: ", " ", "ASSISTANT:"))
+
+
+def build_llava_next(out_dir):
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    tokenizer = tiny_tokenizer(["<image>"], extra_special_tokens={"image_token": "<image>"})
+    # AnyRes: the image is tiled on the best of these grids (28 px tiles) plus one downscaled overview tile.
+    pinpoints = [[28, 28], [28, 56], [56, 28]]
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=chat_template("<image>\n", "[INST] ", " [/INST]", ""))
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+        text_config=LlamaConfig(**token_ids(tokenizer, TEXT)), image_grid_pinpoints=pinpoints,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
+    torch.manual_seed(0)
+    finish(LlavaNextForConditionalGeneration(config), processor, tokenizer, out_dir)
+
+
+QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]
+QWEN_TEMPLATE = chat_template("<|vision_start|><|image_pad|><|vision_end|>", "<|im_start|>{role}\n", "<|im_end|>\n",
+                              "<|im_start|>assistant\n")
+
+
+def build_qwen(out_dir, version):
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tokenizer = tiny_tokenizer(QWEN_TOKENS, extra_special_tokens={"image_token": "<|image_pad|>",
+                                                                  "video_token": "<|video_pad|>"})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_TOKENS}
+    # 14 px patches merged 2x2: an image of at most 56x56 px gives 1-4 image tokens.
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2,
+                                               temporal_patch_size=2)
+    prefix = "Qwen2VL" if version == "qwen2_vl" else "Qwen2_5_VL"
+    processor_class = common.image_only_processor(getattr(transformers, f"{prefix}Processor"))
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+    vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if version == "qwen2_vl":
+        vision.update(embed_dim=32, mlp_ratio=2)
+    else:  # Qwen2.5-VL's vision blocks are gated MLPs with their own `mlp.down_proj`, never neuron sites
+        vision.update(intermediate_size=64, out_hidden_size=HIDDEN, fullatt_block_indexes=[0], window_size=56)
+    # M-RoPE splits each head's rotary frequencies over (time, height, width): 2 + 3 + 3 = head_dim / 2.
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=vision, text_config=token_ids(tokenizer, dict(TEXT, rope_parameters=rope)),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    finish(getattr(transformers, f"{prefix}ForConditionalGeneration")(config), processor, tokenizer, out_dir)
+
+
+IDEFICS3_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+
+
+def build_idefics3(out_dir):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    tokenizer = tiny_tokenizer(IDEFICS3_TOKENS)
+    # 56 px images, 14 px patches, pixel shuffle by 2: (56 / 14)^2 / 2^2 = 4 tokens; no splitting into tiles.
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 56}, max_image_size={"longest_edge": 56},
+                                                do_image_splitting=False)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=chat_template("<image>", "<|im_start|>{role}:", "<end_of_utterance>\n",
+                                                              "Assistant:"))
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=56, patch_size=14),
+        text_config=LlamaConfig(**token_ids(tokenizer, TEXT)), scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    finish(Idefics3ForConditionalGeneration(config), processor, tokenizer, out_dir)
+
+
+def build_paligemma(out_dir):
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    tokenizer = tiny_tokenizer(["<image>"], extra_special_tokens={"image_token": "<image>"})
+    # 28 px images, 14 px patches: 4 image tokens. No chat template, as in the real checkpoints.
+    image_processor = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    image_processor.image_seq_length = 4
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <loc>/<seg> tokens
+    config = PaliGemmaConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14,
+                           projection_dim=HIDDEN),
+        text_config=GemmaConfig(**token_ids(tokenizer, dict(TEXT, head_dim=16))), projection_dim=HIDDEN,
+        hidden_size=HIDDEN, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    config.text_config.vocab_size = config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    finish(PaliGemmaForConditionalGeneration(config), processor, tokenizer, out_dir)
+
+
+GEMMA3_TOKENS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def build_gemma3(out_dir):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    tokenizer = tiny_tokenizer(GEMMA3_TOKENS, extra_special_tokens={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in GEMMA3_TOKENS}
+    # 28 px images, 14 px patches: 2x2 patches pooled to 4 soft tokens per image.
+    image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28}, do_pan_and_scan=False)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4,
+                                chat_template=chat_template("<start_of_image>", "<start_of_turn>{role}\n",
+                                                            "<end_of_turn>\n", "<start_of_turn>model\n"))
+    config = Gemma3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        text_config=token_ids(tokenizer, dict(TEXT, head_dim=16, query_pre_attn_scalar=16, sliding_window=16)),
+        mm_tokens_per_image=4, boi_token_id=ids["<start_of_image>"], eoi_token_id=ids["<end_of_image>"],
+        image_token_id=ids["<image_soft_token>"])
+    torch.manual_seed(0)
+    finish(Gemma3ForConditionalGeneration(config), processor, tokenizer, out_dir)
+
+
+BUILDERS = {
+    "llava": build_llava,
+    "llava_next": build_llava_next,
+    "qwen2_vl": lambda out_dir: build_qwen(out_dir, "qwen2_vl"),
+    "qwen2_5_vl": lambda out_dir: build_qwen(out_dir, "qwen2_5_vl"),
+    "idefics3": build_idefics3,   # also SmolVLM (v1) checkpoints
+    "paligemma": build_paligemma,
+    "gemma3": build_gemma3,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def family(request, tmp_path_factory):
+    """(family name, checkpoint folder), built once per test session."""
+    out_dir = tmp_path_factory.mktemp(request.param) / "checkpoint"
+    BUILDERS[request.param](out_dir)
+    return request.param, out_dir
+
+
+ITEMS = [dict(id=str(i), text=t, task=task, image_path=None) for i, (t, task) in enumerate(
+    [("the cat", "continue"), ("what is the weather like today", "answer"), ("a small red house", "continue")])]
+
+
+def language_model_modules(model):
+    return set(model.get_decoder().modules())
+
+
+def test_sites_are_every_decoder_layer_and_never_the_vision_tower(family):
+    name, path = family
+    model, _, sites, meta = load_model(str(path))
+    assert [size for _, size in meta["sites"]] == [INTERMEDIATE] * LAYERS
+    assert all(module in language_model_modules(model) for _, module in sites)
+    assert [n for n, _ in sites] == sorted(n for n, _ in sites)  # in layer order
+    # Qwen2.5-VL's vision blocks have `mlp.down_proj` too: the check above must have something to exclude.
+    every_down_proj = [n for n, m in model.named_modules() if n.endswith("mlp.down_proj")]
+    assert len(every_down_proj) > LAYERS if name == "qwen2_5_vl" else len(every_down_proj) == LAYERS
+
+
+def test_fallback_prompt_places_the_image(family):
+    """Without a chat template each family's fallback prompt expands to the same image tokens as the
+    chat-template prompt, and the model runs on it."""
+    _, path = family
+    model, processor, _, _ = load_model(str(path))
+    image_token = model.config.image_token_id
+    counts = []
+    for template in (processor.chat_template, None):
+        processor.chat_template = template
+        batch = encode(processor, ITEMS, "cpu")
+        counts.append((batch["input_ids"] == image_token).sum(1))
+        with torch.no_grad():
+            assert torch.isfinite(model(**batch).logits).all()
+    assert counts[0].min() > 0 and torch.equal(counts[0], counts[1])
+
+
+def test_hooked_logits_equal_folded_weights(family):
+    _, path = family
+    model, processor, sites, _ = load_model(str(path))
+    batch = encode(processor, ITEMS, "cpu")
+    alpha = torch.rand(LAYERS * INTERMEDIATE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(**batch).logits
+        with suppress_neurons(sites, alpha):
+            hooked = model(**batch).logits
+        fold_alpha(sites, alpha)
+        folded = model(**batch).logits
+    assert not torch.allclose(base, hooked)
+    torch.testing.assert_close(folded, hooked, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_forced_continuation_equals_generation(family):
+    """common.append_tokens: one forward pass over prompt + continuation gives the logits generate() had at
+    each step, so per-token fields (Qwen's mm_token_type_ids, PaliGemma's and Gemma 3's token_type_ids)
+    are extended the way the model's own generation extends them."""
+    _, path = family
+    model, processor, _, _ = load_model(str(path))
+    batch = encode(processor, ITEMS, "cpu")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, top_p=None, top_k=None, temperature=None)
+        new = out.sequences[:, batch["input_ids"].shape[1]:]
+        forced = model(**common.append_tokens(processor, batch, new, torch.ones_like(new))).logits
+    torch.testing.assert_close(forced[:, -5:-1], torch.stack(out.logits, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_hooks_run(family):
+    _, path = family
+    model, processor, sites, _ = load_model(str(path), dtype="bfloat16")
+    batch = encode(processor, ITEMS, "cpu")
+    with torch.no_grad(), suppress_neurons(sites, torch.full((LAYERS * INTERMEDIATE,), 0.5)):
+        logits = model(**batch).logits
+    with torch.no_grad(), record_neurons(sites) as recorder:
+        recorder.mask = batch["attention_mask"].bool()
+        model(**batch)
+        pooled = recorder.pop()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert pooled.shape == (len(ITEMS), LAYERS * INTERMEDIATE) and np.isfinite(pooled).all()
+
+
+def test_stages_and_export(family, tmp_path, monkeypatch):
+    """01 (prompts) -> 02 -> 03 --export -> 04 on the checkpoint folder, as a user would run them; the
+    exported checkpoint loads with plain transformers and gives the hooked model's logits."""
+    from transformers import AutoModelForImageTextToText
+    _, path = family
+    data = write_items(tmp_path / "items.jsonl", n_per_label=3)
+    export = tmp_path / "export"
+    run_stage("01_collect.py", "--model", path, "--run", "r", "--data", data, "--mode", "prompts", cwd=tmp_path)
+    run_stage("02_score.py", "--run", "r", cwd=tmp_path)
+    run_stage("03_suppress.py", "--run", "r", "--export", export, cwd=tmp_path)
+    # Alternating verdicts as the judge, so that selectivity and responses mode see both classes even when a
+    # random model says the same thing to every prompt.
+    monkeypatch.setattr(common, "judge_toxicity", lambda texts: np.arange(len(texts)) % 2.0)
+    run_stage("04_evaluate.py", "--model", path, "--run", "r", "--data", data, "--max-new-tokens", "4", cwd=tmp_path)
+    # responses mode too: prompt + continuation in one forward (Qwen's mm_token_type_ids must grow with it)
+    run_stage("01_collect.py", "--model", path, "--run", "resp", "--data", data, "--max-new-tokens", "3",
+              cwd=tmp_path)
+    _, activations_meta = load_npz(tmp_path / "runs/r/activations.npz", "")
+    assert activations_meta["sites"] == load_model(str(path))[3]["sites"]
+    assert (tmp_path / "runs/r/results.json").exists()
+
+    tensors, suppression_meta = load_pt(tmp_path / "runs/r/suppression.pt", "")
+    assert suppression_meta["n_changed"] > 0
+    note = (export / "SGM_EXPORT.md").read_text()
+    assert suppression_meta["fingerprint"] in note and f"{suppression_meta['n_changed']} of" in note
+    model, processor, sites, _ = load_model(str(path))
+    batch = encode(processor, ITEMS, "cpu")
+    exported = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32)
+    assert not any(m._forward_pre_hooks for m in exported.modules())
+    with torch.no_grad():
+        with suppress_neurons(sites, tensors["alpha"]):
+            hooked = model(**batch).logits
+        torch.testing.assert_close(exported(**batch).logits, hooked, rtol=1e-5, atol=1e-5)
+
+
+def test_model_without_down_proj_is_refused_saying_how_to_add_it():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0,
+                                       eos_token_id=0))
+    with pytest.raises(common.UserError, match=r"neurons in GPT2LMHeadModel: .* add a rule"):
+        common.neuron_sites(model)
+
+
+def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(tmp_path):
+    data = write_items(tmp_path / "items.jsonl", n_per_label=3)
+    run_stage("01_collect.py", "--model", "tiny", "--data", data, "--mode", "prompts", cwd=tmp_path)
+    run_stage("02_score.py", "--run", "tiny", cwd=tmp_path)
+    for _ in range(2):
+        run_stage("03_suppress.py", "--run", "tiny", "--export", "export", cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
+    assert "SGM export of tiny" in (tmp_path / "export/SGM_EXPORT.md").read_text()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(common.UserError, match="is not an SGM export"):
+        run_stage("03_suppress.py", "--run", "tiny", "--export", "mine", cwd=tmp_path)
