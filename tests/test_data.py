@@ -228,3 +228,18 @@ def test_visual_probe_images_show_their_answer(folder, items):
             assert blobs == build.PROBE_NUMBERS.index(probe["answer"]) + 1, probe["id"]
         else:
             assert (pixels < 128).any() and probe["image_text"] == probe["answer"], probe["id"]
+
+
+def test_card_counts_match_the_files(folder, items):
+    """Every row of the card's split x task x label x category table equals a count over items.jsonl."""
+    counted = Counter((i["split"], i["task"], i["label"], i["category"], i["condition"]) for i in items)
+    rows = [line.strip("|").split("|") for line in (folder / "card.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| ") and len(line.split("|")) == 9]
+    table = [[cell.strip() for cell in row] for row in rows if row[0].strip() in build.SPLITS]
+    assert table, "the card has no split x task x label x category table"
+    seen = 0
+    for split, task, label, category, *per_condition in table:
+        for condition, n in zip(build.CONDITIONS, per_condition):
+            assert int(n or 0) == counted[(split, task, label, category, condition)], (split, task, label, category)
+            seen += int(n or 0)
+    assert seen == len(items)
