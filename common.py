@@ -541,11 +541,17 @@ def append_tokens(processor, batch, ids, mask):
 
 def batches(items, batch_size, desc):
     """Fixed-order batches with a progress bar (none when desc is None). Items are sorted by text length so
-    that a batch pads little; callers get the index of each item back and restore the original order."""
+    that a batch pads little, and a batch also ends before an item more than twice as long as its first (+200
+    characters), so that a few long prompts (jailbreak templates) never make a whole batch pad to their
+    length. Callers get the index of each item back and restore the original order."""
     order = sorted(range(len(items)), key=lambda i: (len(items[i]["text"]), items[i]["id"]))
-    starts = range(0, len(order), batch_size)
-    for start in (starts if desc is None else tqdm(starts, desc=desc, unit="batch", file=sys.stdout)):
-        index = order[start:start + batch_size]
+    chunks = []
+    for i in order:
+        if not chunks or len(chunks[-1]) == batch_size or \
+                len(items[i]["text"]) > 2 * len(items[chunks[-1][0]]["text"]) + 200:
+            chunks.append([])
+        chunks[-1].append(i)
+    for index in (chunks if desc is None else tqdm(chunks, desc=desc, unit="batch", file=sys.stdout)):
         yield index, [items[i] for i in index]
 
 
@@ -581,7 +587,7 @@ def generate(model, processor, items, max_new_tokens, batch_size, desc="generate
 
 
 # ----------------------------------------------------------------------------------------------------------
-# judge
+# judges
 
 JUDGE = "profanity-check"  # alt-profanity-check: offline, bundled linear model of offensive language
 

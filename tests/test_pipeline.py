@@ -309,3 +309,12 @@ def test_visual_probe_accuracy(tmp_path, monkeypatch):
     (probe,) = results["probe"]
     assert probe["n"] == 2 and probe["accuracy"] == 0.5
     assert sum(r["n"] for r in results["rows"]) == 12  # the probe is not in the toxic/benign rows
+
+
+def test_batches_keep_long_prompts_apart():
+    """Sorted by length, at most batch_size each, and a much longer prompt starts a new batch."""
+    items = [dict(id=str(i), text="x" * n) for i, n in enumerate([900, 10, 30, 12, 950, 11])]
+    got = [index for index, _ in common.batches(items, 2, desc=None)]
+    assert got == [[1, 5], [3, 2], [0, 4]]
+    got = [index for index, _ in common.batches(items, 64, desc=None)]
+    assert got == [[1, 5, 3, 2], [0, 4]]
