@@ -113,6 +113,7 @@ def neurons_of(method):
     return "base" if first in ("prompt", "filter") else first
 
 
+# ---- the extra judges (--judges llm, guard, detoxify) -----------------------------------------------------------
 # Other judges, for --judges (side by side with the offline default, which stays the one behind
 # `harmful_rate`). Each returns one value per answer: a probability (detoxify) or a verdict, 1.0 = unsafe,
 # 0.0 = safe, NaN = no verdict (left out of that judge's rate and counted, never guessed).
