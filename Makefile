@@ -9,6 +9,11 @@ MODEL  ?= demo
 RUN    ?= $(MODEL)
 DATA   ?= data/mm_toxic_qa/items.jsonl
 # extra --key value flags per stage, e.g. make all COLLECT_ARGS="--mode prompts"
+ifeq ($(MODEL),tiny)
+# A random model says nothing the judge flags, so `responses` calibration would have a single class:
+# calibrate on the items' own labels instead.
+COLLECT_ARGS  ?= --mode prompts
+endif
 COLLECT_ARGS  ?=
 SCORE_ARGS    ?=
 SUPPRESS_ARGS ?=
