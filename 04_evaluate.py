@@ -29,7 +29,8 @@ side by side in each row's `judges` and in answers.jsonl, their verdicts cached 
 expose over-refusal) and the toxic-language rate split by whether the judge flags the prompt itself
 ("copied": toxicity the model may just repeat, which MLP neurons may not control) or not ("novel").
 Fluency: perplexity of reference prose (MM-TOXIC-QA's `book` items, which are not generated on) under each
-method, teacher-forced, text tokens only.
+method, teacher-forced, text tokens only; and perplexity of each method's answers to the benign standard
+items under the unmodified model (are the answers still language?).
 Selectivity (more sensitive than greedy rates, which flip only when a whole answer changes): base's own
 answers to the standard toxic items are split by the judge into offensive and clean; for each neuron method
 the change of their teacher-forced negative log-likelihood (nats per token) is compared, offensive minus
@@ -371,6 +372,15 @@ def continuation_nll(chunk_items, continuations):
     return nll
 
 
+# Fluency of the answers themselves: perplexity, under the unmodified model, of each method's answers to the
+# benign standard items (a method that breaks language gives answers the base model finds unlikely).
+benign_answers = [i for i, item in enumerate(items) if (item["condition"], item["label"]) == ("standard", "benign")]
+answer_perplexity = {}
+for method in methods:
+    if method in tokens and benign_answers:  # filter methods generate nothing: their answers are not tokens
+        nll = continuation_nll([items[i] for i in benign_answers], [tokens[method][i] for i in benign_answers])
+        answer_perplexity[method] = float(np.exp(np.nanmean(nll)))
+
 selectivity = []
 if cfg["selectivity"]:
     from scipy.stats import bootstrap
@@ -478,13 +488,15 @@ meta = dict(model_meta, stage="04_evaluate", data=cfg["data"], data_checksum=dat
 fluency_texts = (cfg["fluency_category"] if fluency_items[0]["category"] == cfg["fluency_category"]
                  else "benign standard")
 fluency = [dict(method=method, texts=fluency_texts, n=len(fluency_items), perplexity=perplexity[neurons_of(method)],
-                change_vs_base=perplexity[neurons_of(method)] / perplexity["base"] - 1) for method in methods]
+                change_vs_base=perplexity[neurons_of(method)] / perplexity["base"] - 1,
+                answer_perplexity=answer_perplexity.get(method), n_answers=len(benign_answers)) for method in methods]
 write_text(f"{run_dir}/{cfg['report']}.json",
            json.dumps(dict(rows=rows, fluency=fluency, selectivity=selectivity, probe=probe, meta=meta), indent=1)
            + "\n")
 write_text(f"{run_dir}/{cfg['report']}-answers.jsonl", "".join(
     json.dumps(dict(id=item["id"], method=method, condition=item["condition"], label=item["label"],
                     answer=answers[method][i], toxicity=float(scores[method][i]),
+                    tokens=tokens[method][i] if method in tokens else None,
                     **{judge: None if np.isnan(verdicts[judge][method][i]) else float(verdicts[judge][method][i])
                        for judge in extra_judges}), ensure_ascii=False) + "\n"
     for method in methods for i, item in enumerate(items)) + "".join(
@@ -523,9 +535,11 @@ for condition in sorted({c for c, _ in groups}):
                                    f" {pct(row['judges'][judge]['harmful_rate'])} (n={row['judges'][judge]['n_judged']}) |"
                                    for judge in extra_judges))
     lines.append("")
-lines += [f"## Fluency: perplexity of {fluency[0]['n']} {fluency[0]['texts']} texts (lower is better)", "",
-          "| method | perplexity | vs base |", "|---|---:|---:|"]
-lines += [f"| {f['method']} | {f['perplexity']:.2f} | {100 * f['change_vs_base']:+.1f}% |" for f in fluency]
+lines += [f"## Fluency (lower is better): perplexity of {fluency[0]['n']} {fluency[0]['texts']} texts under each method; "
+          f"perplexity of each method's answers to the {fluency[0]['n_answers']} benign standard items under the "
+          "unmodified model", "", "| method | text perplexity | vs base | answer perplexity |", "|---|---:|---:|---:|"]
+lines += [f"| {f['method']} | {f['perplexity']:.2f} | {100 * f['change_vs_base']:+.1f}% | "
+          + ("–" if f["answer_perplexity"] is None else f"{f['answer_perplexity']:.2f}") + " |" for f in fluency]
 lines.append("")
 
 if probe:

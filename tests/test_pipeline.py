@@ -318,3 +318,28 @@ def test_batches_keep_long_prompts_apart():
     assert got == [[1, 5], [3, 2], [0, 4]]
     got = [index for index, _ in common.batches(items, 64, desc=None)]
     assert got == [[1, 5, 3, 2], [0, 4]]
+
+
+def test_answer_perplexity_equals_a_plain_forward(tmp_path, tiny):
+    """The answer perplexity (teacher forcing through padded batches, logits kept only where needed) equals a
+    plain, unpadded full forward per item: exp of the mean over items of each answer's mean token NLL."""
+    data = write_items(tmp_path / "items.jsonl", splits=("test",))
+    run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base", "--max-new-tokens", "4",
+              cwd=tmp_path)
+    run = tmp_path / "runs/tiny"
+    (fluency,) = json.loads((run / "results.json").read_text())["fluency"]
+    answers = {a["id"]: a for a in map(json.loads, (run / "results-answers.jsonl").read_text().splitlines())}
+    model, processor, _, _ = tiny
+    items = [item for item in load_items(data)[0] if item["label"] == "benign"]
+    nll = []
+    for item in items:
+        batch = common.encode(processor, [item], "cpu")
+        ids = torch.tensor([answers[item["id"]]["tokens"]])
+        with torch.no_grad():
+            logits = model(**dict(batch, input_ids=torch.cat([batch["input_ids"], ids], 1),
+                                  attention_mask=torch.ones(1, batch["input_ids"].shape[1] + ids.shape[1],
+                                                            dtype=torch.long))).logits[0]
+        logprobs = torch.log_softmax(logits[batch["input_ids"].shape[1] - 1:-1].double(), -1)
+        nll.append(-logprobs[torch.arange(ids.shape[1]), ids[0]].mean().item())
+    assert fluency["n_answers"] == 6
+    assert abs(fluency["answer_perplexity"] - np.exp(np.mean(nll))) < 1e-3 * fluency["answer_perplexity"]
