@@ -42,6 +42,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -462,6 +463,12 @@ def probe_correct(answer, expected):
     return expected in words or (expected in NUMBER_WORDS and str(NUMBER_WORDS.index(expected)) in words)
 
 
+def probe_words(answer):
+    """The first word of an answer (what a one-word reply says), for the per-kind 'most said' column."""
+    words = re.findall(r"[a-z0-9]+", answer.lower())
+    return words[0] if words else ""
+
+
 probe = []
 if probe_items:
     # Chance: one over the number of distinct answers of the probe's kind (the part of the id before the number).
@@ -471,8 +478,16 @@ if probe_items:
     for method in methods:
         right = np.array([probe_correct(a, p["answer"]) for a, p in zip(probe_answers[method], probe_items)])
         ci = binomtest(int(right.sum()), len(right)).proportion_ci(method="wilson")
+        # Per kind too, with the most frequent answer: a blind model that always says "blue" scores the
+        # share of blue squares, which a per-kind view exposes.
+        by_kind = {}
+        for kind in sorted(options):
+            mine = [k == kind for k in kinds]
+            said = Counter(probe_words(a) for a, m in zip(probe_answers[method], mine) if m)
+            by_kind[kind] = dict(accuracy=float(right[mine].mean()), chance=1 / options[kind],
+                                 most_said=said.most_common(1)[0][0])  # ties: the first said wins
         probe.append(dict(method=method, n=len(right), accuracy=float(right.mean()),
-                          accuracy_ci=[float(ci.low), float(ci.high)], chance=chance))
+                          accuracy_ci=[float(ci.low), float(ci.high)], chance=chance, by_kind=by_kind))
 
 meta = dict(model_meta, stage="04_evaluate", data=cfg["data"], data_checksum=data_checksum,
             suppression=suppression_meta and dict(fingerprint=suppression_meta["fingerprint"],
@@ -543,10 +558,15 @@ lines += [f"| {f['method']} | {f['perplexity']:.2f} | {100 * f['change_vs_base']
 lines.append("")
 
 if probe:
+    kinds_shown = list(probe[0]["by_kind"])
     lines += [f"## Visual probe: exact-answer questions about rendered images (chance {pct(probe[0]['chance'])})", "",
-              "| method | n | accuracy [95% CI] |", "|---|---:|---|"]
+              "| method | n | accuracy [95% CI] |" + "".join(f" {k} (chance {pct(probe[0]['by_kind'][k]['chance'])}; "
+                                                            "most said) |" for k in kinds_shown),
+              "|---|---:|---|" + "---|" * len(kinds_shown)]
     lines += [f"| {p['method']} | {p['n']} | {pct(p['accuracy'])} [{pct(p['accuracy_ci'][0])}, "
-              f"{pct(p['accuracy_ci'][1])}] |" for p in probe]
+              f"{pct(p['accuracy_ci'][1])}] |" + "".join(f" {pct(p['by_kind'][k]['accuracy'])} "
+                                                        f"({p['by_kind'][k]['most_said'] or '–'}) |" for k in kinds_shown)
+              for p in probe]
     lines.append("")
 if selectivity:
     lines += ["## Selectivity: teacher-forced change on base's own answers to standard toxic items", "",

@@ -308,6 +308,7 @@ def test_visual_probe_accuracy(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "runs/tiny/results.json").read_text())
     (probe,) = results["probe"]
     assert probe["n"] == 2 and probe["accuracy"] == 0.5
+    assert probe["by_kind"]["probe-count"] == dict(accuracy=0.5, chance=0.5, most_said="i")
     assert sum(r["n"] for r in results["rows"]) == 12  # the probe is not in the toxic/benign rows
 
 
