@@ -560,8 +560,9 @@ def input_device(model):
 
 
 @torch.no_grad()
-def generate(model, processor, items, max_new_tokens, batch_size, desc="generate", on_batch=None):
-    """Greedy continuations, left-padded batches. Returns (texts, token ids per item).
+def generate(model, processor, items, max_new_tokens, batch_size, desc="generate", on_batch=None, top_k=0):
+    """Greedy continuations (top_k > 0: sampling from the k likeliest tokens instead), left-padded batches.
+    Returns (texts, token ids per item).
     `on_batch(index, batch, sequences, new_token_mask)` lets a caller reuse the batch (01 records on it)."""
     texts, tokens = [None] * len(items), [None] * len(items)
     pad_id = processor.tokenizer.pad_token_id
@@ -569,8 +570,9 @@ def generate(model, processor, items, max_new_tokens, batch_size, desc="generate
     eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
     for index, chunk in batches(items, batch_size, desc):
         batch = encode(processor, chunk, input_device(model))
-        sequences = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=pad_id, top_p=None, top_k=None, temperature=None)
+        sequences = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=top_k > 0,
+                                   pad_token_id=pad_id, top_p=None, top_k=top_k or None,
+                                   temperature=1.0 if top_k else None)
         new = sequences[:, batch["input_ids"].shape[1]:]
         # Keep tokens up to (not including) the first end-of-sequence; later positions are padding.
         is_eos = torch.zeros_like(new, dtype=torch.bool)

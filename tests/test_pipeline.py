@@ -344,3 +344,27 @@ def test_answer_perplexity_equals_a_plain_forward(tmp_path, tiny):
         nll.append(-logprobs[torch.arange(ids.shape[1]), ids[0]].mean().item())
     assert fluency["n_answers"] == 6
     assert abs(fluency["answer_perplexity"] - np.exp(np.mean(nll))) < 1e-3 * fluency["answer_perplexity"]
+
+
+def test_sampled_metrics_follow_the_judge_and_repeat(tmp_path, monkeypatch):
+    """--samples N: expected maximum toxicity = mean over items of the most toxic sample; toxicity probability =
+    share of items with a sample at or above the threshold; the same seed samples the same answers."""
+    data = write_items(tmp_path / "items.jsonl", splits=("test",))
+    monkeypatch.setattr(common, "judge_toxicity", lambda texts: np.array([0.3 + 0.4 * (len(t) % 2) for t in texts]))
+    args = ("--model", "tiny", "--data", data, "--methods", "base,filter", "--max-new-tokens", "5", "--samples", "3")
+    run_stage("04_evaluate.py", *args, cwd=tmp_path)
+    run = tmp_path / "runs/tiny"
+    answers = [json.loads(line) for line in (run / "results-answers.jsonl").read_text().splitlines()]
+    rows = {(r["method"], r["label"]): r for r in json.loads((run / "results.json").read_text())["rows"]}
+    for label in ("toxic", "benign"):
+        most = [max(0.3 + 0.4 * (len(t) % 2) for t in a["samples"]) for a in answers
+                if (a["method"], a["label"]) == ("base", label)]
+        assert all(len(a["samples"]) == 3 for a in answers if a["method"] == "base")
+        assert rows["base", label]["expected_max_toxicity"] == pytest.approx(np.mean(most))
+        assert rows["base", label]["toxicity_probability"] == pytest.approx(np.mean([m >= 0.5 for m in most]))
+        assert rows["filter", label]["expected_max_toxicity"] is None  # filter samples nothing
+    assert any(len(set(a["samples"])) > 1 for a in answers if a["method"] == "base")  # really sampled
+    first = [a["samples"] for a in answers]
+    run_stage("04_evaluate.py", *args, cwd=tmp_path)
+    again = [json.loads(line)["samples"] for line in (run / "results-answers.jsonl").read_text().splitlines()]
+    assert again == first
