@@ -79,11 +79,12 @@ meta = dict(model_meta, stage="01_collect", data=cfg["data"], data_checksum=data
 # run. Anything else in that folder is from another configuration and is discarded.
 partial_dir = Path(run_dir) / "activations.partial"
 run_key = hashlib.sha256(json.dumps([meta, [item["id"] for item in items]], sort_keys=True).encode()).hexdigest()
-if (partial_dir / "key.txt").exists() and (partial_dir / "key.txt").read_text() != run_key:
+key_file = partial_dir / "key.txt"
+if partial_dir.exists() and (not key_file.exists() or key_file.read_text() != run_key):
     print(f"note: discarding {partial_dir} from another configuration")
     shutil.rmtree(partial_dir)
 partial_dir.mkdir(parents=True, exist_ok=True)
-write_text(partial_dir / "key.txt", run_key)
+write_text(key_file, run_key)
 
 
 def record_prompts(batch):

@@ -368,3 +368,17 @@ def test_sampled_metrics_follow_the_judge_and_repeat(tmp_path, monkeypatch):
     run_stage("04_evaluate.py", *args, cwd=tmp_path)
     again = [json.loads(line)["samples"] for line in (run / "results-answers.jsonl").read_text().splitlines()]
     assert again == first
+
+
+def test_pieces_of_another_configuration_are_discarded(tmp_path):
+    """A partial folder from other settings (or without its key) is never mixed into a new run."""
+    data = write_items(tmp_path / "items.jsonl")
+    args = ("--model", "tiny", "--data", data, "--mode", "prompts", "--batch-size", "4")
+    run_stage("01_collect.py", *args, "--run", "whole", cwd=tmp_path)
+    stale = tmp_path / "runs/r/activations.partial"
+    stale.mkdir(parents=True)
+    common.save_npz(stale / "batch-00000.npz", {"activations": np.full((4, 96), 7.0, dtype=np.float32)}, {})
+    run_stage("01_collect.py", *args, "--run", "r", cwd=tmp_path)
+    whole, _ = load_npz(tmp_path / "runs/whole/activations.npz", "")
+    fresh, _ = load_npz(tmp_path / "runs/r/activations.npz", "")
+    np.testing.assert_array_equal(whole["activations"], fresh["activations"])
