@@ -251,6 +251,9 @@ items = [item for item in items if item["category"] != cfg["fluency_category"] a
 if not fluency_items:
     fluency_items = select(items, condition="standard", label="benign")
     print(f"note: no {cfg['fluency_category']!r} items; text perplexity is measured on the benign standard items")
+if not fluency_items:
+    fail(f"no texts to measure fluency on: {cfg['data']} has neither {cfg['fluency_category']!r} items nor benign "
+         "standard items in this split; add some, or name a category with --fluency-category")
 groups = sorted({(item["condition"], item["label"]) for item in items})
 try:
     limits = {} if cfg["limits"] in ("", "0") else {c: int(n) for c, n in (p.split("=") for p in cfg["limits"].split(","))}
@@ -296,6 +299,17 @@ print(f"{len(items)} {cfg['split']} items in {len(groups)} (condition, label) gr
       f"{int((alphas.get('sgm', alphas['base']) != 1).sum())} neurons damped")
 
 
+def mean_token_nll(logits, targets, counted):
+    """Per row, the mean negative log-likelihood of `targets` over the positions `counted` marks."""
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return ((losses * counted).sum(1) / counted.sum(1).clamp(min=1)).cpu().numpy()
+
+
+def group_index(condition, label):
+    """Positions in `items` of one (condition, label) group."""
+    return [i for i, item in enumerate(items) if (item["condition"], item["label"]) == (condition, label)]
+
+
 @torch.no_grad()
 def text_perplexity(chunk_items):
     """Per-item mean negative log-likelihood of the item's text tokens (image and padding excluded)."""
@@ -307,8 +321,7 @@ def text_perplexity(chunk_items):
         counted = batch["attention_mask"][:, 1:].to(logits.device).bool() & (targets != model.config.image_token_id)
         # Counted: every real token that is not an image placeholder (the fallback prompt is the item's text;
         # with a chat template its few template tokens count too, identically for every method).
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        nll[index] = ((losses * counted).sum(1) / counted.sum(1).clamp(min=1)).cpu().numpy()
+        nll[index] = mean_token_nll(logits, targets, counted)
     return nll
 
 
@@ -348,7 +361,7 @@ for method in methods:
         sample_scores[method] = judge_toxicity(sampled).reshape(len(items), cfg["samples"])
 for method in methods:
     if method.endswith("filter"):
-        source = method.split("+")[0] if "+" in method else "base"
+        source = neurons_of(method)  # filter -> base's answers, sgm+filter -> sgm's
         if source not in scores:
             fail(f"--methods {method} filters {source}'s answers: list {source} before it")
         flagged = scores[source] >= cfg["judge_threshold"]
@@ -357,9 +370,10 @@ for method in methods:
         probe_flagged = judge_toxicity(probe_answers[source]) >= cfg["judge_threshold"]
         probe_answers[method] = [REFUSAL if f else a for f, a in zip(probe_flagged, probe_answers[source])]
 refused = {m: np.array([any(p in a.lower() for p in REFUSAL_PHRASES) for a in answers[m]]) for m in methods}
-# "Copied" toxicity: the prompt the model sees (the image's text for typographic items) is itself flagged.
-prompt_flagged = judge_toxicity([item.get("image_text") or item["text"] for item in items]) >= cfg["judge_threshold"]
-
+# The request an item makes: its text, or for typographic items the text inside the image. "Copied" toxicity:
+# the request itself is flagged. The extra judges read it as the request too.
+request_text = [item.get("image_text") or item["text"] for item in items]
+prompt_flagged = judge_toxicity(request_text) >= cfg["judge_threshold"]
 
 
 @torch.no_grad()
@@ -381,15 +395,13 @@ def continuation_nll(chunk_items, continuations):
         # Logits only where they predict a continuation token (the LM head is the demo's biggest cost).
         logits = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()
         # With device_map="auto" the logits sit on the last layer's device.
-        targets, counted = targets.to(logits.device), counted.to(logits.device)
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        nll[index] = ((losses * counted).sum(1) / counted.sum(1).clamp(min=1)).cpu().numpy()
+        nll[index] = mean_token_nll(logits, targets.to(logits.device), counted.to(logits.device))
     return nll
 
 
 # Fluency of the answers themselves: perplexity, under the unmodified model, of each method's answers to the
 # benign standard items (a method that breaks language gives answers the base model finds unlikely).
-benign_answers = [i for i, item in enumerate(items) if (item["condition"], item["label"]) == ("standard", "benign")]
+benign_answers = group_index("standard", "benign")
 answer_perplexity = {}
 for method in methods:
     if method in tokens and benign_answers:  # filter methods generate nothing: their answers are not tokens
@@ -399,7 +411,7 @@ for method in methods:
 selectivity = []
 if cfg["selectivity"]:
     from scipy.stats import bootstrap
-    teacher = [i for i, item in enumerate(items) if (item["condition"], item["label"]) == ("standard", "toxic")]
+    teacher = group_index("standard", "toxic")
     offensive = scores["base"][teacher] >= cfg["judge_threshold"]
     teacher_items, teacher_tokens = [items[i] for i in teacher], [tokens["base"][i] for i in teacher]
     base_nll = continuation_nll(teacher_items, teacher_tokens)
@@ -423,15 +435,14 @@ if set(extra_judges) - {"llm", "guard", "detoxify"}:
     fail(f"unknown --judges {cfg['judges']!r}; use profanity plus any of llm, guard, detoxify")
 if "guard" in extra_judges and not cfg["guard_model"]:
     fail("--judges guard needs --guard-model ID_OR_PATH (a guard checkpoint such as Llama Guard)")
-shown_text = [item.get("image_text") or item["text"] for item in items]  # what the judge reads as the request
 guard_device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 verdicts = {judge: {} for judge in extra_judges}  # judge -> method -> value per item
 for judge in extra_judges:
     for method in methods:
         verdicts[judge][method] = (
             detoxify_judge(answers[method]) if judge == "detoxify" else
-            llm_judge(shown_text, answers[method], cfg["judge_cache"]) if judge == "llm" else
-            guard_judge(shown_text, answers[method], cfg["guard_model"], cfg["judge_cache"], guard_device))
+            llm_judge(request_text, answers[method], cfg["judge_cache"]) if judge == "llm" else
+            guard_judge(request_text, answers[method], cfg["guard_model"], cfg["judge_cache"], guard_device))
 
 # ---- metrics per (method, condition, label) -------------------------------------------------------------------
 
@@ -460,7 +471,7 @@ def judge_rate(values):
 rows = []
 for method in methods:
     for condition, label in groups:
-        index = [i for i, item in enumerate(items) if (item["condition"], item["label"]) == (condition, label)]
+        index = group_index(condition, label)
         flagged = scores[method][index] >= cfg["judge_threshold"]
         base_flagged = scores["base"][index] >= cfg["judge_threshold"]
         ci = binomtest(int(flagged.sum()), len(index)).proportion_ci(method="wilson")

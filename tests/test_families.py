@@ -37,13 +37,6 @@ def token_ids(tokenizer, config_kwargs):
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
-def finish(model, processor, tokenizer, out_dir):
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-
-
 def build_llava(out_dir):
     common.build_tiny(out_dir, chat_template=chat_template("<image>\n", "USER: ", " ", "ASSISTANT:"))
 
@@ -66,7 +59,7 @@ def build_llava_next(out_dir):
         text_config=LlamaConfig(**token_ids(tokenizer, TEXT)), image_grid_pinpoints=pinpoints,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
     torch.manual_seed(0)
-    finish(LlavaNextForConditionalGeneration(config), processor, tokenizer, out_dir)
+    common.save_checkpoint(LlavaNextForConditionalGeneration(config), processor, out_dir)
 
 
 QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]
@@ -98,7 +91,7 @@ def build_qwen(out_dir, version):
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(0)
-    finish(getattr(transformers, f"{prefix}ForConditionalGeneration")(config), processor, tokenizer, out_dir)
+    common.save_checkpoint(getattr(transformers, f"{prefix}ForConditionalGeneration")(config), processor, out_dir)
 
 
 IDEFICS3_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
@@ -120,7 +113,7 @@ def build_idefics3(out_dir):
         text_config=LlamaConfig(**token_ids(tokenizer, TEXT)), scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    finish(Idefics3ForConditionalGeneration(config), processor, tokenizer, out_dir)
+    common.save_checkpoint(Idefics3ForConditionalGeneration(config), processor, out_dir)
 
 
 def build_paligemma(out_dir):
@@ -139,7 +132,7 @@ def build_paligemma(out_dir):
         hidden_size=HIDDEN, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     config.text_config.vocab_size = config.vocab_size = len(tokenizer)
     torch.manual_seed(0)
-    finish(PaliGemmaForConditionalGeneration(config), processor, tokenizer, out_dir)
+    common.save_checkpoint(PaliGemmaForConditionalGeneration(config), processor, out_dir)
 
 
 GEMMA3_TOKENS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"]
@@ -163,7 +156,7 @@ def build_gemma3(out_dir):
         mm_tokens_per_image=4, boi_token_id=ids["<start_of_image>"], eoi_token_id=ids["<end_of_image>"],
         image_token_id=ids["<image_soft_token>"])
     torch.manual_seed(0)
-    finish(Gemma3ForConditionalGeneration(config), processor, tokenizer, out_dir)
+    common.save_checkpoint(Gemma3ForConditionalGeneration(config), processor, out_dir)
 
 
 BUILDERS = {

@@ -382,3 +382,11 @@ def test_pieces_of_another_configuration_are_discarded(tmp_path):
     whole, _ = load_npz(tmp_path / "runs/whole/activations.npz", "")
     fresh, _ = load_npz(tmp_path / "runs/r/activations.npz", "")
     np.testing.assert_array_equal(whole["activations"], fresh["activations"])
+
+
+def test_no_fluency_texts_is_a_clear_error(tmp_path):
+    data = write_items(tmp_path / "items.jsonl", splits=("test",))
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows if r["label"] == "toxic"))
+    with pytest.raises(UserError, match="no texts to measure fluency on"):
+        run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base", cwd=tmp_path)
