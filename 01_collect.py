@@ -39,7 +39,8 @@ defaults = dict(
     positions="text",         # prompts mode: text | all | image
     max_new_tokens=32,        # responses mode: continuation length
     judge_threshold=0.5,      # responses mode: judge probability at or above which a continuation is toxic
-    limit=0,                  # use only the first N items (0 = all); for quick checks
+    limit=0,                  # use only a seeded sample of N items (0 = all): quick checks, calibration size
+    seed=0,                   # for that sample (the file groups items by source, so its first N are biased)
     batch_size=64,             # large batches amortise the demo's 262k-word LM head
     dtype="float32",          # float32 | bfloat16 | float16
     device="cpu",             # cpu | cuda | auto (accelerate device_map)
@@ -54,7 +55,9 @@ if cfg["positions"] not in ("text", "all", "image"):
 # ---- data and model -------------------------------------------------------------------------------------------
 items, data_checksum = load_items(cfg["data"])
 items = select(items, split=cfg["split"], condition=set(cfg["conditions"].split(",")))
-items = items[:cfg["limit"]] if cfg["limit"] else items
+if 0 < cfg["limit"] < len(items):
+    keep = np.random.default_rng(cfg["seed"]).choice(len(items), size=cfg["limit"], replace=False)
+    items = [items[i] for i in sorted(keep)]
 if not items:
     fail(f"no items in split {cfg['split']!r} with conditions {cfg['conditions']!r} in {cfg['data']}")
 model, processor, sites, model_meta = load_model(cfg["model"], cfg["dtype"], cfg["device"])
@@ -70,7 +73,7 @@ judge_scores = np.full(len(items), np.nan)
 continuations = np.full(len(items), "", dtype=object)
 n_positions = np.zeros(len(items), dtype=np.int32)
 settings = {k: cfg[k] for k in ("split", "conditions", "mode", "pooling", "positions", "max_new_tokens",
-                                "judge_threshold", "limit", "batch_size")}
+                                "judge_threshold", "limit", "seed", "batch_size")}
 meta = dict(model_meta, stage="01_collect", data=cfg["data"], data_checksum=data_checksum, settings=settings,
             judge=JUDGE if cfg["mode"] == "responses" else None)
 

@@ -12,7 +12,10 @@ Methods (alpha multiplies the neuron's input to down_proj; 1 = untouched, 0 = si
              AMPLIFIES neurons with AUROC in (0.3, 0.5) (alpha up to 1.4). Kept to reproduce their numbers.
 Knobs: --strength s scales the damping, alpha_s = clip(1 - s (1 - alpha), 0, 1) (s = 1 is the method itself,
 s = 0 is the unmodified model); --top-k k keeps only the k most expert neurons (0 = all, aura/published);
---layers a:b restricts to decoder layers a..b-1.
+--layers a:b restricts to decoder layers a..b-1; --normalise layer rescales expertise within each layer so that
+the layer's most expert neuron counts as a perfect expert, AUROC' = 0.5 + 0.5 (AUROC - 0.5) / (max - 0.5) for
+AUROC > 0.5 (aura then silences the top neuron of every layer and damps the rest in proportion; AUROC <= 0.5
+is left as it is). It asks whether the weak experts of a small model are ranked right but scaled too timidly.
 
 Baked checkpoint: --export DIR also loads the model (the one stages 1-2 ran on, or --model), folds alpha into
 each language-model down_proj weight (column m times alpha_m, the same logits as the hooks) and saves it as
@@ -45,6 +48,7 @@ defaults = dict(
     top_k=0,             # aura/published: only the k highest-AUROC neurons (0 = all); det0/damp: required
     damp_factor=0.5,     # damp: alpha of the top-k neurons
     layers="",           # "a:b" = decoder layers a..b-1 only (empty = all)
+    normalise="",        # "layer" = rescale AUROC within each layer (see above); empty = as measured
     out="suppression.pt",
     export="",           # a folder: also save the model with alpha folded into its weights (see above)
     model="",            # --export: the model to bake (empty = the model recorded in expertise.npz)
@@ -83,6 +87,17 @@ def alpha_from_auroc(auroc, method="aura", strength=1.0, top_k=0, damp_factor=0.
     alpha = 1.0 - strength * (1.0 - alpha)
     # Clip to [0, 1] — except the published variant, whose point is that it can amplify.
     return np.clip(alpha, 0.0, None if method == "published" else 1.0)
+
+
+def normalise_per_layer(auroc, sizes):
+    """AUROC' = 0.5 + 0.5 (AUROC - 0.5) / (layer max - 0.5) where AUROC > 0.5, per layer; else unchanged."""
+    out = np.array(auroc, dtype=np.float64)
+    for layer in np.split(out, np.cumsum(sizes)[:-1]):  # views into out
+        top = layer.max()
+        if top > 0.5:
+            above = layer > 0.5
+            layer[above] = 0.5 + 0.5 * (layer[above] - 0.5) / (top - 0.5)
+    return out
 
 
 def layer_mask(layers, sizes):
@@ -172,6 +187,10 @@ if __name__ == "__main__":
     sizes = [size for _, size in upstream["sites"]]
     if cfg["method"] == "published":
         print("WARNING: --method published AMPLIFIES neurons with AUROC in (0.3, 0.5); compatibility only")
+    if cfg["normalise"] not in ("", "layer"):
+        fail(f"unknown --normalise {cfg['normalise']!r}; use layer, or leave it empty")
+    if cfg["normalise"] == "layer":
+        auroc = normalise_per_layer(auroc, sizes)
     alpha = alpha_from_auroc(auroc, cfg["method"], cfg["strength"], cfg["top_k"], cfg["damp_factor"],
                              layer_mask(cfg["layers"], sizes))
 
@@ -182,7 +201,7 @@ if __name__ == "__main__":
     meta = dict({k: upstream[k] for k in ("model", "sites", "dtype", "data", "data_checksum")},
                 stage="03_suppress", upstream={"expertise.npz": upstream["fingerprint"]},
                 calibration=upstream["upstream_settings"],
-                settings={k: cfg[k] for k in ("method", "strength", "top_k", "damp_factor", "layers")},
+                settings={k: cfg[k] for k in ("method", "strength", "top_k", "damp_factor", "layers", "normalise")},
                 n_changed=int(changed.sum()), n_alpha_below_half=int((alpha < 0.5).sum()))
     saved = save_pt(f"{run_dir}/{cfg['out']}", {"alpha": torch.tensor(alpha, dtype=torch.float32)}, meta)
 

@@ -301,7 +301,10 @@ print(f"{len(items)} {cfg['split']} items in {len(groups)} (condition, label) gr
 
 def mean_token_nll(logits, targets, counted):
     """Per row, the mean negative log-likelihood of `targets` over the positions `counted` marks."""
-    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    # Flattened to (positions, vocabulary): the (batch, vocabulary, positions) layout cross_entropy also takes
+    # would be a transposed copy of the logits, several times slower over the demo's 262k-word vocabulary.
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    losses = losses.view_as(targets)
     return ((losses * counted).sum(1) / counted.sum(1).clamp(min=1)).cpu().numpy()
 
 
@@ -377,11 +380,11 @@ prompt_flagged = judge_toxicity(request_text) >= cfg["judge_threshold"]
 
 
 @torch.no_grad()
-def continuation_nll(chunk_items, continuations):
+def continuation_nll(chunk_items, continuations, desc):
     """Per-item mean NLL (nats/token) of given continuation token ids after each item's prompt."""
     nll = np.full(len(chunk_items), np.nan)
     pad_id = processor.tokenizer.pad_token_id
-    for index, chunk in batches(chunk_items, cfg["batch_size"], desc=None):
+    for index, chunk in batches(chunk_items, cfg["batch_size"], desc):
         batch = encode(processor, chunk, input_device(model))
         width = max(len(continuations[i]) for i in index)
         if width == 0:
@@ -405,7 +408,8 @@ benign_answers = group_index("standard", "benign")
 answer_perplexity = {}
 for method in methods:
     if method in tokens and benign_answers:  # filter methods generate nothing: their answers are not tokens
-        nll = continuation_nll([items[i] for i in benign_answers], [tokens[method][i] for i in benign_answers])
+        nll = continuation_nll([items[i] for i in benign_answers], [tokens[method][i] for i in benign_answers],
+                               f"{method}: answer perplexity")
         answer_perplexity[method] = float(np.exp(np.nanmean(nll)))
 
 selectivity = []
@@ -414,10 +418,10 @@ if cfg["selectivity"]:
     teacher = group_index("standard", "toxic")
     offensive = scores["base"][teacher] >= cfg["judge_threshold"]
     teacher_items, teacher_tokens = [items[i] for i in teacher], [tokens["base"][i] for i in teacher]
-    base_nll = continuation_nll(teacher_items, teacher_tokens)
+    base_nll = continuation_nll(teacher_items, teacher_tokens, "base: teacher-forced")
     for neurons in sorted({neurons_of(m) for m in methods} - {"base"}, key=methods.index):
         with suppress_neurons(sites, alphas[neurons]):
-            delta = continuation_nll(teacher_items, teacher_tokens) - base_nll
+            delta = continuation_nll(teacher_items, teacher_tokens, f"{neurons}: teacher-forced") - base_nll
         entry = dict(method=neurons, n_offensive=int(offensive.sum()), n_clean=int((~offensive).sum()),
                      delta_nll_offensive=float(delta[offensive].mean()) if offensive.any() else None,
                      delta_nll_clean=float(delta[~offensive].mean()) if (~offensive).any() else None,

@@ -13,15 +13,17 @@ ifeq ($(MODEL),tiny)
 # A random model says nothing the judge flags, so `responses` calibration would have a single class:
 # calibrate on the items' own labels instead.
 COLLECT_ARGS  ?= --mode prompts
+TUNE_ARGS     ?= --collect-args "--mode prompts"
 endif
 COLLECT_ARGS  ?=
 SCORE_ARGS    ?=
 SUPPRESS_ARGS ?=
 EVALUATE_ARGS ?=
+TUNE_ARGS     ?=
 
 R := runs/$(RUN)
 
-.PHONY: all venv data collect score suppress evaluate quick sweep test clean bench
+.PHONY: all venv data collect score suppress evaluate quick sweep tune test clean bench
 all: $(R)/results.json
 
 venv: $(VENV)/.installed
@@ -61,6 +63,11 @@ STRENGTHS ?= 0.5,1,1.5,2
 sweep: $(R)/suppression.pt
 	$(PY) 04_evaluate.py --model $(MODEL) --run $(RUN) --data $(DATA) --split dev --methods base \
 		--strengths $(STRENGTHS) --report sweep $(EVALUATE_ARGS)
+
+# Choose the configuration on dev (tune.py): calibration and suppression variants through all four stages,
+# one rule picks the best -> runs/tune/tune.md (runs/tune-<RUN>/ for another run). ~35 min on the demo.
+tune: $(VENV)/.installed $(DATA)
+	$(PY) tune.py --model $(MODEL) --data $(DATA) --out $(if $(filter demo,$(RUN)),tune,tune-$(RUN)) $(TUNE_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

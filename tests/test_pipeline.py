@@ -390,3 +390,19 @@ def test_no_fluency_texts_is_a_clear_error(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows if r["label"] == "toxic"))
     with pytest.raises(UserError, match="no texts to measure fluency on"):
         run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base", cwd=tmp_path)
+
+
+def test_collect_limit_is_a_seeded_sample_not_the_first_items(tmp_path):
+    """The data file groups items by source, so --limit must sample; the same seed gives the same sample."""
+    data = write_items(tmp_path / "items.jsonl")
+    calibration = [item["id"] for item in load_items(data)[0] if item["split"] == "calibration"]
+    chosen = {}
+    for run, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run_stage("01_collect.py", "--model", "tiny", "--data", data, "--mode", "prompts", "--limit", 5,
+                  "--seed", seed, "--run", run, cwd=tmp_path)
+        arrays, meta = load_npz(tmp_path / "runs" / run / "activations.npz", "")
+        chosen[run] = list(arrays["item_ids"])
+        assert meta["settings"]["limit"] == 5 and meta["settings"]["seed"] == seed
+    assert chosen["a"] == chosen["b"] and len(chosen["a"]) == 5 and set(chosen["a"]) <= set(calibration)
+    assert chosen["a"] != calibration[:5] and chosen["a"] != chosen["c"]
+    assert chosen["a"] == sorted(chosen["a"], key=calibration.index)  # file order kept

@@ -56,3 +56,24 @@ def test_published_variant_amplifies_and_only_it():
     alpha = suppress.alpha_from_auroc(AUROC, "published")
     band = (AUROC > 0.3) & (AUROC < 0.5)
     assert np.all(alpha[band] > 1) and alpha.max() <= 1.4 + 1e-12
+
+
+def test_normalise_per_layer_by_brute_force():
+    sizes = [400, 300, 300]
+    normalised = suppress.normalise_per_layer(AUROC, sizes)
+    start = 0
+    for size in sizes:
+        layer, out = AUROC[start:start + size], normalised[start:start + size]
+        top = layer.max()
+        for a, b in zip(layer, out):  # element by element, from the formula in the docstring
+            assert b == (0.5 + 0.5 * (a - 0.5) / (top - 0.5) if a > 0.5 else a)
+        assert out.max() == 1.0 and np.array_equal(np.argsort(layer, kind="stable"), np.argsort(out, kind="stable"))
+        start += size
+    alpha = suppress.alpha_from_auroc(normalised, "aura")
+    assert all(a.min() == 0 for a in np.split(alpha, np.cumsum(sizes)[:-1]))  # each layer's top expert silenced
+    assert np.array_equal(alpha == 1, AUROC <= 0.5)  # the same neurons are damped, only harder
+
+
+def test_normalise_leaves_a_layer_without_experts_alone():
+    auroc = np.array([0.2, 0.5, 0.4, 0.6, 0.7])
+    np.testing.assert_allclose(suppress.normalise_per_layer(auroc, [3, 2]), [0.2, 0.5, 0.4, 0.75, 1.0])
