@@ -65,7 +65,7 @@ sweep: $(R)/suppression.pt
 		--strengths $(STRENGTHS) --report sweep $(EVALUATE_ARGS)
 
 # Choose the configuration on dev (tune.py): calibration and suppression variants through all four stages,
-# one rule picks the best -> runs/tune/tune.md (runs/tune-<RUN>/ for another run). ~35 min on the demo.
+# one rule picks the best -> runs/tune/tune.md (runs/tune-<RUN>/ for another run). 54 min on the demo (2 cores).
 tune: $(VENV)/.installed $(DATA)
 	$(PY) tune.py --model $(MODEL) --data $(DATA) --out $(if $(filter demo,$(RUN)),tune,tune-$(RUN)) $(TUNE_ARGS)
 

@@ -2,7 +2,7 @@
 through stages 1-4 on `dev` (never `test`), compared by one rule fixed before any result was seen
 -> runs/tune/tune.json, tune.md, tune.png
 
-    python tune.py --model demo                                  # what `make tune` runs (~35 min, 2 CPU cores)
+    python tune.py --model demo                                  # what `make tune` runs (54 min, 2 CPU cores)
     python tune.py --model tiny --collect-args "--mode prompts" --variants published,max-pooling   # smoke run
 
 Each variant changes one thing against the published configuration (PUBLISHED below: responses calibration,
@@ -230,12 +230,12 @@ write_text(out_dir / "tune.md", "\n".join(lines) + "\n")
 
 # Plot: toxic-language rate vs fluency cost, one point per variant with its interval.
 fig, ax = plt.subplots(figsize=(7.5, 4.8))
-for r in results:
+for i, r in enumerate(results):
     low, high = r["rate"] - r["rate_ci"][0], r["rate_ci"][1] - r["rate"]
     ax.errorbar(100 * r["fluency_cost"], 100 * r["rate"], yerr=[[100 * low], [100 * high]], fmt="o",
                 color="C3" if r is chosen else "C0", capsize=3)
     ax.annotate(r["variant"], (100 * r["fluency_cost"], 100 * r["rate"]), textcoords="offset points",
-                xytext=(5, 4), fontsize=8)
+                xytext=(5, 4 if i % 2 else -11), fontsize=8)  # alternate, so that neighbours' labels don't collide
 ax.axhline(100 * reference["base_rate"], color="gray", ls="--", lw=0.8, label="base (no damping)")
 ax.axvline(100 * cfg["max_fluency_cost"], color="gray", ls=":", lw=0.8, label="fluency budget")
 ax.set(xlabel="book-prose perplexity change vs base (%)", ylabel="toxic-language rate, dev standard toxic (%)",
