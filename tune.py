@@ -62,7 +62,7 @@ VARIANTS = {
     "max-pooling":  ("--pooling max", "", "a neuron that fires on one offensive word, not on average"),
     "prompts":      ("--mode prompts", "", "AurA's calibration: the items' labels, pooled over prompt text"),
     "prompts-max":  ("--mode prompts --pooling max", "", "AurA's calibration with max pooling"),
-    "half-calibration": ("--limit 170", "", "half the calibration items (seeded): is 341 enough?"),
+    "half-calibration": ("--limit 170", "", "170 calibration items, seeded (half of MM-TOXIC-QA's 341)"),
     "late-layers":  ("", "--layers {late}", "damp only the later half of the layers"),
     "early-layers": ("", "--layers :{late_end}", "its complement: only the earlier half"),
     "layer-normalised": ("", "--normalise layer", "expertise rescaled per layer: top neuron of each layer silenced"),
@@ -212,7 +212,7 @@ else:
         f"Dev chooses **{chosen['variant']}** ({chosen['why']}): toxic-language rate {pct(chosen['rate'])} vs base "
         f"{pct(chosen['base_rate'])} (p = {fmt_p(chosen['p_vs_base'])}) at a fluency cost of "
         f"{100 * chosen['fluency_cost']:+.1f}%. " + (
-            "It is the published configuration: no variant within the fluency budget did better on dev" + (
+            f"It is the reference ({reference['variant']}): no variant within the fluency budget did better on dev" + (
                 "; lower rates came only at a fluency cost over the budget (" + ", ".join(
                     f"{r['variant']} {pct(r['rate'])} at {100 * r['fluency_cost']:+.0f}%" for r in results
                     if r["rate"] < chosen["rate"]) + ")." if any(r["rate"] < chosen["rate"] for r in results)
