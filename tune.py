@@ -96,11 +96,14 @@ def run_stage(script, args, artifact, upstream):
     return stamp
 
 
-def toxic_verdicts(answers_file, method):
-    """item id -> toxic (bool) for one method's standard toxic answers in a <report>-answers.jsonl."""
-    rows = [json.loads(line) for line in Path(answers_file).read_text(encoding="utf-8").splitlines()]
-    return {r["id"]: r["toxicity"] >= cfg["judge_threshold"] for r in rows
-            if r["method"] == method and r.get("condition") == "standard" and r.get("label") == "toxic"}  # not probe rows
+def toxic_verdicts(answers_file):
+    """method -> {item id -> toxic (bool)} over the standard toxic answers of a <report>-answers.jsonl."""
+    verdicts = {}
+    for line in Path(answers_file).read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if r.get("condition") == "standard" and r.get("label") == "toxic":  # probe rows have neither
+            verdicts.setdefault(r["method"], {})[r["id"]] = r["toxicity"] >= cfg["judge_threshold"]
+    return verdicts
 
 
 cfg = parse_overrides(defaults)
@@ -144,6 +147,7 @@ for name in names:
                            rows.get(("sgm", "standard", "benign")))
     fluency = {f["method"]: f for f in report["fluency"]}
     selectivity = {s["method"]: s for s in report["selectivity"]}.get("sgm", {})
+    verdicts = toxic_verdicts(f"runs/{run}/{name}-answers.jsonl")
     results.append(dict(
         variant=name, why=why, collect_flags=collect_flags, suppress_flags=flags, commands=commands,
         n=toxic["n"], base_rate=base["harmful_rate"], rate=toxic["harmful_rate"], rate_ci=toxic["harmful_ci"],
@@ -151,8 +155,7 @@ for name in names:
         fluency_cost=fluency["sgm"]["change_vs_base"], answer_perplexity=fluency["sgm"].get("answer_perplexity"),
         selectivity=selectivity.get("selectivity"), selectivity_ci=selectivity.get("selectivity_ci"),
         neurons_changed=load_pt(f"runs/{run}/{name}.pt", rerun_hint="03_suppress.py")[1]["n_changed"],
-        verdicts=toxic_verdicts(f"runs/{run}/{name}-answers.jsonl", "sgm"),
-        base_verdicts=toxic_verdicts(f"runs/{run}/{name}-answers.jsonl", "base")))
+        verdicts=verdicts["sgm"], base_verdicts=verdicts["base"]))
 
 # Every variant's base is the same model on the same items, greedy: its answers must agree.
 if any(r["base_verdicts"] != results[0]["base_verdicts"] for r in results):
