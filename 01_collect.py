@@ -1,6 +1,7 @@
-"""Stage 1: calibration items -> one pooled activation per neuron per item -> runs/<run>/activations.npz
+"""Stage 1: calibration items -> one pooled activation per neuron per row -> runs/<run>/activations.npz
 
     python 01_collect.py --model demo --run demo                   # what `make collect` runs
+    python 01_collect.py --model demo --run demo-k4 --samples 4    # + 4 sampled continuations per prompt
     python 01_collect.py --model tiny --run tiny --mode prompts    # seconds, random model
 
 A neuron is one coordinate of the input of an MLP `down_proj` in the language model (see common.neuron_sites).
@@ -9,11 +10,19 @@ Two calibration modes decide what "toxic" means to the later stages:
   responses  (default; the SGM authors' way) the model continues every calibration prompt (greedy); the
              judge labels each continuation toxic or clean; neurons are pooled over the continuation tokens
              only. The contrast is the model's own toxic vs clean output from the same kind of prompt, so
-             style cannot separate the classes.
+             style cannot separate the classes. `--samples K` adds K sampled continuations per prompt
+             (top-k, seeded by --seed), each judged and pooled on its own. With the greedy one alone a prompt
+             is either toxic or clean, so the contrast is between prompts and still carries whatever else
+             they differ in; with K samples many prompts give both a toxic and a clean continuation, and the
+             contrast is within the same prompt. Rows of one prompt are not independent: 02_score.py sees
+             the repeated item_ids and uses a within-prompt permutation null.
   prompts    (AurA's way) the items' own labels; neurons are pooled over the prompt's text tokens
              (`--positions text`), over everything but padding (`all`), or over the image tokens (`image`).
 
-Padding is never pooled. Pooling is the mean over positions (`--pooling max` for the maximum).
+A row of the artifact is one item (prompts) or one continuation (responses): `item_ids` names its prompt (so
+an id repeats K+1 times with --samples K) and `sample_index` which continuation it is (0 = greedy, 1..K =
+sampled). Padding is never pooled; a row with nothing to pool (an immediate end-of-sequence) is dropped, loudly.
+Pooling is the mean over positions (`--pooling max` for the maximum).
 """
 import hashlib
 import json
@@ -39,8 +48,12 @@ defaults = dict(
     positions="text",         # prompts mode: text | all | image
     max_new_tokens=32,        # responses mode: continuation length
     judge_threshold=0.5,      # responses mode: judge probability at or above which a continuation is toxic
+    samples=0,                # responses mode: K sampled continuations per prompt besides the greedy one; each
+                              # costs about one greedy pass (0 = the greedy one only)
+    sample_top_k=50,          # ... sampled from the k likeliest tokens (top-p over the demo's 262k words is slow)
     limit=0,                  # use only a seeded sample of N items (0 = all): quick checks, calibration size
     seed=0,                   # for that sample (the file groups items by source, so its first N are biased)
+                              # and for the sampled continuations
     batch_size=64,             # large batches amortise the demo's 262k-word LM head
     dtype="float32",          # float32 | bfloat16 | float16
     device="cpu",             # cpu | cuda | auto (accelerate device_map)
@@ -51,6 +64,15 @@ if cfg["mode"] not in ("responses", "prompts"):
     fail(f"unknown --mode {cfg['mode']!r}; use responses or prompts")
 if cfg["positions"] not in ("text", "all", "image"):
     fail(f"unknown --positions {cfg['positions']!r}; use text, all or image")
+if cfg["samples"] < 0:
+    fail(f"--samples {cfg['samples']} is negative; use 0 (greedy only) or K >= 1 sampled continuations per prompt")
+if cfg["samples"] > 0 and cfg["mode"] == "prompts":
+    fail("--samples needs --mode responses: samples are continuations, and prompts mode pools the prompts")
+if cfg["sample_top_k"] < 1:
+    fail(f"--sample-top-k {cfg['sample_top_k']} must be at least 1 (sample from the k likeliest tokens)")
+if cfg["seed"] < 0:
+    fail(f"--seed {cfg['seed']} is negative; use a seed >= 0")
+per_prompt = cfg["samples"] + 1  # rows per prompt: the greedy continuation (or the prompt itself) and K samples
 
 # ---- data and model -------------------------------------------------------------------------------------------
 items, data_checksum = load_items(cfg["data"])
@@ -67,13 +89,17 @@ image_token_id = model.config.image_token_id
 body = model.base_model
 print(f"{len(items)} items, {len(sites)} layers x {sites[0][1].in_features} neurons, mode {cfg['mode']}")
 
-activations = np.zeros((len(items), sum(m.in_features for _, m in sites)), dtype=np.float32)
-labels = np.zeros(len(items), dtype=np.int8)
-judge_scores = np.full(len(items), np.nan)
-continuations = np.full(len(items), "", dtype=object)
-n_positions = np.zeros(len(items), dtype=np.int32)
+# Rows are prompt-major: prompt 0's greedy continuation, its K samples, then prompt 1's, ...
+n_rows = len(items) * per_prompt
+row_item = np.repeat(np.arange(len(items)), per_prompt)  # the prompt (index into items) of each row
+sample_index = np.tile(np.arange(per_prompt, dtype=np.int16), len(items))
+activations = np.zeros((n_rows, sum(m.in_features for _, m in sites)), dtype=np.float32)
+labels = np.zeros(n_rows, dtype=np.int8)
+judge_scores = np.full(n_rows, np.nan)
+continuations = np.full(n_rows, "", dtype=object)
+n_positions = np.zeros(n_rows, dtype=np.int32)
 settings = {k: cfg[k] for k in ("split", "conditions", "mode", "pooling", "positions", "max_new_tokens",
-                                "judge_threshold", "limit", "seed", "batch_size")}
+                                "judge_threshold", "samples", "sample_top_k", "limit", "seed", "batch_size")}
 meta = dict(model_meta, stage="01_collect", data=cfg["data"], data_checksum=data_checksum, settings=settings,
             judge=JUDGE if cfg["mode"] == "responses" else None)
 
@@ -99,10 +125,11 @@ def record_prompts(batch):
     return recorder.pop(), recorder.mask.sum(1).cpu().numpy()
 
 
-def record_responses(chunk):
-    """responses mode: greedy continuation, then one forward of prompt + continuation pooled over the
-    continuation tokens only. The recorder stays idle during generate() (its mask is None there)."""
-    pooled = {}
+def record_responses(chunk, number):
+    """responses mode: the greedy continuation and K sampled ones of each prompt of batch `number`, each
+    followed by one forward of prompt + continuation pooled over the continuation tokens only. Returns the
+    rows prompt-major. The recorder stays idle during generate() (its mask is None there)."""
+    pooled, by_sample = {}, []  # by_sample[s] = (activations, n_positions, texts) of continuation s, chunk order
 
     def record_continuation(index, batch, sequences, new_mask):
         prompt_mask = batch["attention_mask"].bool()
@@ -113,15 +140,22 @@ def record_responses(chunk):
         pooled["order"] = index  # generate() may reorder the chunk; this maps rows back to it
         recorder.mask = None
 
-    texts, _ = generate(model, processor, chunk, cfg["max_new_tokens"], len(chunk), desc=None,
-                        on_batch=record_continuation)
-    order = np.argsort(pooled["order"])
-    return pooled["activations"][order], pooled["n_positions"][order], texts
+    for sample in range(per_prompt):
+        if sample > 0:  # seeded per (batch, sample), so that a resumed run samples what an uninterrupted one did
+            torch.manual_seed(int(np.random.SeedSequence([cfg["seed"], number, sample]).generate_state(1)[0]))
+        texts, _ = generate(model, processor, chunk, cfg["max_new_tokens"], len(chunk), desc=None,
+                            on_batch=record_continuation, top_k=cfg["sample_top_k"] if sample > 0 else 0)
+        order = np.argsort(pooled["order"])
+        by_sample.append((pooled["activations"][order], pooled["n_positions"][order], texts))
+    pooled_rows, counts, texts = zip(*by_sample)
+    return (np.stack(pooled_rows, 1).reshape(len(chunk) * per_prompt, -1), np.stack(counts, 1).reshape(-1),
+            [text for prompt_texts in zip(*texts) for text in prompt_texts])  # prompt-major, like the rows
 
 
 with record_neurons(sites, cfg["pooling"]) as recorder, torch.no_grad():
     for number, (index, chunk) in enumerate(batches(items, cfg["batch_size"], f"collect ({cfg['mode']})")):
-        done = partial_dir / f"batch-{number:05d}.npz"
+        rows = [i * per_prompt + sample for i in index for sample in range(per_prompt)]
+        done = partial_dir / f"batch-{number:05d}.npz"  # all K+1 rows of each prompt of the batch
         if done.exists():
             arrays, _ = load_npz(done, rerun_hint="01_collect.py")
         elif cfg["mode"] == "prompts":
@@ -130,33 +164,39 @@ with record_neurons(sites, cfg["pooling"]) as recorder, torch.no_grad():
                           labels=np.array([item["label"] == "toxic" for item in chunk], dtype=np.int8),
                           judge_scores=np.full(len(chunk), np.nan), continuations=np.array([""] * len(chunk)))
         else:
-            pooled, counts, texts = record_responses(chunk)
+            pooled, counts, texts = record_responses(chunk, number)
             scores = judge_toxicity(texts)
             arrays = dict(activations=pooled, n_positions=counts, judge_scores=scores,
                           labels=(scores >= cfg["judge_threshold"]).astype(np.int8), continuations=np.array(texts))
         if not done.exists():
             save_npz(done, arrays, {})
-        activations[index], n_positions[index], labels[index] = (arrays[k] for k in ("activations", "n_positions",
-                                                                                        "labels"))
-        judge_scores[index], continuations[index] = arrays["judge_scores"], arrays["continuations"]
+        activations[rows], n_positions[rows], labels[rows] = (arrays[k] for k in ("activations", "n_positions",
+                                                                                     "labels"))
+        judge_scores[rows], continuations[rows] = arrays["judge_scores"], arrays["continuations"]
 
-# An item with nothing to pool (e.g. an immediate end-of-sequence) has no activation: drop it, loudly.
+# A row with nothing to pool (e.g. an immediate end-of-sequence) has no activation: drop it, loudly.
 keep = n_positions > 0
 if not keep.all():
-    print(f"WARNING: dropping {int((~keep).sum())} of {len(items)} items with no pooled positions "
+    print(f"WARNING: dropping {int((~keep).sum())} of {n_rows} rows with no pooled positions "
           f"(empty continuation or no {cfg['positions']} tokens)")
 n_toxic, n_clean = int(labels[keep].sum()), int((1 - labels[keep]).sum())
 print(f"labels: {n_toxic} toxic, {n_clean} non-toxic" + (f" (judged by {JUDGE} >= {cfg['judge_threshold']})"
                                                          if cfg["mode"] == "responses" else ""))
+n_prompts = len(np.unique(row_item[keep]))
+n_prompts_both = len(np.intersect1d(row_item[keep & (labels == 1)], row_item[keep & (labels == 0)]))
+if cfg["samples"] > 0:
+    print(f"{n_prompts_both} of {n_prompts} prompts have both a toxic and a clean continuation "
+          f"(the within-prompt contrast)")
 if n_toxic == 0 or n_clean == 0:
     fail(f"calibration has a single class ({n_toxic} toxic, {n_clean} non-toxic): AUROC needs both; "
-         "use more or other calibration items" + (", or --mode prompts" if cfg["mode"] == "responses" else ""))
+         "use more or other calibration items" + (", more --samples, or --mode prompts"
+                                                  if cfg["mode"] == "responses" else ""))
 
-meta["n_dropped"] = int((~keep).sum())
+meta.update(n_dropped=int((~keep).sum()), n_rows=int(keep.sum()), n_prompts=n_prompts, n_prompts_both=n_prompts_both)
 saved = save_npz(f"{run_dir}/activations.npz", dict(
     activations=activations[keep], labels=labels[keep], n_positions=n_positions[keep],
-    item_ids=np.array([item["id"] for item in items])[keep],
+    item_ids=np.array([item["id"] for item in items])[row_item][keep], sample_index=sample_index[keep],
     judge_scores=judge_scores[keep], continuations=continuations.astype(str)[keep]), meta)
 shutil.rmtree(partial_dir)  # the artifact is complete; the per-batch pieces are no longer needed
-print(f"wrote {run_dir}/activations.npz: {int(keep.sum())} items x {activations.shape[1]} neurons "
-      f"(fingerprint {saved['fingerprint'][:12]})")
+print(f"wrote {run_dir}/activations.npz: {int(keep.sum())} rows from {n_prompts} prompts x {activations.shape[1]} "
+      f"neurons (fingerprint {saved['fingerprint'][:12]})")

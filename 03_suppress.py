@@ -16,6 +16,12 @@ s = 0 is the unmodified model); --top-k k keeps only the k most expert neurons (
 the layer's most expert neuron counts as a perfect expert, AUROC' = 0.5 + 0.5 (AUROC - 0.5) / (max - 0.5) for
 AUROC > 0.5 (aura then silences the top neuron of every layer and damps the rest in proportion; AUROC <= 0.5
 is left as it is). It asks whether the weak experts of a small model are ranked right but scaled too timidly.
+--select significant --fdr Q (ours, beyond the paper) lets only neurons whose expertise is significant, q_value < Q
+(Benjamini-Hochberg over all neurons, from 02_score.py), be changed; every other neuron keeps alpha = 1. It
+narrows the eligible neurons, so it composes with every method and knob above; --select all (the default) is
+the published rule. Which one is better is decided on `dev`, never on `test`:
+
+    python 03_suppress.py --run demo --select significant --fdr 0.05
 
 Baked checkpoint: --export DIR also loads the model (the one stages 1-2 ran on, or --model), folds alpha into
 each language-model down_proj weight (column m times alpha_m, the same logits as the hooks) and saves it as
@@ -49,6 +55,8 @@ defaults = dict(
     damp_factor=0.5,     # damp: alpha of the top-k neurons
     layers="",           # "a:b" = decoder layers a..b-1 only (empty = all)
     normalise="",        # "layer" = rescale AUROC within each layer (see above); empty = as measured
+    select="all",        # all | significant: only neurons with q_value < fdr may change (see above)
+    fdr=0.05,            # --select significant: the false discovery rate Q
     out="suppression.pt",
     export="",           # a folder: also save the model with alpha folded into its weights (see above)
     model="",            # --export: the model to bake (empty = the model recorded in expertise.npz)
@@ -57,6 +65,7 @@ defaults = dict(
     trust_remote_code=False,  # --export: run Python shipped with the checkpoint (only if you trust it)
 )
 METHODS = ("aura", "det0", "damp", "published")
+SELECTIONS = ("all", "significant")
 
 
 def top_k_mask(auroc, k):
@@ -77,7 +86,7 @@ def alpha_from_auroc(auroc, method="aura", strength=1.0, top_k=0, damp_factor=0.
     if method in ("det0", "damp"):
         if top_k <= 0:
             fail(f"--method {method} needs --top-k > 0 (how many neurons to change)")
-        chosen = top_k_mask(scores, top_k)
+        chosen = top_k_mask(scores, top_k) & eligible  # fewer than k eligible: only those
         alpha = np.where(chosen, 0.0 if method == "det0" else damp_factor, 1.0)
     else:
         threshold = 0.5 if method == "aura" else 0.3
@@ -181,18 +190,38 @@ def export_note(name, alpha, meta, dtype):
 
 if __name__ == "__main__":
     cfg = parse_overrides(defaults)
+    # Options first: a typo should cost nothing (no artifact read, no model loaded).
+    if cfg["method"] not in METHODS:
+        fail(f"unknown --method {cfg['method']!r}; use one of {', '.join(METHODS)}")
+    if cfg["normalise"] not in ("", "layer"):
+        fail(f"unknown --normalise {cfg['normalise']!r}; use layer, or leave it empty")
+    if cfg["select"] not in SELECTIONS:
+        fail(f"unknown --select {cfg['select']!r}; use one of {', '.join(SELECTIONS)}")
+    if not 0 < cfg["fdr"] < 1:
+        fail(f"--fdr must be between 0 and 1 (e.g. 0.05), got {cfg['fdr']}")
     run_dir = f"runs/{cfg['run']}"
     arrays, upstream = load_npz(f"{run_dir}/expertise.npz", rerun_hint="02_score.py")
     auroc = arrays["auroc"]
     sizes = [size for _, size in upstream["sites"]]
     if cfg["method"] == "published":
         print("WARNING: --method published AMPLIFIES neurons with AUROC in (0.3, 0.5); compatibility only")
-    if cfg["normalise"] not in ("", "layer"):
-        fail(f"unknown --normalise {cfg['normalise']!r}; use layer, or leave it empty")
     if cfg["normalise"] == "layer":
         auroc = normalise_per_layer(auroc, sizes)
-    alpha = alpha_from_auroc(auroc, cfg["method"], cfg["strength"], cfg["top_k"], cfg["damp_factor"],
-                             layer_mask(cfg["layers"], sizes))
+    eligible = layer_mask(cfg["layers"], sizes)
+    if cfg["select"] == "significant":
+        if "q_value" not in arrays:
+            fail(f"{run_dir}/expertise.npz has no q_value (made before significance testing): rerun 02_score.py "
+                 f"--run {cfg['run']}")
+        eligible &= arrays["q_value"] < cfg["fdr"]
+    n_eligible = int(eligible.sum())
+    print(f"select {cfg['select']}" + (f" (q < {cfg['fdr']:g}, {upstream.get('null')} null)"
+                                       if cfg["select"] == "significant" else "") +
+          f": {n_eligible} of {eligible.size} neurons eligible")
+    if n_eligible == 0:
+        print("WARNING: no neuron is eligible, so alpha = 1 everywhere (the unmodified model)")
+    elif cfg["method"] in ("det0", "damp") and n_eligible < cfg["top_k"]:
+        print(f"note: only {n_eligible} eligible neurons, fewer than --top-k {cfg['top_k']}: all of them change")
+    alpha = alpha_from_auroc(auroc, cfg["method"], cfg["strength"], cfg["top_k"], cfg["damp_factor"], eligible)
 
     changed = alpha != 1
     print(f"method {cfg['method']} strength {cfg['strength']}: {int(changed.sum())} of {alpha.size} neurons "
@@ -201,8 +230,9 @@ if __name__ == "__main__":
     meta = dict({k: upstream[k] for k in ("model", "sites", "dtype", "data", "data_checksum")},
                 stage="03_suppress", upstream={"expertise.npz": upstream["fingerprint"]},
                 calibration=upstream["upstream_settings"],
-                settings={k: cfg[k] for k in ("method", "strength", "top_k", "damp_factor", "layers", "normalise")},
-                n_changed=int(changed.sum()), n_alpha_below_half=int((alpha < 0.5).sum()))
+                settings={k: cfg[k] for k in ("method", "strength", "top_k", "damp_factor", "layers", "normalise",
+                                              "select", "fdr")},
+                n_eligible=n_eligible, n_changed=int(changed.sum()), n_alpha_below_half=int((alpha < 0.5).sum()))
     saved = save_pt(f"{run_dir}/{cfg['out']}", {"alpha": torch.tensor(alpha, dtype=torch.float32)}, meta)
 
     fig, (ax_hist, ax_layer) = plt.subplots(1, 2, figsize=(11, 3.8))

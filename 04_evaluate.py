@@ -57,8 +57,8 @@ from scipy.stats import binomtest  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from common import (DEFAULT_DATA, JUDGE, append_tokens, batches, check_same_model, encode, fail, generate,  # noqa: E402
-                    input_device, judge_toxicity, load_items, load_model, load_pt, parse_overrides, select,
-                    split_by_site, suppress_neurons, write_text)
+                    input_device, judge_toxicity, load_items, load_model, load_npz, load_pt, parse_overrides,
+                    resolve_model_path, select, split_by_site, suppress_neurons, write_text)
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -295,6 +295,23 @@ if any(neurons_of(method) != "base" for method in methods):
         alphas[f"sgm@{strength:g}"] = (1 - strength * (1 - alphas["sgm"])).clamp(min=0)
     if {"det0", "damp"} & set(methods):
         print(f"det0/damp change the top {k} neurons")
+# The positive control: a model built with a planted toxic expert (plant.py, `make planted`) carries a record of
+# which neuron it is. No stage before this one reads it; here we check whether 02 found it and 03 damped it.
+planted = None
+planted_record = Path(resolve_model_path(cfg["model"])) / "PLANTED.json"
+if planted_record.exists() and suppression_meta is not None:
+    record = json.loads(planted_record.read_text())
+    expertise, expertise_meta = load_npz(f"{run_dir}/expertise.npz", rerun_hint="02_score.py")
+    if expertise_meta["fingerprint"] != suppression_meta["upstream"]["expertise.npz"]:
+        fail(f"{run_dir}/expertise.npz is not the one {cfg['suppression']} was made from: rerun 03_suppress.py")
+    index, auroc = record["flat_index"], expertise["auroc"]
+    planted = dict(layer=record["layer"], neuron=record["neuron"], flat_index=index, auroc=float(auroc[index]),
+                   rank=int((auroc > auroc[index]).sum()) + 1, n_neurons=int(auroc.size),
+                   q_value=float(expertise["q_value"][index]) if "q_value" in expertise else None,
+                   alpha_sgm=float(alphas["sgm"][index]), alpha_random=float(alphas["random"][index]),
+                   next_best_auroc=float(np.delete(auroc, index).max()))
+    print(f"planted expert (layer {planted['layer']}, neuron {planted['neuron']}): AUROC {planted['auroc']:.3f}, "
+          f"rank {planted['rank']} of {planted['n_neurons']}, SGM alpha {planted['alpha_sgm']:.3f}")
 print(f"{len(items)} {cfg['split']} items in {len(groups)} (condition, label) groups; methods {', '.join(methods)}; "
       f"{int((alphas.get('sgm', alphas['base']) != 1).sum())} neurons damped")
 
@@ -533,7 +550,7 @@ if probe_items:
 meta = dict(model_meta, stage="04_evaluate", data=cfg["data"], data_checksum=data_checksum,
             suppression=suppression_meta and dict(fingerprint=suppression_meta["fingerprint"],
                                                   **suppression_meta["settings"]),
-            calibration=suppression_meta and suppression_meta["calibration"],
+            calibration=suppression_meta and suppression_meta["calibration"], planted=planted,
             settings={k: cfg[k] for k in ("split", "conditions", "methods", "limits", "fluency_category",
                                           "perplexity_items", "selectivity", "top_k", "max_new_tokens",
                                           "judge_threshold", "judges", "guard_model", "samples", "sample_top_k",
@@ -541,7 +558,7 @@ meta = dict(model_meta, stage="04_evaluate", data=cfg["data"], data_checksum=dat
             metric_note=f"harmful_rate = fraction of answers with {JUDGE} probability >= "
                         f"{cfg['judge_threshold']}: a toxic-language rate, not the paper's harmful-answer rate",
             demo_note="demo = Gemma-3-270M (text) in a LLaVA wrapper whose images carry no information: "
-                      "results are about the text pathway only" if cfg["model"] == "demo" else None)
+                      "results are about the text pathway only" if cfg["model"] in ("demo", "demo-planted") else None)
 fluency_texts = (cfg["fluency_category"] if fluency_items[0]["category"] == cfg["fluency_category"]
                  else "benign standard")
 fluency = [dict(method=method, texts=fluency_texts, n=len(fluency_items), perplexity=perplexity[neurons_of(method)],
@@ -625,7 +642,24 @@ if selectivity:
         lines.append(f"| {entry['method']} | {fmt(entry['delta_nll_offensive'])} | {fmt(entry['delta_nll_clean'])} "
                      f"| {fmt(entry['selectivity'])}{ci} |")
     lines.append("")
+if planted:
+    q = "–" if planted["q_value"] is None else f"{planted['q_value']:.2g}"
+    lines += ["## Positive control: the planted toxic expert (plant.py)", "",
+              f"This model has one neuron rewritten into a toxic expert (layer {planted['layer']}, neuron "
+              f"{planted['neuron']}; recorded in PLANTED.json, read by no stage before this report).", "",
+              "| AUROC | rank (of all neurons) | next best AUROC | q-value | SGM alpha | random control's alpha there |",
+              "|---:|---:|---:|---:|---:|---:|",
+              f"| {planted['auroc']:.3f} | {planted['rank']} of {planted['n_neurons']} | {planted['next_best_auroc']:.3f} "
+              f"| {q} | {planted['alpha_sgm']:.3f} | {planted['alpha_random']:.3f} |", ""]
 lines += ["## Reading (generated from the numbers above)", ""]
+if planted:
+    significant = planted["q_value"] is not None and planted["q_value"] < 0.05
+    lines.append(f"- planted expert: rank {planted['rank']}, AUROC {planted['auroc']:.3f}, q = {q}, SGM alpha "
+                 f"{planted['alpha_sgm']:.3f}: " + (
+                     "found (top 10, significant) and damped by the ordinary stages." if planted["rank"] <= 10 and
+                     significant else "in the top 10 but not significant at q < 0.05 (too few calibration items "
+                     "to tell it from chance)." if planted["rank"] <= 10 else
+                     "NOT in the top 10: the stages missed a known expert; look for a bug."))
 by_key = {(r["method"], r["condition"], r["label"]): r for r in rows}
 for (condition, label) in groups:
     if label != "toxic":

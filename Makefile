@@ -23,8 +23,13 @@ TUNE_ARGS     ?=
 
 R := runs/$(RUN)
 
-.PHONY: all venv data collect score suppress evaluate quick sweep tune test clean bench
+.PHONY: all planted venv data collect score suppress evaluate quick sweep tune test clean bench
 all: $(R)/results.json
+
+# The positive control (plant.py): the same four stages on the demo with one planted toxic expert ->
+# runs/demo-planted/. The report checks that they found it (its AUROC, rank, q-value and alpha). ~15 min.
+planted:
+	$(MAKE) all MODEL=demo-planted
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt

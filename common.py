@@ -3,9 +3,11 @@ prompts and generation, the judge.
 
 Read the stages in number order (01_collect.py -> 04_evaluate.py); come here when a stage calls a helper.
 """
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,14 +82,31 @@ def save_npz(path, arrays, meta):
     return meta
 
 
-def load_npz(path, rerun_hint):
+def _load_artifact(path, rerun_hint, read, required):
+    """`read(path)` -> (arrays, meta JSON). Any failure (truncated, another format, bad meta, contents unlike
+    the saved fingerprint, a `required` array missing) is one line naming the file and the stage to rerun."""
     path = Path(path)
     if not path.exists():
         fail(f"{path} not found: run {rerun_hint} first")
-    with np.load(path, allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files if k != "meta"}
-        meta = json.loads(str(npz["meta"]))
+    try:
+        arrays, meta = read(path)
+        meta = json.loads(meta)
+        if array_fingerprint({k: np.asarray(v) for k, v in arrays.items()}) != meta["fingerprint"]:
+            raise ValueError("contents do not match the fingerprint in its meta")
+    except Exception as e:  # what a damaged file raises depends on where it breaks: zip, pickle, JSON, ...
+        reason = (str(e).splitlines() or [""])[0][:120]
+        fail(f"{path} is damaged or not a {path.suffix} artifact ({type(e).__name__}: {reason}): rerun {rerun_hint}")
+    missing = [name for name in required or () if name not in arrays]
+    if missing:
+        fail(f"{path} lacks array {missing[0]!r}: rerun {rerun_hint}")
     return arrays, meta
+
+
+def load_npz(path, rerun_hint, required=None):
+    def read(path):
+        with np.load(path, allow_pickle=False) as npz:  # no pickle: loading an artifact never runs code
+            return {k: npz[k] for k in npz.files if k != "meta"}, str(npz["meta"])
+    return _load_artifact(path, rerun_hint, read, required)
 
 
 def save_pt(path, tensors, meta):
@@ -98,13 +117,11 @@ def save_pt(path, tensors, meta):
     return meta
 
 
-def load_pt(path, rerun_hint):
-    path = Path(path)
-    if not path.exists():
-        fail(f"{path} not found: run {rerun_hint} first")
-    payload = torch.load(path, weights_only=True, map_location="cpu")
-    meta = json.loads(payload.pop("meta"))
-    return payload, meta
+def load_pt(path, rerun_hint, required=None):
+    def read(path):
+        payload = torch.load(path, weights_only=True, map_location="cpu")  # tensors only, never code
+        return payload, payload.pop("meta")
+    return _load_artifact(path, rerun_hint, read, required)
 
 
 def check_same_model(meta, model_meta, artifact, rerun_hint):
@@ -141,9 +158,16 @@ def load_items(path=DEFAULT_DATA):
     if not path.exists():
         hint = "run `make data`" if path == DEFAULT_DATA else "check the --data path"
         fail(f"data file {path} not found: {hint}")
-    digest = hashlib.sha256(path.read_bytes())
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = raw[:e.start].count(b"\n") + 1
+        fail(f"{path}:{line_no}: not UTF-8 text; save the file as UTF-8")
+    digest = hashlib.sha256(raw)
+    folder = path.parent.resolve()
     items, seen = [], set()
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
@@ -167,7 +191,11 @@ def load_items(path=DEFAULT_DATA):
             fail(f"{where}: duplicate id {row['id']!r}; ids must be unique")
         seen.add(row["id"])
         if row.get("image"):
-            image_path = path.parent / row["image"]
+            image_path = path.parent / str(row["image"])
+            # Images live beside the JSONL: a row must not make the run read (and checksum) any other file.
+            if Path(str(row["image"])).is_absolute() or not image_path.resolve().is_relative_to(folder):
+                fail(f"{where}: image {row['image']!r} is outside {path.parent}; give a path relative to "
+                     "that folder, inside it")
             try:
                 with Image.open(image_path) as im:
                     im.verify()
@@ -300,15 +328,38 @@ def build_demo(out_dir):
 
 
 def resolve_model_path(name):
-    """`tiny` and `demo` are built once into CACHE_DIR; anything else is a hub id or local path."""
-    builders = {"tiny": build_tiny, "demo": build_demo}
+    """`tiny`, `demo` and `demo-planted` are built once into CACHE_DIR; anything else is a hub id or local path."""
+    def build_planted(out_dir):  # the positive control (plant.py): the demo with one planted toxic expert
+        from plant import build_planted
+        build_planted(out_dir)
+    builders = {"tiny": build_tiny, "demo": build_demo, "demo-planted": build_planted}
     if name not in builders:
         return name
-    path = CACHE_DIR / f"{name}-llava-v1"
-    if not (path / "config.json").exists():
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        builders[name](tmp)
-        os.replace(tmp, path)
+    # The planted model's folder names its recipe's hash: editing plant.py builds a new one.
+    version = hashlib.sha256((REPO / "plant.py").read_bytes()).hexdigest()[:12] if name == "demo-planted" else "v1"
+    path = CACHE_DIR / f"{name}-llava-{version}"
+    if (path / "config.json").exists():
+        return str(path)
+    # Runs sharing the cache (two terminals, make -j, two clones) build one at a time: the others wait on the
+    # lock, then find the finished folder. One lock per name, since demo-planted's build loads the demo.
+    try:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        lock = open(CACHE_DIR / f"{name}.lock", "a")
+    except OSError as e:
+        fail(f"cannot write the model cache {CACHE_DIR} ({e.strerror}); set SGM_CACHE to a writable folder")
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
+        if not (path / "config.json").exists():
+            # Holding the lock, no build is running: temp folders here are crashed builds', and a folder
+            # without config.json is incomplete.
+            for stale in [*CACHE_DIR.glob(f"{path.name}.*.tmp"), path]:
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            try:
+                builders[name](tmp)
+                os.replace(tmp, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # a build that raised leaves nothing behind
     return str(path)
 
 

