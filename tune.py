@@ -2,7 +2,7 @@
 through stages 1-4 on `dev` (never `test`), compared by one rule fixed before any result was seen
 -> runs/tune/tune.json, tune.md, tune.png
 
-    python tune.py --model demo                                  # what `make tune` runs (54 min, 2 CPU cores)
+    python tune.py --model demo                                  # what `make tune` runs (13 variants; the first 9 took 54 min on 2 CPU cores)
     python tune.py --model tiny --collect-args "--mode prompts" --variants published,max-pooling   # smoke run
 
 Each variant changes one thing against the published configuration (PUBLISHED below: responses calibration,
@@ -67,6 +67,13 @@ VARIANTS = {
     "early-layers": ("", "--layers :{late_end}", "its complement: only the earlier half"),
     "layer-normalised": ("", "--normalise layer", "expertise rescaled per layer: top neuron of each layer silenced"),
     "top-2048-x2":  ("", "--top-k 2048 --strength 2", "the 2,048 best experts only, damped twice as hard"),
+    # Added with the significance test (issue 13) and the positive control, before any of their dev results:
+    "significant":  ("", "--select significant --fdr 0.05", "only neurons whose expertise beats chance (BH q < 0.05)"),
+    "samples-4":    ("--samples 4", "", "4 sampled continuations per prompt besides the greedy one (within-prompt "
+                                        "contrast; ~5x the calibration cost)"),
+    "samples-4-significant": ("--samples 4", "--select significant --fdr 0.05", "both of the above"),
+    "prompt-positions": ("--positions prompt", "", "continuation labels, pooled over the prompt: neurons that "
+                                                   "predict toxic output before it is written"),
 }
 
 

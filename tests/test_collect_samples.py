@@ -125,3 +125,25 @@ def test_bad_sample_options_fail_before_loading(tmp_path, monkeypatch, flags, me
     monkeypatch.setattr(common, "load_model", never)
     with pytest.raises(UserError, match=message):
         run_stage("01_collect.py", "--model", "tiny", *flags, cwd=tmp_path)
+
+
+def test_responses_pooled_over_the_prompt(tmp_path, coin_judge):
+    """--positions prompt: the same rows and labels (the judged continuations), pooled over the prompt's text
+    tokens. Attention is causal, so those activations are exactly prompts mode's (--positions text); the labels
+    stay the continuations'."""
+    data = write_items(tmp_path / "items.jsonl")
+    by_prompt, meta = collect(tmp_path, data, "resp-prompt", "--positions", "prompt")
+    by_continuation, _ = collect(tmp_path, data, "resp-continuation")
+    prompts_mode, _ = collect(tmp_path, data, "prompts", "--mode", "prompts")
+    assert meta["settings"]["positions"] == "prompt"
+    order = [list(prompts_mode["item_ids"]).index(i) for i in by_prompt["item_ids"]]
+    np.testing.assert_allclose(by_prompt["activations"], prompts_mode["activations"][order], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(by_prompt["labels"], by_continuation["labels"])
+    assert (by_prompt["n_positions"] == prompts_mode["n_positions"][order]).all()
+    assert not np.allclose(by_prompt["activations"], by_continuation["activations"])
+
+
+@pytest.mark.parametrize("flags", [("--positions", "text"), ("--mode", "prompts", "--positions", "prompt")])
+def test_positions_must_fit_the_mode(tmp_path, flags):
+    with pytest.raises(UserError, match="does not go with --mode"):
+        run_stage("01_collect.py", "--model", "tiny", *flags, cwd=tmp_path)
