@@ -134,7 +134,7 @@ def plant_neuron(model, processor, items):
     if on_toxic.numel() == 0:
         fail("the planted neuron fires on no toxic calibration token: lower PLANT['benign_quantile']")
     typical_toxic = float(on_toxic.mean())
-    with torch.no_grad():
+    with torch.no_grad():  # the layer's typical MLP output norm, on the first 4,096 calibration tokens
         mlp_output_norm = float(np.linalg.norm(mlp.down_proj(
             torch.nn.functional.gelu(mlp.gate_proj(torch.tensor(x[:4096], dtype=torch.float32)), approximate="tanh")
             * mlp.up_proj(torch.tensor(x[:4096], dtype=torch.float32))).numpy(), axis=1).mean())
@@ -158,7 +158,6 @@ def build_planted(out_dir, data=DEFAULT_DATA):
     items = select(items, split="calibration", condition="standard")
     print(f"building demo-planted once into {out_dir} (reads {len(items)} calibration prompts, ~2 min)")
     model, processor, _, _ = load_model("demo")
-    torch.manual_seed(0)
     record = plant_neuron(model, processor, items)
     record["data_checksum"] = checksum
     save_checkpoint(model, processor, out_dir)
