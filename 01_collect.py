@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (DEFAULT_DATA, JUDGE, append_tokens, batches, encode, fail, generate, input_device, judge_toxicity,
+from common import (DEFAULT_DATA, JUDGE, UserError, append_tokens, batches, encode, fail, generate, input_device, judge_toxicity,
                     load_items, load_model, load_npz, parse_overrides, record_neurons, save_npz, select,
                     write_text)
 
@@ -172,14 +172,19 @@ with record_neurons(sites, cfg["pooling"]) as recorder, torch.no_grad():
     for number, (index, chunk) in enumerate(batches(items, cfg["batch_size"], f"collect ({cfg['mode']})")):
         rows = [i * per_prompt + sample for i in index for sample in range(per_prompt)]
         done = partial_dir / f"batch-{number:05d}.npz"  # all K+1 rows of each prompt of the batch
+        arrays = None
         if done.exists():
-            arrays, _ = load_npz(done, rerun_hint="01_collect.py")
-        elif cfg["mode"] == "prompts":
+            try:
+                arrays, _ = load_npz(done, rerun_hint="01_collect.py")
+            except UserError as error:  # a piece damaged by a crash or a full disk: compute that batch again
+                print(f"note: {error.message.split(': rerun')[0]}; computing that batch again")
+                done.unlink()
+        if arrays is None and cfg["mode"] == "prompts":
             pooled, counts = record_prompts(encode(processor, chunk, input_device(model)))
             arrays = dict(activations=pooled, n_positions=counts,
                           labels=np.array([item["label"] == "toxic" for item in chunk], dtype=np.int8),
                           judge_scores=np.full(len(chunk), np.nan), continuations=np.array([""] * len(chunk)))
-        else:
+        elif arrays is None:
             pooled, counts, texts = record_responses(chunk, number)
             scores = judge_toxicity(texts)
             arrays = dict(activations=pooled, n_positions=counts, judge_scores=scores,

@@ -147,3 +147,27 @@ def test_responses_pooled_over_the_prompt(tmp_path, coin_judge):
 def test_positions_must_fit_the_mode(tmp_path, flags):
     with pytest.raises(UserError, match="does not go with --mode"):
         run_stage("01_collect.py", "--model", "tiny", *flags, cwd=tmp_path)
+
+
+def test_a_damaged_batch_piece_is_computed_again(tmp_path, monkeypatch, capsys):
+    """A crash can leave a torn per-batch piece: the rerun recomputes it (one note) instead of failing on it,
+    and the artifact equals an uninterrupted run's."""
+    data = write_items(tmp_path / "items.jsonl")
+    whole, _ = collect(tmp_path, data, "whole", "--mode", "prompts")
+    real_encode, calls = common.encode, []
+
+    def encode_then_crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the second batch never finishes
+        return real_encode(*args, **kwargs)
+    monkeypatch.setattr(common, "encode", encode_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        collect(tmp_path, data, "torn", "--mode", "prompts")
+    monkeypatch.setattr(common, "encode", real_encode)
+    piece = tmp_path / "runs" / "torn" / "activations.partial" / "batch-00000.npz"
+    piece.write_bytes(piece.read_bytes()[:100])  # torn by the crash
+    resumed, _ = collect(tmp_path, data, "torn", "--mode", "prompts")
+    assert "computing that batch again" in capsys.readouterr().out
+    for key in whole:
+        np.testing.assert_array_equal(resumed[key], whole[key])
