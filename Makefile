@@ -43,9 +43,10 @@ data: $(DATA)
 data/mm_toxic_qa/items.jsonl: data/build.py $(VENV)/.installed
 	$(PY) data/build.py
 
-# Each stage reruns when its script, common.py or its input changed.
+# Each stage reruns when its script, common.py or its input changed (for the planted model, also its recipe).
+MODEL_RECIPE := $(if $(filter demo-planted,$(MODEL)),plant.py)
 collect: $(R)/activations.npz
-$(R)/activations.npz: 01_collect.py common.py $(DATA) $(VENV)/.installed
+$(R)/activations.npz: 01_collect.py common.py $(DATA) $(VENV)/.installed $(MODEL_RECIPE)
 	$(PY) 01_collect.py --model $(MODEL) --run $(RUN) --data $(DATA) $(COLLECT_ARGS)
 
 score: $(R)/expertise.npz
