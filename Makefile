@@ -72,7 +72,7 @@ sweep: $(R)/suppression.pt
 		--strengths $(STRENGTHS) --report sweep $(EVALUATE_ARGS)
 
 # Choose the configuration on dev (tune.py): calibration and suppression variants through all four stages,
-# one rule picks the best -> runs/tune/tune.md (runs/tune-<RUN>/ for another run). The first nine variants took 54 min on the demo (2 cores); the four added with the significance test are not yet timed.
+# one rule picks the best -> runs/tune/tune.md (runs/tune-<RUN>/ for another run). The first nine variants took 54 min on the demo (2 cores); the four added on 2026-11-30 took 19 min (significant, prompt-positions) and 30 min (the two samples-4 ones, with a rerun of published).
 tune: $(VENV)/.installed $(DATA)
 	$(PY) tune.py --model $(MODEL) --data $(DATA) --out $(if $(filter demo,$(RUN)),tune,tune-$(RUN)) $(TUNE_ARGS)
 
