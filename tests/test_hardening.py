@@ -49,16 +49,6 @@ NPZ_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", NPZ_DAMAGE, ids=list(NPZ_DAMAGE))
-def test_damaged_npz_is_one_line_naming_file_and_stage(tmp_path, damage):
-    path = good_npz(tmp_path / "runs" / "x" / "expertise.npz")
-    NPZ_DAMAGE[damage](path)
-    with pytest.raises(UserError) as error:
-        load_npz(path, rerun_hint="02_score.py")
-    message = error.value.message
-    assert str(path) in message and message.endswith("rerun 02_score.py") and "\n" not in message
-
-
 PT_DAMAGE = {
     "truncated": truncate,
     "not a torch file": lambda path: path.write_text("alpha\n1.0\n"),
@@ -70,14 +60,21 @@ PT_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", PT_DAMAGE, ids=list(PT_DAMAGE))
-def test_damaged_pt_is_one_line_naming_file_and_stage(tmp_path, damage):
-    path = good_pt(tmp_path / "runs" / "x" / "suppression.pt")
-    PT_DAMAGE[damage](path)
+# (artifact name, how a good one is made, its loader, the stage that writes it, its damages)
+ARTIFACTS = {"npz": ("expertise.npz", good_npz, load_npz, "02_score.py", NPZ_DAMAGE),
+             "pt": ("suppression.pt", good_pt, load_pt, "03_suppress.py", PT_DAMAGE)}
+
+
+@pytest.mark.parametrize("kind,damage", [(kind, damage) for kind, spec in ARTIFACTS.items() for damage in spec[4]],
+                         ids=[f"{kind}-{damage}" for kind, spec in ARTIFACTS.items() for damage in spec[4]])
+def test_damaged_artifact_is_one_line_naming_file_and_stage(tmp_path, kind, damage):
+    name, make_good, load, stage, damages = ARTIFACTS[kind]
+    path = make_good(tmp_path / "runs" / "x" / name)
+    damages[damage](path)
     with pytest.raises(UserError) as error:
-        load_pt(path, rerun_hint="03_suppress.py")
+        load(path, rerun_hint=stage)
     message = error.value.message
-    assert str(path) in message and message.endswith("rerun 03_suppress.py") and "\n" not in message
+    assert str(path) in message and message.endswith(f"rerun {stage}") and "\n" not in message
 
 
 def test_required_arrays_are_named_when_missing(tmp_path):
