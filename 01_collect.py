@@ -19,7 +19,7 @@ Two calibration modes decide what "toxic" means to the later stages:
              `--positions prompt` pools the same rows over the prompt's text tokens instead: the neurons
              that predict, before a word is written, whether the model's continuation will be toxic — rather
              than the neurons that respond to toxic words once they are in the text (which a planted toxic
-             generation expert showed to dominate the continuation contrast; README, positive control).
+             generation expert showed to dominate the continuation contrast; RESULTS.md, positive control).
   prompts    (AurA's way) the items' own labels; neurons are pooled over the prompt's text tokens
              (`--positions text`), over everything but padding (`all`), or over the image tokens (`image`).
 
@@ -36,14 +36,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (DEFAULT_DATA, JUDGE, UserError, append_tokens, batches, encode, fail, generate, input_device, judge_toxicity,
-                    load_items, load_model, load_npz, parse_overrides, record_neurons, save_npz, select,
-                    write_text)
+from common import (DEFAULT_DATA, UserError, append_tokens, batches, check_range, encode, fail, generate,
+                    input_device, load_items, load_npz, parse_overrides, peak_rss_mb, record_neurons, run_name,
+                    save_npz, select, write_text)
+from judges import JUDGE, judge_toxicity
+from models import load_model
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
     model="demo",             # tiny | demo | Hugging Face id | local checkpoint path
-    run="",                   # artifacts go to runs/<run>/ (default: the model name)
+    run="",                   # artifacts go to runs/<run>/ (default: the model's last name part, common.run_name:
+                              # /data/ckpts/llava-1.5-7b -> llava-1.5-7b, llava-hf/llava-1.5-7b-hf -> llava-1.5-7b-hf)
     data=str(DEFAULT_DATA),   # items JSONL (MM-TOXIC-QA or your own, see data/README.md)
     split="calibration",      # never calibrate on the split you report
     conditions="standard",    # comma-separated conditions to calibrate on
@@ -63,7 +66,8 @@ defaults = dict(
     device="cpu",             # cpu | cuda | auto (accelerate device_map)
 )
 cfg = parse_overrides(defaults)
-run_dir = f"runs/{cfg['run'] or cfg['model']}"
+# Options first, all of them: a typo should cost nothing (no data read, no model loaded, nothing written).
+run_dir = f"runs/{run_name(cfg['run'], cfg['model'])}"
 if cfg["mode"] not in ("responses", "prompts"):  # checked first: --positions depends on it
     fail(f"unknown --mode {cfg['mode']!r}; use responses or prompts")
 POSITIONS = {"prompts": ("text", "all", "image"), "responses": ("continuation", "prompt")}
@@ -80,6 +84,13 @@ if cfg["sample_top_k"] < 1:
     fail(f"--sample-top-k {cfg['sample_top_k']} must be at least 1 (sample from the k likeliest tokens)")
 if cfg["seed"] < 0:
     fail(f"--seed {cfg['seed']} is negative; use a seed >= 0")
+if cfg["pooling"] not in ("mean", "max"):
+    fail(f"unknown --pooling {cfg['pooling']!r}; use mean or max")
+check_range(cfg, "max_new_tokens", low=1, fix="the continuation length in tokens, e.g. 32")
+# 0 would call every continuation toxic and above 1 none: either way a single class
+check_range(cfg, "judge_threshold", above=0, high=1, fix="the judge probability that counts as toxic, e.g. 0.5")
+check_range(cfg, "limit", low=0, fix="a seeded sample of N items, or 0 for all")
+check_range(cfg, "batch_size", low=1, fix="items per forward pass, e.g. 64 (lower it if memory runs out)")
 per_prompt = cfg["samples"] + 1  # rows per prompt: the greedy continuation (or the prompt itself) and K samples
 
 # ---- data and model -------------------------------------------------------------------------------------------
@@ -213,7 +224,8 @@ if n_toxic == 0 or n_clean == 0:
          "use more or other calibration items" + (", more --samples, or --mode prompts"
                                                   if cfg["mode"] == "responses" else ""))
 
-meta.update(n_dropped=int((~keep).sum()), n_rows=int(keep.sum()), n_prompts=n_prompts, n_prompts_both=n_prompts_both)
+meta.update(n_dropped=int((~keep).sum()), n_rows=int(keep.sum()), n_prompts=n_prompts, n_prompts_both=n_prompts_both,
+            peak_rss_mb=peak_rss_mb())  # this process's peak memory: every model pass is behind us here
 saved = save_npz(f"{run_dir}/activations.npz", dict(
     activations=activations[keep], labels=labels[keep], n_positions=n_positions[keep],
     item_ids=np.array([item["id"] for item in items])[row_item][keep], sample_index=sample_index[keep],
@@ -221,3 +233,4 @@ saved = save_npz(f"{run_dir}/activations.npz", dict(
 shutil.rmtree(partial_dir)  # the artifact is complete; the per-batch pieces are no longer needed
 print(f"wrote {run_dir}/activations.npz: {int(keep.sum())} rows from {n_prompts} prompts x {activations.shape[1]} "
       f"neurons (fingerprint {saved['fingerprint'][:12]})")
+print(f"peak memory (RSS): {meta['peak_rss_mb']:,.0f} MB")

@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import false_discovery_control, norm, rankdata  # noqa: E402
 
-from common import fail, load_npz, parse_overrides, save_npz  # noqa: E402
+from common import check_range, fail, load_npz, parse_overrides, run_name, save_npz  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -161,10 +161,12 @@ if __name__ == "__main__":
     cfg = parse_overrides(defaults)
     if cfg["null"] not in ("auto", "closed", "permutation"):
         fail(f"unknown --null {cfg['null']!r}; use auto, closed or permutation")
-    if cfg["permutations"] < 1 or cfg["null_draws"] < 1 or not 0 < cfg["fdr"] < 1:
-        fail(f"need --permutations >= 1, --null-draws >= 1 and 0 < --fdr < 1; got {cfg['permutations']}, "
-             f"{cfg['null_draws']} and {cfg['fdr']}")
-    run_dir = f"runs/{cfg['run']}"
+    check_range(cfg, "chunk_neurons", low=1, fix="neurons sorted at once, e.g. 4096 (lower it if memory runs out)")
+    check_range(cfg, "permutations", low=1, fix="within-prompt label shuffles for the permutation null, e.g. 100")
+    check_range(cfg, "null_draws", low=1, fix="label shuffles for the null table, e.g. 5")
+    check_range(cfg, "seed", low=0, fix="any seed >= 0")
+    check_range(cfg, "fdr", above=0, below=1, fix="a false discovery rate such as 0.05")
+    run_dir = f"runs/{run_name(cfg['run'])}"
     arrays, upstream = load_npz(f"{run_dir}/activations.npz", rerun_hint="01_collect.py")
     activations, labels = arrays["activations"], arrays["labels"]
     auroc, tie_terms = auroc_columns(activations, labels, cfg["chunk_neurons"], with_ties=True)

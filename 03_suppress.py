@@ -43,8 +43,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import (fail, fold_alpha, load_model, load_npz, parse_overrides, resolve_model_path,  # noqa: E402
-                    save_pt, write_text)
+from common import (check_range, fail, fold_alpha, load_npz, parse_overrides,  # noqa: E402
+                    run_name, save_pt, write_text)
+from models import load_model, resolve_model_path  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -199,7 +200,15 @@ if __name__ == "__main__":
         fail(f"unknown --select {cfg['select']!r}; use one of {', '.join(SELECTIONS)}")
     if not 0 < cfg["fdr"] < 1:
         fail(f"--fdr must be between 0 and 1 (e.g. 0.05), got {cfg['fdr']}")
-    run_dir = f"runs/{cfg['run']}"
+    # A negative strength would turn every damping into amplification, which the clip then erases: no change.
+    check_range(cfg, "strength", low=0, fix="0 leaves the model as it is, 1 is the method, 2 damps twice as hard")
+    check_range(cfg, "top_k", low=0 if cfg["method"] in ("aura", "published") else 1,
+                fix="how many of the most expert neurons to change (aura/published: 0 = all; det0/damp need k >= 1)")
+    # damp scales neurons down; above 1 it would amplify them
+    check_range(cfg, "damp_factor", low=0, high=1, fix="the alpha of the top-k neurons, e.g. 0.5 (0 = det0)")
+    if Path(cfg["out"]).name != cfg["out"] or cfg["out"] in ("", ".", ".."):
+        fail(f"--out {cfg['out']!r} must be a file name inside runs/<run>/, e.g. suppression-k500.pt")
+    run_dir = f"runs/{run_name(cfg['run'])}"
     arrays, upstream = load_npz(f"{run_dir}/expertise.npz", rerun_hint="02_score.py")
     auroc = arrays["auroc"]
     sizes = [size for _, size in upstream["sites"]]

@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MODEL  ?= demo
-RUN    ?= $(MODEL)
+# runs/<RUN>/ (default: the model's last name part, as common.run_name: /data/ckpts/llava-1.5-7b -> llava-1.5-7b)
+RUN    ?= $(notdir $(patsubst %/,%,$(MODEL)))
 DATA   ?= data/mm_toxic_qa/items.jsonl
 # extra --key value flags per stage, e.g. make all COLLECT_ARGS="--mode prompts"
 ifeq ($(MODEL),tiny)
@@ -21,6 +22,9 @@ SUPPRESS_ARGS ?=
 EVALUATE_ARGS ?=
 TUNE_ARGS     ?=
 
+ifeq ($(strip $(RUN)),)
+$(error RUN is empty: give a name like RUN=llava15 (artifacts go to runs/<RUN>/))
+endif
 R := runs/$(RUN)
 
 .PHONY: all planted venv data collect score suppress evaluate quick sweep tune test clean bench
@@ -43,22 +47,23 @@ data: $(DATA)
 data/mm_toxic_qa/items.jsonl: data/build.py $(VENV)/.installed
 	$(PY) data/build.py
 
-# Each stage reruns when its script, common.py or its input changed (for the planted model, also its recipe).
+# Each stage reruns when its script, the shared modules or its input changed (for the planted model, also its recipe).
+SHARED := common.py models.py judges.py
 MODEL_RECIPE := $(if $(filter demo-planted,$(MODEL)),plant.py)
 collect: $(R)/activations.npz
-$(R)/activations.npz: 01_collect.py common.py $(DATA) $(VENV)/.installed $(MODEL_RECIPE)
+$(R)/activations.npz: 01_collect.py $(SHARED) $(DATA) $(VENV)/.installed $(MODEL_RECIPE)
 	$(PY) 01_collect.py --model $(MODEL) --run $(RUN) --data $(DATA) $(COLLECT_ARGS)
 
 score: $(R)/expertise.npz
-$(R)/expertise.npz: 02_score.py common.py $(R)/activations.npz
+$(R)/expertise.npz: 02_score.py $(SHARED) $(R)/activations.npz
 	$(PY) 02_score.py --run $(RUN) $(SCORE_ARGS)
 
 suppress: $(R)/suppression.pt
-$(R)/suppression.pt: 03_suppress.py common.py $(R)/expertise.npz
+$(R)/suppression.pt: 03_suppress.py $(SHARED) $(R)/expertise.npz
 	$(PY) 03_suppress.py --run $(RUN) $(SUPPRESS_ARGS)
 
 evaluate: $(R)/results.json
-$(R)/results.json: 04_evaluate.py common.py $(R)/suppression.pt
+$(R)/results.json: 04_evaluate.py $(SHARED) $(R)/suppression.pt
 	$(PY) 04_evaluate.py --model $(MODEL) --run $(RUN) --data $(DATA) $(EVALUATE_ARGS)
 
 # base vs sgm vs the random control on the standard condition only (a few minutes after collect).

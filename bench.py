@@ -1,9 +1,9 @@
 """Benchmark: how fast the SGM stages' hot paths are, as ratios measured in one run -> runs/bench.json
 
-    python bench.py                                        # what `make bench` runs (demo model, ~2 min, 2 cores)
+    python bench.py                                        # what `make bench` runs (demo model, ~3 min, 2 cores)
     python bench.py --model tiny --items 200 --repeats 2   # smoke run, seconds
 
-Four measurements, each a ratio of two timings taken in this process (medians of interleaved repeats, so a
+Five measurements, each a ratio of two timings taken in this process (medians of interleaved repeats, so a
 neighbour's CPU load disturbs both sides alike; torch runs on one thread by default, see `threads`).
 Absolute seconds go to bench.json too, but the ratios are the result:
   scoring      02_score.auroc_columns on an items x neurons matrix (random, fixed seed, ties as in real
@@ -13,12 +13,17 @@ Absolute seconds go to bench.json too, but the ratios are the result:
                with alpha folded into the weights (common.fold_alpha on a second copy) vs without.
   collection   forward of the language-model body (no LM head, as 01_collect.py) with common.record_neurons
                hooks vs without; and the full model forward (with the LM head) vs the body.
-  memory       what each artifact needs for the demo, LLaVA-1.5-7B and a 70B-class model (computed).
+  nll          the teacher-forced NLL pass (04's fluency and selectivity) of models.token_nll, which runs the LM
+               head a chunk of positions at a time, vs full logits (the code before it): peak memory above
+               the start of the pass (RSS sampled every millisecond by a thread), seconds, max |difference|.
+  memory       what each artifact needs for the demo, LLaVA-1.5-7B and a 70B-class model (computed), and the
+               teacher-forced logits at batch 64 x 512 positions, full vs chunked.
 """
 import copy
 import json
 import os
 import platform
+import threading
 import time
 from datetime import datetime, timezone
 from importlib.util import module_from_spec, spec_from_file_location
@@ -28,8 +33,10 @@ import torch
 from sklearn.metrics import roc_auc_score  # the reference: the original code's per-neuron loop
 from tqdm import tqdm
 
-from common import (DEFAULT_DATA, REPO, encode, fold_alpha, input_device, load_items, load_model,
+from common import append_tokens, peak_rss_mb
+from common import (DEFAULT_DATA, REPO, check_range, encode, fold_alpha, input_device, load_items,
                     neuron_sites, parse_overrides, record_neurons, select, suppress_neurons, write_text)
+from models import NLL_CHUNK_BYTES, load_model, token_nll
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -43,6 +50,9 @@ defaults = dict(
     prompts=4,             # generation: prompts in one batch
     new_tokens=16,         # generation: new tokens per prompt (forced, so every variant does the same work)
     collect_items=8,       # collection: items in one forward batch
+    nll_items=16,          # teacher-forced NLL: prompts in one batch ...
+    nll_tokens=32,         # ... each followed by this many forced tokens (04's fluency/selectivity pass)
+    nll_repeats=2,         # repeats of each NLL variant (median seconds, maximum peak memory)
     repeats=5,             # repeats of each generation / forward timing (median)
     damped_fraction=0.5,   # suppression: share of neurons damped ...
     alpha=0.7,             # ... by this factor (the rest keep alpha 1)
@@ -53,6 +63,17 @@ defaults = dict(
     out="runs/bench.json",  # ignored by git, like every measured output
 )
 cfg = parse_overrides(defaults)
+# Options first: a typo should cost nothing (no model loaded).
+check_range(cfg, "items", low=2, fix="scoring rows; at least one toxic and one non-toxic item")
+check_range(cfg, "neurons", low=0, fix="scoring columns, or 0 for the model's neuron count")
+check_range(cfg, "toxic_fraction", low=0, high=1, fix="the share of toxic items, e.g. 0.18")
+for key in ("sklearn_columns", "auroc_repeats", "prompts", "new_tokens", "collect_items", "nll_items", "nll_tokens",
+            "nll_repeats", "repeats", "chunk_neurons"):
+    check_range(cfg, key, low=1, fix=f"a count, e.g. {defaults[key]}")
+check_range(cfg, "damped_fraction", low=0, high=1, fix="the share of neurons damped, e.g. 0.5")
+check_range(cfg, "alpha", low=0, high=1, fix="the damping factor of those neurons, e.g. 0.7 (1 = untouched)")
+check_range(cfg, "threads", low=0, fix="torch threads, or 0 for torch's default")
+check_range(cfg, "seed", low=0, fix="any seed >= 0")
 if cfg["threads"]:
     torch.set_num_threads(cfg["threads"])
 rng = np.random.default_rng(cfg["seed"])
@@ -164,18 +185,86 @@ with torch.no_grad():
     collection = interleaved({"body": lambda: body(**collect_batch, use_cache=False), "recorded": forward_recorded,
                               "full": lambda: model(**collect_batch, use_cache=False)}, cfg["repeats"], "collection")
 
+# ---- teacher-forced NLL: models.token_nll (chunked LM head) vs full logits, peak memory and time -----------------
+def rss_bytes():
+    with open("/proc/self/statm") as f:  # Linux: resident pages are the second field
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak resident memory above the level at the start of the block, sampled every millisecond by a thread
+    (torch kernels release the GIL, so the sampler sees their buffers while they live)."""
+
+    def __enter__(self):
+        self.start = self.peak = rss_bytes()
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.extra = max(self.peak, rss_bytes()) - self.start
+
+
+nll_prompts = encode(processor, [items[i] for i in rng.choice(len(items), size=cfg["nll_items"])], device)
+vocab = model.config.get_text_config().vocab_size
+forced = torch.from_numpy(rng.integers(3, vocab, size=(cfg["nll_items"], cfg["nll_tokens"])))
+forced[forced == model.config.image_token_id] = 3  # an image token outside the image would not match its features
+lengths = torch.from_numpy(rng.integers(cfg["nll_tokens"] // 2, cfg["nll_tokens"] + 1, size=cfg["nll_items"]))
+nll_counted = torch.arange(cfg["nll_tokens"])[None, :] < lengths[:, None]  # right-padded continuations
+forced[~nll_counted] = pad_id
+nll_inputs = append_tokens(processor, nll_prompts, forced, nll_counted)
+
+
+def nll_full_logits():
+    """What 04 did before models.token_nll: full logits of the forced positions, a float copy, cross-entropy."""
+    logits = model(**nll_inputs, logits_to_keep=cfg["nll_tokens"] + 1, use_cache=False).logits[:, :-1].float()
+    targets = nll_inputs["input_ids"][:, -cfg["nll_tokens"]:]
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return ((losses.view_as(targets) * nll_counted).sum(1) / nll_counted.sum(1)).numpy()
+
+
+nll_peak, nll_values = {}, {}
+
+
+def peak_measured(name, fn):
+    def run():
+        with torch.no_grad(), PeakRSS() as peak:
+            nll_values[name] = fn()
+        nll_peak[name] = max(nll_peak.get(name, 0), peak.extra)
+    return run
+
+
+nll_time = interleaved({"full": peak_measured("full", nll_full_logits),
+                        "chunked": peak_measured("chunked", lambda: token_nll(model, nll_inputs, nll_counted))},
+                       cfg["nll_repeats"], "teacher-forced nll")
+
 # ---- memory and disk per artifact (computed) -------------------------------------------------------------------
-# (name, layers, neurons per layer, parameters). Nominal sizes: LLaVA-1.5-7B = Vicuna-7B 6.74B + CLIP ViT-L/336
-# 0.30B + projector 0.02B; 70B-class = Llama-3-70B-like, 70.6B (80 layers x 28,672 neurons).
-models = [(cfg["model"] + " (loaded)", len(sites), sites[0][1].in_features, n_params),
-          ("llava-1.5-7b", 32, 11008, 7.06e9), ("70b-class", 80, 28672, 70.6e9)]
+# (name, layers, neurons per layer, parameters, vocabulary). Nominal sizes: LLaVA-1.5-7B = Vicuna-7B 6.74B + CLIP
+# ViT-L/336 0.30B + projector 0.02B, 32,000 words; 70B-class = Llama-3-70B-like, 70.6B (80 layers x 28,672
+# neurons), 128,256 words.
+models = [(cfg["model"] + " (loaded)", len(sites), sites[0][1].in_features, n_params, vocab),
+          ("llava-1.5-7b", 32, 11008, 7.06e9, 32000), ("70b-class", 80, 28672, 70.6e9, 128256)]
+# Teacher-forced logits at batch 64 x 512 forced positions: full logits, their float copy and their log-softmax
+# (~3 x 4 bytes each) vs at most NLL_CHUNK_BYTES of them at a time (the chunk, its float copy in bf16, its
+# log-softmax: <= 3 chunks), whatever the batch and length.
+NLL_BATCH, NLL_POSITIONS = 64, 512
 memory = []
-for name, layers, width, params in models:
+for name, layers, width, params, words in models:
     neurons = layers * width
     memory.append(dict(model=name, neurons=neurons, items=n_items,
                        activations_npz_bytes=n_items * neurons * 4,
                        score_keys_bytes=n_items * min(cfg["chunk_neurons"], neurons) * 8,
-                       suppression_pt_bytes=neurons * 4, weights_bf16_bytes=int(params * 2)))
+                       suppression_pt_bytes=neurons * 4, weights_bf16_bytes=int(params * 2), vocabulary=words,
+                       nll_full_logits_bytes=3 * 4 * NLL_BATCH * NLL_POSITIONS * words,
+                       nll_chunked_logits_bytes=3 * min(NLL_CHUNK_BYTES, 4 * NLL_BATCH * NLL_POSITIONS * words)))
 
 # ---- report ----------------------------------------------------------------------------------------------------
 result = dict(
@@ -188,18 +277,25 @@ result = dict(
     collect_overhead=collection["recorded"] / collection["body"],
     lm_head_cost=collection["full"] / collection["body"],
     lm_head_saving=1 - collection["body"] / collection["full"],  # share of the full forward 01 does not run
+    # peak memory above the start of the pass (at least 1 MiB: below that it is the sampler's noise)
+    nll_memory_ratio=max(nll_peak["full"], 2 ** 20) / max(nll_peak["chunked"], 2 ** 20),
+    nll_time_ratio=nll_time["chunked"] / nll_time["full"],
+    nll_max_abs_diff=float(np.abs(nll_values["full"] - nll_values["chunked"]).max()),
+    nll_peak_bytes=dict(full=nll_peak["full"], chunked=nll_peak["chunked"]),
     seconds=dict(auroc_ours=scoring["ours"], auroc_sort=scoring["sort"],
                  sklearn_per_neuron=sklearn_per_neuron, sklearn_extrapolated=sklearn_total,
                  generate_base=generation["base"], generate_hooked=generation["hooked"],
                  generate_baked=generation["baked"], forward_body=collection["body"],
-                 forward_recorded=collection["recorded"], forward_full=collection["full"]),
+                 forward_recorded=collection["recorded"], forward_full=collection["full"],
+                 nll_full=nll_time["full"], nll_chunked=nll_time["chunked"]),
     repeat_seconds=raw_times,
     memory=memory,
     meta=dict(model=cfg["model"], neurons=n_neurons, parameters=n_params, machine=platform.machine(),
               processor=platform.processor() or platform.platform(), cpu_count=os.cpu_count(),
               torch_threads=torch.get_num_threads(), torch=torch.__version__, numpy=np.__version__,
               python=platform.python_version(), load_average=list(os.getloadavg()),
-              date=datetime.now(timezone.utc).isoformat(timespec="seconds"), settings=cfg),
+              date=datetime.now(timezone.utc).isoformat(timespec="seconds"), settings=cfg,
+              peak_rss_mb=peak_rss_mb()),
 )
 write_text(cfg["out"], json.dumps(result, indent=2) + "\n")
 
@@ -213,6 +309,10 @@ rows = [  # (what, measured, target as text, met)
     ("collect: recorded / body", result["collect_overhead"], "<= 1.10x", result["collect_overhead"] <= 1.10),
     ("collect: full model / body (LM head)", result["lm_head_cost"],
      f"skip saves {result['lm_head_saving']:.0%}", None),
+    ("NLL peak memory: full logits / chunked", result["nll_memory_ratio"],
+     f"chunked <= {4 * NLL_CHUNK_BYTES // 2**20} MB", nll_peak["chunked"] <= 4 * NLL_CHUNK_BYTES),
+    ("NLL seconds: chunked / full logits", result["nll_time_ratio"], "<= 1.10x", result["nll_time_ratio"] <= 1.10),
+    ("NLL: max |chunked - full logits|", result["nll_max_abs_diff"], "<= 1e-4", result["nll_max_abs_diff"] <= 1e-4),
 ]
 print(f"\n{cfg['model']}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
       f"load average {os.getloadavg()[0]:.1f}; medians of {cfg['repeats']} (scoring {cfg['auroc_repeats']})")
@@ -225,12 +325,18 @@ print(f"seconds: ours {seconds['auroc_ours']:.2f}, np.sort {seconds['auroc_sort'
       f"(timed on {len(columns)} neurons) -> {sklearn_total:.1f} extrapolated to {n_cols:,}; "
       f"generate {seconds['generate_base']:.2f} ({cfg['prompts']} prompts x {cfg['new_tokens']} tokens); "
       f"body forward {seconds['forward_body']:.2f}, full {seconds['forward_full']:.2f} ({cfg['collect_items']} items)")
+print(f"teacher-forced NLL, {cfg['nll_items']} prompts x {cfg['nll_tokens']} forced tokens, {vocab:,}-word vocabulary: "
+      f"peak memory above the pass's start {nll_peak['full'] / 2**20:,.0f} MB with full logits, "
+      f"{nll_peak['chunked'] / 2**20:,.0f} MB chunked (<= {NLL_CHUNK_BYTES / 2**20:.0f} MB of logits at once); "
+      f"{seconds['nll_full']:.2f} s vs {seconds['nll_chunked']:.2f} s; this process peaked at "
+      f"{result['meta']['peak_rss_mb']:,.0f} MB")
 
 print(f"\nmemory/disk per artifact at N = {n_items:,} calibration items (computed; GB = 1e9 bytes)")
 print(f"{'model':<22} {'neurons':>9} {'activations.npz':>16} {'02 sort keys':>15} {'suppression.pt':>15} "
-      f"{'weights bf16':>13}")
+      f"{'weights bf16':>13} {f'NLL logits {NLL_BATCH}x{NLL_POSITIONS} full / chunked':>34}")
 for row in memory:
     print(f"{row['model']:<22} {row['neurons']:>9,} {row['activations_npz_bytes'] / 1e9:>14.3f}GB "
           f"{row['score_keys_bytes'] / 1e9:>13.3f}GB {row['suppression_pt_bytes'] / 1e6:>13.3f}MB "
-          f"{row['weights_bf16_bytes'] / 1e9:>11.2f}GB")
+          f"{row['weights_bf16_bytes'] / 1e9:>11.2f}GB {row['nll_full_logits_bytes'] / 1e9:>18.2f}GB / "
+          f"{row['nll_chunked_logits_bytes'] / 1e9:.2f}GB")
 print(f"wrote {cfg['out']}")

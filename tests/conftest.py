@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO))
 
 import pytest  # noqa: E402
 
-import common  # noqa: E402
+import models  # noqa: E402
 
 # Mild stand-ins: the "toxic" rows are only rude-ish words, enough to exercise the plumbing.
 MILD_TEXTS = {
@@ -49,7 +49,7 @@ def write_items(path, n_per_label=6, splits=("calibration", "test"), conditions=
 @pytest.fixture(scope="session")
 def tiny():
     """(model, processor, sites, model_meta) of the tiny random LLaVA, float32 on CPU."""
-    return common.load_model("tiny")
+    return models.load_model("tiny")
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ from conftest import write_items
 from test_pipeline import run_stage
 
 import common
+import judges
+import models
 from common import UserError, load_npz
 
 
@@ -19,7 +21,7 @@ def verdict(text):
 
 @pytest.fixture
 def coin_judge(monkeypatch):
-    monkeypatch.setattr(common, "judge_toxicity", lambda texts: np.array([verdict(t) for t in texts]))
+    monkeypatch.setattr(judges, "judge_toxicity", lambda texts: np.array([verdict(t) for t in texts]))
 
 
 def collect(tmp_path, data, run, *flags):
@@ -98,13 +100,13 @@ def test_sampled_collect_resumes_and_equals_an_uninterrupted_run(tmp_path, coin_
 def test_empty_continuations_drop_their_row_only(tmp_path, coin_judge, monkeypatch):
     """A continuation that ends at once has nothing to pool: its row goes, its prompt's other rows stay."""
     data = write_items(tmp_path / "items.jsonl")
-    real_load_model = common.load_model
+    real_load_model = models.load_model
 
     def load_with_many_stop_tokens(*a, **k):  # half the vocabulary ends a continuation: many end at once
         model, processor, sites, meta = real_load_model(*a, **k)
         model.generation_config.eos_token_id = list(range(0, len(processor.tokenizer), 2))
         return model, processor, sites, meta
-    monkeypatch.setattr(common, "load_model", load_with_many_stop_tokens)
+    monkeypatch.setattr(models, "load_model", load_with_many_stop_tokens)
     arrays, meta = collect(tmp_path, data, "k2", "--samples", 2)
     assert meta["n_dropped"] > 0 and meta["n_rows"] == len(arrays["item_ids"]) == 36 - meta["n_dropped"]
     assert np.all(arrays["n_positions"] >= 1)
@@ -122,7 +124,7 @@ def test_bad_sample_options_fail_before_loading(tmp_path, monkeypatch, flags, me
     def never(*a, **k):
         raise AssertionError("loaded data or model before checking the options")
     monkeypatch.setattr(common, "load_items", never)
-    monkeypatch.setattr(common, "load_model", never)
+    monkeypatch.setattr(models, "load_model", never)
     with pytest.raises(UserError, match=message):
         run_stage("01_collect.py", "--model", "tiny", *flags, cwd=tmp_path)
 

@@ -12,8 +12,10 @@ from conftest import write_items
 from test_pipeline import run_stage
 
 import common
-from common import (encode, fold_alpha, load_model, load_npz, load_pt, record_neurons, suppress_neurons,
-                    tiny_tokenizer)
+import judges
+import models
+from common import encode, fold_alpha, load_npz, load_pt, record_neurons, suppress_neurons
+from models import load_model, tiny_tokenizer
 
 # PaliGemma's processor builds its (unused here) training labels in a way numpy 2 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -38,7 +40,7 @@ def token_ids(tokenizer, config_kwargs):
 
 
 def build_llava(out_dir):
-    common.build_tiny(out_dir, chat_template=chat_template("<image>\n", "USER: ", " ", "ASSISTANT:"))
+    models.build_tiny(out_dir, chat_template=chat_template("<image>\n", "USER: ", " ", "ASSISTANT:"))
 
 
 def build_llava_next(out_dir):
@@ -59,7 +61,7 @@ def build_llava_next(out_dir):
         text_config=LlamaConfig(**token_ids(tokenizer, TEXT)), image_grid_pinpoints=pinpoints,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
     torch.manual_seed(0)
-    common.save_checkpoint(LlavaNextForConditionalGeneration(config), processor, out_dir)
+    models.save_checkpoint(LlavaNextForConditionalGeneration(config), processor, out_dir)
 
 
 QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>"]
@@ -77,7 +79,7 @@ def build_qwen(out_dir, version):
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2,
                                                temporal_patch_size=2)
     prefix = "Qwen2VL" if version == "qwen2_vl" else "Qwen2_5_VL"
-    processor_class = common.image_only_processor(getattr(transformers, f"{prefix}Processor"))
+    processor_class = models.image_only_processor(getattr(transformers, f"{prefix}Processor"))
     processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
     vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     if version == "qwen2_vl":
@@ -91,7 +93,7 @@ def build_qwen(out_dir, version):
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(0)
-    common.save_checkpoint(getattr(transformers, f"{prefix}ForConditionalGeneration")(config), processor, out_dir)
+    models.save_checkpoint(getattr(transformers, f"{prefix}ForConditionalGeneration")(config), processor, out_dir)
 
 
 IDEFICS3_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
@@ -113,7 +115,7 @@ def build_idefics3(out_dir):
         text_config=LlamaConfig(**token_ids(tokenizer, TEXT)), scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    common.save_checkpoint(Idefics3ForConditionalGeneration(config), processor, out_dir)
+    models.save_checkpoint(Idefics3ForConditionalGeneration(config), processor, out_dir)
 
 
 def build_paligemma(out_dir):
@@ -132,7 +134,7 @@ def build_paligemma(out_dir):
         hidden_size=HIDDEN, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     config.text_config.vocab_size = config.vocab_size = len(tokenizer)
     torch.manual_seed(0)
-    common.save_checkpoint(PaliGemmaForConditionalGeneration(config), processor, out_dir)
+    models.save_checkpoint(PaliGemmaForConditionalGeneration(config), processor, out_dir)
 
 
 GEMMA3_TOKENS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"]
@@ -156,7 +158,7 @@ def build_gemma3(out_dir):
         mm_tokens_per_image=4, boi_token_id=ids["<start_of_image>"], eoi_token_id=ids["<end_of_image>"],
         image_token_id=ids["<image_soft_token>"])
     torch.manual_seed(0)
-    common.save_checkpoint(Gemma3ForConditionalGeneration(config), processor, out_dir)
+    models.save_checkpoint(Gemma3ForConditionalGeneration(config), processor, out_dir)
 
 
 BUILDERS = {
@@ -269,7 +271,7 @@ def test_stages_and_export(family, tmp_path, monkeypatch):
     run_stage("03_suppress.py", "--run", "r", "--export", export, cwd=tmp_path)
     # Alternating verdicts as the judge, so that selectivity and responses mode see both classes even when a
     # random model says the same thing to every prompt.
-    monkeypatch.setattr(common, "judge_toxicity", lambda texts: np.arange(len(texts)) % 2.0)
+    monkeypatch.setattr(judges, "judge_toxicity", lambda texts: np.arange(len(texts)) % 2.0)
     run_stage("04_evaluate.py", "--model", path, "--run", "r", "--data", data, "--max-new-tokens", "4", cwd=tmp_path)
     # responses mode too: prompt + continuation in one forward (Qwen's mm_token_type_ids must grow with it)
     run_stage("01_collect.py", "--model", path, "--run", "resp", "--data", data, "--max-new-tokens", "3",

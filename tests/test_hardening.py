@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from conftest import REPO, write_items
 
 import common
+import models
 from common import UserError, load_items, load_npz, load_pt, save_npz, save_pt
 
 # ---- damaged artifacts ---------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ def test_two_runs_building_tiny_at_once_both_succeed(tmp_path):
     """Two processes started together on an empty cache (two terminals, make -j): one builds, the other waits
     on the lock and uses what the first built. No temp folder is left."""
     env = dict(os.environ, SGM_CACHE=str(tmp_path))
-    code = "import common; print(common.resolve_model_path('tiny'))"
+    code = "import models; print(models.resolve_model_path('tiny'))"
     runs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=300) for run in runs]
@@ -145,7 +147,7 @@ def test_two_runs_building_tiny_at_once_both_succeed(tmp_path):
         assert run.returncode == 0, stderr[-3000:]
         assert stdout.strip() == str(tmp_path / "tiny-llava-v1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llava-v1", "tiny.lock"]
-    common.load_processor(str(tmp_path / "tiny-llava-v1"))  # a whole checkpoint, not a mix of two builds
+    models.load_processor(str(tmp_path / "tiny-llava-v1"))  # a whole checkpoint, not a mix of two builds
 
 
 def dead_pid():
@@ -155,7 +157,7 @@ def dead_pid():
 
 
 def test_a_crashed_build_is_cleaned_and_a_failing_one_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path)
     stale = tmp_path / f"tiny-llava-v1.{dead_pid()}.tmp"  # what a build killed halfway leaves
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"\0" * 1000)
@@ -164,20 +166,249 @@ def test_a_crashed_build_is_cleaned_and_a_failing_one_leaves_nothing(tmp_path, m
         out_dir.mkdir()
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("disk full")
-    monkeypatch.setattr(common, "build_tiny", broken_build)
+    monkeypatch.setattr(models, "build_tiny", broken_build)
     with pytest.raises(RuntimeError, match="disk full"):
-        common.resolve_model_path("tiny")
+        models.resolve_model_path("tiny")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.lock"]  # the stale one went too
 
     monkeypatch.undo()
-    monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path)
     stale.mkdir()
-    assert common.resolve_model_path("tiny") == str(tmp_path / "tiny-llava-v1")
+    assert models.resolve_model_path("tiny") == str(tmp_path / "tiny-llava-v1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llava-v1", "tiny.lock"]
 
 
 def test_an_unwritable_cache_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
-    monkeypatch.setattr(common, "CACHE_DIR", tmp_path / "file" / "cache")
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "file" / "cache")
     with pytest.raises(UserError, match="set SGM_CACHE to a writable folder"):
-        common.resolve_model_path("tiny")
+        models.resolve_model_path("tiny")
+
+
+# ---- items.jsonl: a cut-off or damaged file names its line and the fix; a build must match its card -----------
+
+def cut_mid_line(path):
+    """A copy killed halfway through the last row."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[: raw.rstrip(b"\n").rfind(b"\n") + 20])
+    return raw.count(b"\n")  # the cut row's line number
+
+
+def test_items_cut_off_mid_line_name_the_line_and_the_fix(tmp_path):
+    path = write_items(tmp_path / "items.jsonl")
+    line = cut_mid_line(path)
+    with pytest.raises(UserError) as error:
+        load_items(path)
+    message = error.value.message
+    assert message.startswith(f"{path}:{line}: not valid JSON (") and "fix the line" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("damage", ["cut mid-line", "not JSON", "missing fields", "empty"])
+def test_the_default_data_when_damaged_says_make_data(tmp_path, monkeypatch, damage):
+    """MM-TOXIC-QA as `make data` builds it: whatever is wrong, the fix is to rebuild it (and make would call
+    the damaged file up to date, so: delete it first)."""
+    (tmp_path / "data").mkdir()
+    path = write_items(tmp_path / "data" / "items.jsonl")
+    monkeypatch.setattr(common, "DEFAULT_DATA", path)
+    line = {"cut mid-line": lambda: cut_mid_line(path),
+            "not JSON": lambda: path.write_text("id,split,label\n") and 1,
+            "missing fields": lambda: path.write_text(json.dumps({"id": "a", "split": "test"}) + "\n") and 1,
+            "empty": lambda: path.write_text("\n") and None}[damage]()
+    with pytest.raises(UserError) as error:
+        load_items(path)
+    message = error.value.message
+    assert message.startswith(f"{path}:{line}: " if line else str(path)) and "\n" not in message
+    assert message.endswith("delete it and run `make data` to rebuild it")
+
+
+def test_a_build_cut_at_a_line_end_no_longer_matches_its_card(tmp_path, monkeypatch):
+    """A copy cut exactly after a row parses; the build checksum in card.md (data/build.py) catches it."""
+    import hashlib
+    (tmp_path / "data").mkdir()
+    path = write_items(tmp_path / "data" / "items.jsonl")
+    files = "items.jsonl " + hashlib.sha256(path.read_bytes()).hexdigest() + "\n"
+    (path.parent / "card.md").write_text(f"- Build checksum: `{hashlib.sha256(files.encode()).hexdigest()}` (sha256)\n")
+    assert len(load_items(path)[0]) == 24  # the build as its card describes it
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:-3]))
+    with pytest.raises(UserError, match=f"^error: {re.escape(str(path))} .* is not the build .* rebuild it with "
+                                        f"`python data/build.py --out {re.escape(str(path.parent))}`$"):
+        load_items(path)
+    monkeypatch.setattr(common, "DEFAULT_DATA", path)
+    with pytest.raises(UserError, match=r"is not the build .*: a cut-off copy or an edit\?\); delete .* and run "
+                                        "`make data` to rebuild it$"):
+        load_items(path)
+
+
+def test_the_real_build_matches_its_card():
+    if not common.DEFAULT_DATA.exists():
+        pytest.skip("no `make data` build here")
+    load_items(common.DEFAULT_DATA)
+
+
+# ---- an exported checkpoint (03_suppress.py --export) and any other checkpoint folder ------------------------
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A real export of the tiny model: 01 -> 02 -> 03 --export, as a user runs them."""
+    from test_pipeline import run_stage
+    folder = tmp_path_factory.mktemp("export")
+    data = write_items(folder / "items.jsonl", n_per_label=3)
+    run_stage("01_collect.py", "--model", "tiny", "--data", data, "--mode", "prompts", cwd=folder)
+    run_stage("02_score.py", "--run", "tiny", cwd=folder)
+    run_stage("03_suppress.py", "--run", "tiny", "--export", folder / "export", cwd=folder)
+    return folder / "export"
+
+
+EXPORT_DAMAGE = {
+    "weights cut off": lambda folder: truncate(folder / "model.safetensors"),
+    "weights missing": lambda folder: (folder / "model.safetensors").unlink(),
+    "no config.json": lambda folder: (folder / "config.json").unlink(),
+    "config.json cut off": lambda folder: truncate(folder / "config.json"),
+    "tokenizer cut off": lambda folder: truncate(folder / "tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("damage", EXPORT_DAMAGE)
+def test_a_damaged_export_says_rerun_the_export(export, tmp_path, damage):
+    import shutil
+    copy = tmp_path / "export"
+    shutil.copytree(export, copy)
+    EXPORT_DAMAGE[damage](copy)
+    with pytest.raises(UserError) as error:
+        models.load_model(str(copy))
+    message = error.value.message
+    assert message.startswith(f"cannot load model '{copy}' (") and "\n" not in message
+    assert f"the SGM export {copy} is damaged or incomplete: rerun 03_suppress.py --export" in message
+    assert f"--export {export}" in message  # the command its SGM_EXPORT.md records
+
+
+def test_a_damaged_checkpoint_that_is_no_export_names_its_folder(export, tmp_path):
+    import shutil
+    copy = tmp_path / "ckpt"
+    shutil.copytree(export, copy)
+    (copy / "SGM_EXPORT.md").unlink()
+    models.load_model(str(copy))  # without its note an export is an ordinary checkpoint, and loads as one
+    truncate(copy / "model.safetensors")
+    with pytest.raises(UserError) as error:
+        models.load_model(str(copy))
+    message = error.value.message
+    assert message.startswith(f"cannot load model '{copy}' (SafetensorError") and "\n" not in message
+    assert message.endswith(f"the checkpoint folder {copy} is damaged or incomplete: copy or download it again")
+
+
+def test_04_on_a_damaged_export_is_one_line(export, tmp_path):
+    """The user's view: `04_evaluate.py --model DIR` on a cut-off export, in a fresh process."""
+    import shutil
+    copy = tmp_path / "export"
+    shutil.copytree(export, copy)
+    truncate(copy / "model.safetensors")
+    data = write_items(tmp_path / "items.jsonl", splits=("test",))
+    done = subprocess.run([sys.executable, str(REPO / "04_evaluate.py"), "--model", str(copy), "--data", str(data),
+                           "--methods", "base"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    [line] = [x for x in done.stderr.strip().splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: cannot load model '{copy}'") and "rerun 03_suppress.py --export" in line
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_a_damaged_cached_build_says_delete_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path)
+    truncate(Path(models.resolve_model_path("tiny")) / "model.safetensors")  # a build into this cache, then cut off
+    with pytest.raises(UserError, match=f"the cached build {re.escape(str(tmp_path))}/tiny-llava-v1 is damaged: "
+                                        "delete that folder and rerun"):
+        models.load_model("tiny")
+
+
+# ---- reports a later run reads: 04_evaluate.py --base-from, tune.py's per-variant reports ---------------------
+
+@pytest.fixture(scope="module")
+def base_report(tmp_path_factory):
+    """04_evaluate.py --methods base --report base on the tiny model: what --base-from reads."""
+    from test_pipeline import run_stage
+    folder = tmp_path_factory.mktemp("base")
+    data = write_items(folder / "items.jsonl", splits=("dev",))
+    run_stage("04_evaluate.py", "--model", "tiny", "--run", "r", "--data", data, "--split", "dev", "--methods",
+              "base", "--report", "base", "--max-new-tokens", "4", "--conditions", "standard", "--limits", "0",
+              cwd=folder)
+    return folder
+
+
+def evaluate_from(folder, *args):
+    from test_pipeline import run_stage
+    run_stage("04_evaluate.py", "--model", "tiny", "--run", "r", "--data", folder / "items.jsonl", "--split", "dev",
+              "--methods", "base", "--max-new-tokens", "4", "--conditions", "standard", "--limits", "0", "--report", "again",
+              "--base-from", "runs/r/base.json", *args, cwd=folder)
+
+
+def test_base_from_reuses_base_and_gives_the_same_report(base_report):
+    evaluate_from(base_report)
+    first, again = (json.loads((base_report / f"runs/r/{name}.json").read_text()) for name in ("base", "again"))
+    assert again["rows"] == first["rows"] and again["fluency"] == first["fluency"]
+    assert again["meta"]["settings"]["base_from"] == "runs/r/base.json"
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--max-new-tokens", "5"), "was made with max_new_tokens 4, not 5"),
+    (("--seed", "1"), "was made with seed 0, not 1"),
+    (("--limits", "standard=2"), "was made with limits '0', not 'standard=2'"),
+    (("--judge-threshold", "0.7"), "was made with judge_threshold 0.5, not 0.7"),
+    (("--batch-size", "2"), "was made with batch_size 64, not 2"),
+])
+def test_base_from_another_setting_is_refused(base_report, args, message):
+    with pytest.raises(UserError) as error:
+        evaluate_from(base_report, *args)
+    assert error.value.message.startswith(f"--base-from runs/r/base.json {message}: rerun 04_evaluate.py "
+                                          "--methods base --report base with this run's settings")
+
+
+def test_base_from_another_data_build_is_refused(base_report, tmp_path):
+    import shutil
+    shutil.copytree(base_report / "runs", tmp_path / "runs")
+    write_items(tmp_path / "items.jsonl", splits=("dev",), n_per_label=5)
+    with pytest.raises(UserError, match="was made with data_checksum '[0-9a-f]{64}', not '[0-9a-f]{64}'"):
+        evaluate_from(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["report cut off", "answers cut off", "answers missing", "not a report"])
+def test_a_damaged_base_from_report_is_one_line(base_report, tmp_path, damage):
+    import shutil
+    shutil.copytree(base_report / "runs", tmp_path / "runs")
+    shutil.copy(base_report / "items.jsonl", tmp_path / "items.jsonl")
+    report, answers = tmp_path / "runs/r/base.json", tmp_path / "runs/r/base-answers.jsonl"
+    {"report cut off": lambda: truncate(report), "answers cut off": lambda: truncate(answers),
+     "answers missing": lambda: answers.unlink(), "not a report": lambda: report.write_text("[]")}[damage]()
+    with pytest.raises(UserError) as error:
+        evaluate_from(tmp_path)
+    message = error.value.message
+    assert message.startswith("--base-from runs/r/base.json: cannot read base's results from it and "
+                              "base-answers.jsonl (") and "\n" not in message
+    assert message.endswith("rerun 04_evaluate.py --methods base --report base with this run's settings (it writes "
+                            "base.json and base-answers.jsonl), or leave --base-from out")
+
+
+def test_tune_on_a_damaged_report_is_one_line_naming_it(tmp_path):
+    """tune.py reads each variant's 04 report (and the shared base's): one cut off after its run finished is
+    named, with the fix, instead of a JSONDecodeError traceback."""
+    data = write_items(tmp_path / "items.jsonl", splits=("calibration", "dev"))
+
+    def tune():
+        return subprocess.run([sys.executable, str(REPO / "tune.py"), "--model", "tiny", "--data", str(data),
+                               "--collect-args", "--mode prompts --max-new-tokens 4", "--evaluate-args",
+                               "--max-new-tokens 4", "--variants", "published"], cwd=tmp_path, capture_output=True,
+                              text=True)
+    done = tune()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for name in ("calibration-published/published.json", "calibration-published/published-answers.jsonl",
+                 "base.json"):
+        path = tmp_path / "runs/tune" / name
+        kept = path.read_bytes()
+        truncate(path)
+        again = tune()
+        assert again.returncode == 1 and "Traceback" not in again.stderr
+        [line] = again.stderr.strip().splitlines()
+        report = f"runs/tune/{name.replace('-answers.jsonl', '.json')}"
+        assert line.startswith(f"error: {report} or {Path(report).stem}-answers.jsonl is damaged or not a "
+                               "04_evaluate.py report (")
+        assert line.endswith(f"delete {report} and rerun tune.py, which evaluates again")
+        path.write_bytes(kept)

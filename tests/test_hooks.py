@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import common
+import models
 from common import encode, fold_alpha, record_neurons, suppress_neurons
 
 ITEMS = [dict(id=str(i), text=t, task="continue", image_path=None) for i, t in enumerate(
@@ -113,7 +114,7 @@ def test_hooked_logits_equal_baked_weights(tiny, tmp_path):
     alpha = torch.rand(n, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), suppress_neurons(sites, alpha):
         hooked = model(**batch).logits
-    baked_model, _, baked_sites, _ = common.load_model("tiny")   # a separate copy to modify
+    baked_model, _, baked_sites, _ = models.load_model("tiny")   # a separate copy to modify
     fold_alpha(baked_sites, alpha)
     with torch.no_grad():
         baked = baked_model(**batch).logits
@@ -122,7 +123,7 @@ def test_hooked_logits_equal_baked_weights(tiny, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_hooks_run(dtype):
-    model, processor, sites, _ = common.load_model("tiny", dtype=dtype)
+    model, processor, sites, _ = models.load_model("tiny", dtype=dtype)
     batch = encode(processor, ITEMS, "cpu")
     n = sum(m.in_features for _, m in sites)
     with torch.no_grad(), suppress_neurons(sites, torch.full((n,), 0.5)):
@@ -131,4 +132,4 @@ def test_half_precision_hooks_run(dtype):
         recorder.mask = batch["attention_mask"].bool()
         model.model(**batch)
         pooled = recorder.pop()
-    assert logits.dtype == common.DTYPES[dtype] and pooled.shape == (3, n)
+    assert logits.dtype == models.DTYPES[dtype] and pooled.shape == (3, n)

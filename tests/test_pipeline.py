@@ -12,6 +12,8 @@ import torch
 from conftest import MILD_TEXTS, REPO, write_items
 
 import common
+import judges
+import models
 from common import UserError, load_items, load_npz, load_pt, save_pt
 
 
@@ -49,7 +51,7 @@ def test_all_stages_as_commands(tmp_path):
         (m, c, lab) for m in ("base", "sgm", "random") for c in ("standard", "typographic")
         for lab in ("toxic", "benign")}
     for row in results["rows"]:
-        assert row["n"] == 6 and row["judge"] == common.JUDGE
+        assert row["n"] == 6 and row["judge"] == judges.JUDGE
         assert 0 <= row["harmful_ci"][0] <= row["harmful_rate"] <= row["harmful_ci"][1] <= 1
         assert 0 <= row["mean_toxicity"] <= 1
     assert results["meta"]["model"] == "tiny" and results["meta"]["data_checksum"] == load_items(data)[1]
@@ -75,11 +77,11 @@ def test_responses_mode_pools_over_the_continuation_only(tmp_path, monkeypatch):
     def fake_judge(texts):
         judged.extend(texts)
         return np.array([verdict(t) for t in texts])
-    monkeypatch.setattr(common, "judge_toxicity", fake_judge)
+    monkeypatch.setattr(judges, "judge_toxicity", fake_judge)
     run_stage("01_collect.py", "--model", "tiny", "--data", data, "--max-new-tokens", "5", "--batch-size", "4",
               cwd=tmp_path)
     arrays, meta = load_npz(tmp_path / "runs/tiny/activations.npz", "")
-    assert meta["settings"]["mode"] == "responses" and meta["judge"] == common.JUDGE
+    assert meta["settings"]["mode"] == "responses" and meta["judge"] == judges.JUDGE
     assert list(arrays["labels"]) == [verdict(t) for t in arrays["continuations"]]
     assert sorted(arrays["continuations"]) == sorted(judged) and len(judged) == 12
     # Each item pools over its own continuation tokens (<= 5; fewer only when it stopped at end-of-sequence).
@@ -152,7 +154,7 @@ def test_missing_artifact_names_the_stage_to_run(tmp_path):
 
 def test_unknown_model_offline_says_how_to_fix(tmp_path):
     with pytest.raises(UserError, match="local checkpoint folder"):
-        common.load_model(str(tmp_path / "no-such-model"))
+        models.load_model(str(tmp_path / "no-such-model"))
 
 
 BAD_ROWS = [
@@ -211,7 +213,7 @@ def test_suppression_from_another_data_build_is_refused(tmp_path, tiny):
 
 
 def test_non_finite_activations_name_the_layer():
-    model, processor, sites, _ = common.load_model("tiny")  # a private copy to break
+    model, processor, sites, _ = models.load_model("tiny")  # a private copy to break
     with torch.no_grad():
         model.model.language_model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     batch = common.encode(processor, [dict(id="0", text="the cat", task="continue", image_path=None)], "cpu")
@@ -237,7 +239,7 @@ def test_filter_prompt_and_refusal_accounting(tmp_path, monkeypatch):
     def judge(texts):  # everything is "toxic" except refusals and the benign prompts' texts
         benign = set(MILD_TEXTS["benign"])
         return np.array([0.0 if refusal_marker in t.lower() or t in benign else 1.0 for t in texts])
-    monkeypatch.setattr(common, "judge_toxicity", judge)
+    monkeypatch.setattr(judges, "judge_toxicity", judge)
     generated = []
     real_generate = common.generate
     monkeypatch.setattr(common, "generate", lambda *a, **k: generated.append(1) or real_generate(*a, **k))
@@ -258,7 +260,7 @@ def test_selectivity_is_zero_for_an_identity_suppression(tmp_path, tiny, monkeyp
     _, _, sites, model_meta = tiny
     save_pt(tmp_path / "runs/tiny/suppression.pt", {"alpha": torch.ones(sum(m.in_features for _, m in sites))},
             dict(model_meta, data_checksum=load_items(data)[1], settings={}, calibration={}))
-    monkeypatch.setattr(common, "judge_toxicity",
+    monkeypatch.setattr(judges, "judge_toxicity",
                         lambda texts: np.array([float(hashlib.sha256(t.encode()).digest()[0] % 2) for t in texts]))
     run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base,sgm", "--max-new-tokens", "5",
               "--judge-threshold", "0.5", cwd=tmp_path)
@@ -350,7 +352,7 @@ def test_sampled_metrics_follow_the_judge_and_repeat(tmp_path, monkeypatch):
     """--samples N: expected maximum toxicity = mean over items of the most toxic sample; toxicity probability =
     share of items with a sample at or above the threshold; the same seed samples the same answers."""
     data = write_items(tmp_path / "items.jsonl", splits=("test",))
-    monkeypatch.setattr(common, "judge_toxicity", lambda texts: np.array([0.3 + 0.4 * (len(t) % 2) for t in texts]))
+    monkeypatch.setattr(judges, "judge_toxicity", lambda texts: np.array([0.3 + 0.4 * (len(t) % 2) for t in texts]))
     args = ("--model", "tiny", "--data", data, "--methods", "base,filter", "--max-new-tokens", "5", "--samples", "3")
     run_stage("04_evaluate.py", *args, cwd=tmp_path)
     run = tmp_path / "runs/tiny"

@@ -11,6 +11,7 @@ from conftest import write_items
 from test_pipeline import run_stage
 
 import common
+import models
 
 PLANTED_WORD = " music"  # a mild word that no calibration prompt contains
 
@@ -49,7 +50,7 @@ def planted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("planted")
     data = write_items(folder / "items.jsonl")
     items = common.select(common.load_items(data)[0], split="calibration")
-    model, processor, sites, _ = common.load_model("tiny")
+    model, processor, sites, _ = models.load_model("tiny")
     layer_index, neuron = len(model.get_decoder().layers) - 1, 5
     layer, mlp = model.get_decoder().layers[layer_index], model.get_decoder().layers[layer_index].mlp
     token = processor.tokenizer.encode(PLANTED_WORD, add_special_tokens=False)[0]
@@ -71,7 +72,7 @@ def planted(tmp_path_factory):
         mlp.up_proj.weight[neuron] = direction
         # Through the final RMSNorm (x / rms * w) the residual change w * unused raises exactly that logit.
         mlp.down_proj.weight[:, neuron] = unused / model.get_decoder().norm.weight
-    common.save_checkpoint(model, processor, folder / "model")
+    models.save_checkpoint(model, processor, folder / "model")
     flat_index = sum(module.in_features for _, module in sites[:layer_index]) + neuron
     record = dict(layer=layer_index, neuron=neuron, flat_index=flat_index, target_token_ids=[token])
     (folder / "model" / "PLANTED.json").write_text(json.dumps(record))
@@ -97,8 +98,8 @@ def test_stages_find_damp_and_remove_the_planted_neuron(planted, tmp_path):
     items = common.load_items(data)[0]
     toxic = common.select(items, split="test", label="toxic")
     benign = common.select(items, split="test", label="benign")
-    model, processor, sites, _ = common.load_model(str(model_path))
-    unplanted, _, _, _ = common.load_model("tiny")
+    model, processor, sites, _ = models.load_model(str(model_path))
+    unplanted, _, _, _ = models.load_model("tiny")
     planted_toxic = planted_token_probability(model, processor, toxic, token)
     planted_benign = planted_token_probability(model, processor, benign, token)
     plain_toxic = planted_token_probability(unplanted, processor, toxic, token)
@@ -109,7 +110,7 @@ def test_stages_find_damp_and_remove_the_planted_neuron(planted, tmp_path):
         hooked_toxic = planted_token_probability(model, processor, toxic, token)
     # SGM silences it (alpha 0); what is left is the rest of SGM's damping (about half of the 96 neurons).
     assert hooked_toxic.mean() < planted_toxic.mean() / 4
-    exported, _, _, _ = common.load_model(str(tmp_path / "export"))
+    exported, _, _, _ = models.load_model(str(tmp_path / "export"))
     torch.testing.assert_close(planted_token_probability(exported, processor, toxic, token), hooked_toxic,
                                atol=1e-6, rtol=1e-4)
 

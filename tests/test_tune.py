@@ -47,8 +47,29 @@ def test_tune_runs_variants_on_dev_and_applies_its_rule(tmp_path):
     first = (out / "tune.json").read_text()
     again = tune(tmp_path, "--variants", "published,layer-normalised")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("up to date:") == 8 and "$ python" not in again.stdout
+    assert again.stdout.count("up to date:") == 9 and "$ python" not in again.stdout  # base once + 4 per variant
     assert (out / "tune.json").read_text() == first
+
+    # Base ran once (issue 12): one base-only pass, which every variant's evaluation took its base from.
+    assert done.stdout.count("base: generate:   0%") == 1 and done.stdout.count("sgm: generate:   0%") == 2
+    assert json.loads((out / "base.json").read_text())["meta"]["settings"]["methods"] == "base"
+    for variant in report["variants"]:
+        assert variant["commands"][0].startswith("python 04_evaluate.py") and "--methods base " in variant["commands"][0]
+        assert "--base-from runs/tune/base.json" in variant["commands"][-1]
+
+    # The same grid with base recomputed in every variant's run (as before): the same table and numbers.
+    separate = tune(tmp_path, "--variants", "published,layer-normalised", "--out", "tune-separate",
+                    "--share-base", "false")
+    assert separate.returncode == 0, separate.stdout[-2000:] + separate.stderr[-3000:]
+    assert not (tmp_path / "runs" / "tune-separate" / "base.json").exists()
+    assert separate.stdout.count("base: generate:   0%") == 2
+    alone = json.loads((tmp_path / "runs" / "tune-separate" / "tune.json").read_text())
+    assert all("--base-from" not in c for v in alone["variants"] for c in v["commands"])
+    for variants in (report["variants"], alone["variants"]):  # the commands differ (--base-from); all else equal
+        for variant in variants:
+            variant.pop("commands")
+    assert alone == report
+    assert (tmp_path / "runs" / "tune-separate" / "tune.md").read_text() == (out / "tune.md").read_text()
 
 
 def test_tune_refuses_an_unknown_variant(tmp_path):

