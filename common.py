@@ -303,7 +303,15 @@ def neuron_sites(model):
     The language model is found from the structure (`get_decoder()`), so the vision tower's MLPs are never
     included even when they also name a layer `down_proj` (Qwen2.5-VL's vision blocks do). Works for every
     family whose decoder layers have a gated MLP with a `down_proj` Linear (LLaVA, LLaVA-NeXT, Qwen2-VL,
-    Qwen2.5-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, ...)."""
+    Qwen2.5-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, InternVL3, Llama-3.2-Vision, ...).
+
+    Llama-3.2-Vision (mllama) interleaves cross-attention decoder layers (every 5th) with self-attention ones;
+    each has its own MLP, and all of them are neuron sites, one per decoder layer as for every family. A
+    cross-attention layer's MLP reads the residual stream right after that layer has attended to the image
+    features (gated by tanh(cross_attn_mlp_gate)), so it is post-fusion in the paper's sense, and it is where
+    Llama-3.2-Vision's image information first enters the text positions; leaving it out would skip the very
+    layers that fuse the image. (Positions before the image token have their cross-attention MLP output
+    masked to zero by the model, so damping acts only from the image on; their activations are still pooled.)"""
     language_model = model.get_decoder()
     names = {module: name for name, module in model.named_modules()}
     sites = [(names[module], module) for name, module in language_model.named_modules()
@@ -411,7 +419,7 @@ def fallback_image_prefix(processor):
     """What stands for the image at the start of a prompt without a chat template; the processor expands it
     into the image's tokens. Most processors take their `image_token` (Gemma 3's is <start_of_image>)."""
     name = type(processor).__name__
-    if name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
+    if name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "Qwen3VLProcessor"):
         # Qwen's position ids (M-RoPE) find an image by the <|vision_start|> before its <|image_pad|>.
         return f"<|vision_start|>{processor.image_token}<|vision_end|>\n"
     if name == "PaliGemmaProcessor":
@@ -451,7 +459,8 @@ def append_tokens(processor, batch, ids, mask):
     The per-token fields some processors return grow too, with the value their model's generate() gives new
     tokens: 0 (text) in Qwen's mm_token_type_ids and Gemma 3's token_type_ids, 1 in PaliGemma's
     token_type_ids (after the prefix, attended causally). Left at the prompt's length, Qwen's field makes
-    the forward pass fail (IndexError in its M-RoPE position ids)."""
+    the forward pass fail (IndexError in its M-RoPE position ids). Mllama's cross_attention_mask (which image
+    tiles each token attends to) repeats its last position, as Mllama's generate() extends it."""
     ids, mask = ids.to(batch["input_ids"].device), mask.to(batch["input_ids"].device)
     extended = dict(batch, input_ids=torch.cat([batch["input_ids"], ids], 1),
                     attention_mask=torch.cat([batch["attention_mask"], mask.long()], 1))
@@ -459,6 +468,10 @@ def append_tokens(processor, batch, ids, mask):
     for field, value in new_type.items():
         if field in batch:
             extended[field] = torch.cat([batch[field], torch.full_like(ids, value).to(batch[field].dtype)], 1)
+    if "cross_attention_mask" in batch:
+        last = batch["cross_attention_mask"][:, -1:]
+        extended["cross_attention_mask"] = torch.cat(
+            [batch["cross_attention_mask"], last.expand(-1, ids.shape[1], *last.shape[2:])], 1)
     return extended
 
 

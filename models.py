@@ -160,10 +160,23 @@ def image_only_processor(processor_class):
     Processors that also take video (Qwen2-VL, Qwen2.5-VL, SmolVLM, ...) cannot be built without a video
     processor, and transformers' video processors need torchvision, which must not be installed beside the
     torch used here. The stages give images only, so the video part is left out. The subclass keeps the
-    parent's name, so a processor saved from it (03_suppress.py --export) loads as the original class."""
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-    return type(processor_class.__name__, (processor_class,), {"__init__": __init__})
+    parent's name, so a processor saved from it (03_suppress.py --export) loads as the original class, and the
+    parent's `__init__` arguments less `video_processor`, by name: transformers saves and reloads exactly the
+    arguments `__init__`'s code names (InternVL's `image_seq_length` would otherwise be lost on reload)."""
+    import inspect
+    signature = inspect.signature(processor_class.__init__)
+    names = [name for name, parameter in signature.parameters.items() if name not in ("self", "video_processor")
+             and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    source = (f"def __init__(self, {''.join(f'{name}=unset, ' for name in names)}**kwargs):\n"
+              f"    given = dict({', '.join(f'{name}={name}' for name in names)})\n"
+              "    given = {k: v for k, v in given.items() if v is not unset}\n"
+              "    parent(self, video_processor=None, **given, **kwargs)\n")
+    namespace = {"parent": processor_class.__init__, "unset": object()}
+    exec(source, namespace)
+    init = namespace["__init__"]
+    init.__signature__ = signature.replace(parameters=[
+        parameter for name, parameter in signature.parameters.items() if name != "video_processor"])
+    return type(processor_class.__name__, (processor_class,), {"__init__": init})
 
 
 def load_processor(path, trust_remote_code=False):

@@ -5,6 +5,8 @@ from config, saved to a folder and used through `--model PATH`, exactly as a dow
 Each checkpoint carries a small chat template in its family's format (the real checkpoints ship one), except
 PaliGemma, whose checkpoints have none; test_fallback_prompt_places_the_image covers the other path per family.
 """
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -161,14 +163,149 @@ def build_gemma3(out_dir):
     models.save_checkpoint(Gemma3ForConditionalGeneration(config), processor, out_dir)
 
 
+MLLAMA_TOKENS = ["<|image|>", "<|python_tag|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def build_mllama(out_dir):
+    """Llama-3.2-Vision: the image reaches the language model only through cross-attention layers interleaved
+    with the self-attention layers (here layer 1 of 2); the prompt keeps one <|image|> token."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    tokenizer = tiny_tokenizer(MLLAMA_TOKENS, extra_special_tokens={"image_token": "<|image|>"})
+    # 28 px images in one 28 px tile, 14 px patches: 4 patches (+ CLS) that the cross-attention layers read.
+    image_processor = MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=1)
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template(
+        "<|image|>", "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"))
+    config = MllamaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1,
+                           attention_heads=2, image_size=28, patch_size=14, max_num_tiles=1,
+                           intermediate_layers_indices=[0], vision_output_dim=64, supported_aspect_ratios=[[1, 1]]),
+        text_config=token_ids(tokenizer, dict(TEXT, cross_attention_layers=[1])),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(config)
+    # The cross-attention layer's gates start at tanh(0) = 0 (no image, no MLP): open them, as training does.
+    for layer in model.model.language_model.layers:
+        for gate in (getattr(layer, "cross_attn_attn_gate", None), getattr(layer, "cross_attn_mlp_gate", None)):
+            if gate is not None:
+                torch.nn.init.constant_(gate, 1.0)
+    models.save_checkpoint(model, processor, out_dir)
+
+
+INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_internvl(out_dir):
+    """The Hugging Face-native InternVL3 (OpenGVLab/InternVL3-*-hf): InternViT + Qwen2, laid out as the hub
+    checkpoint is, its video processor config included (the processor loads image-only without torchvision)."""
+    import json
+
+    import transformers
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    tokenizer = tiny_tokenizer(INTERNVL_TOKENS, extra_special_tokens={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>"})
+    # 56 px images (no tiling into patches), 14 px patches, pixel shuffle by 0.5: 16 / 4 = 4 image tokens.
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, crop_to_patches=False)
+    processor = models.image_only_processor(transformers.InternVLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4,
+        chat_template=chat_template("<IMG_CONTEXT>\n", "<|im_start|>{role}\n", "<|im_end|>\n",
+                                    "<|im_start|>assistant\n"))
+    config = InternVLConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=[56, 56], patch_size=[14, 14]),
+        text_config=dict(token_ids(tokenizer, TEXT), model_type="qwen2"), image_seq_length=4,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    torch.manual_seed(0)
+    models.save_checkpoint(InternVLForConditionalGeneration(config), processor, out_dir)
+    (out_dir / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "InternVLVideoProcessor", "size": {"height": 56, "width": 56}}))
+
+
+def build_qwen3_vl(out_dir):
+    """Qwen3-VL: Qwen2-VL's processor and M-RoPE (interleaved), 16 px patches, and DeepStack (vision features
+    also added to the first decoder layers' inputs); laid out as the hub checkpoint is, its video processor
+    config included (the processor loads image-only without torchvision)."""
+    import json
+
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tokenizer = tiny_tokenizer(QWEN_TOKENS, extra_special_tokens={"image_token": "<|image_pad|>",
+                                                                  "video_token": "<|video_pad|>"})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_TOKENS}
+    # 16 px patches merged 2x2: an image of at most 64x64 px gives 1-4 image tokens.
+    pixels = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}
+    image_processor = Qwen2VLImageProcessorPil(size=pixels, patch_size=16, merge_size=2, temporal_patch_size=2,
+                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = models.image_only_processor(Qwen3VLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                                              chat_template=QWEN_TEMPLATE)
+    # One vision block, whose output is also the one DeepStack level (added to decoder layer 0's input); its MLP
+    # is `linear_fc1/linear_fc2`, never a neuron site.
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=HIDDEN, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    config = Qwen3VLConfig(
+        vision_config=vision, text_config=token_ids(tokenizer, dict(TEXT, head_dim=16, rope_parameters=rope)),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    models.save_checkpoint(Qwen3VLForConditionalGeneration(config), processor, out_dir)
+    (out_dir / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor",
+         "size": {"shortest_edge": 32 * 32, "longest_edge": 64 * 64 * 2}, "patch_size": 16, "merge_size": 2,
+         "temporal_patch_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+
+
+def build_llava_onevision(out_dir):
+    """LLaVA-OneVision (llava-hf/llava-onevision-qwen2-*-hf): SigLIP + Qwen2, AnyRes tiles, whole SigLIP features
+    ("full"); laid out as the hub checkpoint is, its video processor config included. Its processor needs
+    `num_image_tokens` from processor_config.json (models.image_only_processor keeps it on reload)."""
+    import json
+
+    import transformers
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+    tokenizer = tiny_tokenizer(["<image>", "<video>", "<|im_start|>", "<|im_end|>"],
+                               extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    # 28 px tiles on the best of these grids plus one overview tile, 14 px patches: 4 tokens per tile, and a
+    # newline token per row of the unpadded grid.
+    pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28},
+                                                      image_grid_pinpoints=pinpoints)
+    processor = models.image_only_processor(transformers.LlavaOnevisionProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=4,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+        chat_template=chat_template("<image>\n", "<|im_start|>{role} ", "<|im_end|>\n", "<|im_start|>assistant\n"))
+    config = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=Qwen2Config(**token_ids(tokenizer, TEXT)), image_grid_pinpoints=pinpoints,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_select_strategy="full",
+        vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")
+    torch.manual_seed(0)
+    models.save_checkpoint(LlavaOnevisionForConditionalGeneration(config), processor, out_dir)
+    (out_dir / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "LlavaOnevisionVideoProcessor", "processor_class": "LlavaOnevisionProcessor",
+         "size": {"height": 28, "width": 28}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+
+
 BUILDERS = {
     "llava": build_llava,
     "llava_next": build_llava_next,
     "qwen2_vl": lambda out_dir: build_qwen(out_dir, "qwen2_vl"),
     "qwen2_5_vl": lambda out_dir: build_qwen(out_dir, "qwen2_5_vl"),
+    "qwen3_vl": build_qwen3_vl,
+    "llava_onevision": build_llava_onevision,
     "idefics3": build_idefics3,   # also SmolVLM (v1) checkpoints
     "paligemma": build_paligemma,
     "gemma3": build_gemma3,
+    "mllama": build_mllama,
+    "internvl": build_internvl,
 }
 
 
@@ -197,6 +334,10 @@ def test_sites_are_every_decoder_layer_and_never_the_vision_tower(family):
     # Qwen2.5-VL's vision blocks have `mlp.down_proj` too: the check above must have something to exclude.
     every_down_proj = [n for n, m in model.named_modules() if n.endswith("mlp.down_proj")]
     assert len(every_down_proj) > LAYERS if name == "qwen2_5_vl" else len(every_down_proj) == LAYERS
+    if name == "mllama":  # a cross-attention layer's MLP is a neuron site too: post-fusion (common.neuron_sites)
+        layers = model.get_decoder().layers
+        assert model.config.get_text_config().cross_attention_layers == [1]
+        assert type(layers[1]).__name__ == "MllamaCrossAttentionDecoderLayer" and sites[1][1] is layers[1].mlp.down_proj
 
 
 def test_fallback_prompt_places_the_image(family):
@@ -286,6 +427,8 @@ def test_stages_and_export(family, tmp_path, monkeypatch):
     assert suppression_meta["fingerprint"] in note and f"{suppression_meta['n_changed']} of" in note
     model, processor, sites, _ = load_model(str(path))
     batch = encode(processor, ITEMS, "cpu")
+    # The exported processor encodes as the checkpoint's (InternVL's image_seq_length survives the export).
+    assert torch.equal(encode(models.load_processor(str(export)), ITEMS, "cpu")["input_ids"], batch["input_ids"])
     exported = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32)
     assert not any(m._forward_pre_hooks for m in exported.modules())
     with torch.no_grad():
@@ -293,6 +436,22 @@ def test_stages_and_export(family, tmp_path, monkeypatch):
             hooked = model(**batch).logits
         torch.testing.assert_close(exported(**batch).logits, hooked, rtol=1e-5, atol=1e-5)
 
+
+def test_video_processor_config_in_the_folder_loads_image_only(family):
+    """A folder laid out as the hub checkpoint (video_preprocessor_config.json beside the image processor's):
+    without torchvision AutoProcessor refuses it; models.load_processor gives the same processor class without
+    its video processor, with the checkpoint's own processor settings (LLaVA-OneVision's num_image_tokens)."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+    _, path = family
+    if not (path / "video_preprocessor_config.json").exists() or is_torchvision_available():
+        return
+    with pytest.raises(ImportError, match="(?i)torchvision"):
+        AutoProcessor.from_pretrained(path)
+    processor = models.load_processor(str(path))
+    assert not hasattr(processor, "video_processor") and processor.image_processor is not None
+    saved = json.loads((path / "processor_config.json").read_text())
+    assert all(getattr(processor, key) == value for key, value in saved.items() if key == "num_image_tokens")
 
 def test_model_without_down_proj_is_refused_saying_how_to_add_it():
     from transformers import GPT2Config, GPT2LMHeadModel
