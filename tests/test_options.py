@@ -7,21 +7,25 @@ under runs/), and a --run that leaves runs/ is refused. The whole table runs in-
 by a tripwire); one bad option per stage and the by-path run also run as real commands, a few at a time."""
 import os
 import re
-import runpy
 import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import REPO, write_items
+from test_pipeline import run_stage
 
 import common
 import models
 from common import UserError, run_name
 
-NO_MODEL = "/nonexistent/sgm-model"   # loading it would fail with another message ("cannot load model")
-NO_DATA = "/nonexistent/items.jsonl"  # and reading it too ("data file ... not found")
+# Absolute checkpoint paths as a user would pass them; only their names are used, nothing is read there.
+CKPTS = os.path.join(tempfile.gettempdir(), "ckpts")
+
+NO_MODEL = "nonexistent/sgm-model"    # (relative to the test folder) loading it would fail with another message ("cannot load model")
+NO_DATA = "nonexistent/items.jsonl"   # and reading it too ("data file ... not found")
 MODEL_FLAGS = {"01_collect.py": ["--model", NO_MODEL, "--data", NO_DATA],
                "02_score.py": ["--run", "nothing-here"],  # reading its input would say "not found"
                "03_suppress.py": ["--run", "nothing-here"],
@@ -70,7 +74,7 @@ BAD = [
     ("04_evaluate.py", ["--batch-size", "0"], "--batch-size"),
     ("04_evaluate.py", ["--seed", "-1"], "--seed"),
     ("04_evaluate.py", ["--report", "../results"], "--report"),
-    ("04_evaluate.py", ["--suppression", "/tmp/suppression.pt"], "--suppression"),
+    ("04_evaluate.py", ["--suppression", os.path.join(tempfile.gettempdir(), "suppression.pt")], "--suppression"),
     ("04_evaluate.py", ["--run", "a\\b"], "--run"),
     ("tune.py", ["--max-fluency-cost", "-0.1"], "--max-fluency-cost"),
     ("tune.py", ["--judge-threshold", "2"], "--judge-threshold"),
@@ -113,22 +117,10 @@ def tripwire(monkeypatch):
             monkeypatch.setattr(module, name, loaded)
 
 
-def run_in_process(script, args, cwd):
-    """`python <script> <args>` from cwd, in this process (the stages import the patched loaders)."""
-    old_argv, old_cwd = sys.argv, os.getcwd()
-    sys.argv = [script, *args]
-    os.chdir(cwd)
-    try:
-        runpy.run_path(str(REPO / script), run_name="__main__")
-    finally:
-        sys.argv = old_argv
-        os.chdir(old_cwd)
-
-
 @pytest.mark.parametrize("script,flags,option", BAD, ids=[f"{s[:-3]}{''.join(f)}" for s, f, _ in BAD])
 def test_bad_option_is_one_line_before_anything_loads(tmp_path, tripwire, script, flags, option):
     with pytest.raises(UserError) as error:  # not Loaded: refused before any load
-        run_in_process(script, [*MODEL_FLAGS[script], *flags], tmp_path)
+        run_stage(script, *MODEL_FLAGS[script], *flags, cwd=tmp_path)
     message = error.value.message
     assert re.search(f"(?<![\\w-]){re.escape(option)}(?![\\w-])", message) and "\n" not in message, message
     assert list(tmp_path.iterdir()) == []  # no runs/ folder, no partial artifact
@@ -137,14 +129,14 @@ def test_bad_option_is_one_line_before_anything_loads(tmp_path, tripwire, script
 @pytest.mark.parametrize("script,flags", GOOD_EDGES, ids=[f"{s[:-3]}{''.join(f)}" for s, f in GOOD_EDGES])
 def test_edge_values_are_accepted(tmp_path, tripwire, script, flags):
     with pytest.raises(Loaded):
-        run_in_process(script, [*MODEL_FLAGS[script], *flags], tmp_path)
+        run_stage(script, *MODEL_FLAGS[script], *flags, cwd=tmp_path)
 
 
 def test_the_two_known_bugs_name_the_fix(tmp_path, tripwire):
     with pytest.raises(UserError, match=r"^error: --strength must be >= 0 \(got -1\): 0 leaves the model as it is"):
-        run_in_process("03_suppress.py", ["--run", "nothing-here", "--strength", "-1"], tmp_path)
+        run_stage("03_suppress.py", "--run", "nothing-here", "--strength", "-1", cwd=tmp_path)
     with pytest.raises(UserError, match=r"^error: --batch-size must be >= 1 \(got 0\): items per forward pass"):
-        run_in_process("01_collect.py", ["--model", NO_MODEL, "--batch-size", "0"], tmp_path)
+        run_stage("01_collect.py", "--model", NO_MODEL, "--batch-size", "0", cwd=tmp_path)
 
 
 def test_check_range_bounds():
@@ -161,14 +153,14 @@ def test_check_range_bounds():
 # ---- the run name ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("run,model,expected", [
-    ("", "/data/ckpts/llava-1.5-7b", "llava-1.5-7b"),
-    ("", "/data/ckpts/llava-1.5-7b/", "llava-1.5-7b"),
+    ("", CKPTS + "/llava-1.5-7b", "llava-1.5-7b"),
+    ("", CKPTS + "/llava-1.5-7b/", "llava-1.5-7b"),
     ("", "ckpts/llava-1.5-7b", "llava-1.5-7b"),
     ("", "C:\\ckpts\\llava-1.5-7b", "llava-1.5-7b"),
     ("", "llava-hf/llava-1.5-7b-hf", "llava-1.5-7b-hf"),
     ("", "Qwen/Qwen2.5-VL-72B-Instruct", "Qwen2.5-VL-72B-Instruct"),
     ("", "tiny", "tiny"), ("", "demo-planted", "demo-planted"),
-    ("llava15", "/data/ckpts/llava-1.5-7b", "llava15"),
+    ("llava15", CKPTS + "/llava-1.5-7b", "llava15"),
     ("tune/calibration-mode-prompts", None, "tune/calibration-mode-prompts"),  # tune.py's runs
     ("sgm@1_v2+x", None, "sgm@1_v2+x"),
 ])
@@ -176,7 +168,7 @@ def test_run_name(run, model, expected):
     assert run_name(run, model) == expected
 
 
-@pytest.mark.parametrize("run", ["", "..", ".", "../x", "a/../b", "a/..", "/abs", "/data/ckpts/llava", "a\\b",
+@pytest.mark.parametrize("run", ["", "..", ".", "../x", "a/../b", "a/..", "/abs", CKPTS + "/llava", "a\\b",
                                  "..\\x", "a//b", "a/", "a b", "~/x", "C:x"])
 def test_bad_run_names_are_refused(run):
     with pytest.raises(UserError, match="^error: --run .* must be a plain name") as error:
@@ -184,14 +176,14 @@ def test_bad_run_names_are_refused(run):
     assert "\n" not in error.value.message
 
 
-@pytest.mark.parametrize("model", ["/", ".", "..", "/data/my models/llava 7b"])
+@pytest.mark.parametrize("model", ["/", ".", "..", CKPTS + "/my models/llava 7b"])
 def test_a_model_without_a_usable_name_asks_for_run(model):
     with pytest.raises(UserError, match="^error: cannot name the run after --model .*: pass --run NAME"):
         run_name("", model)
 
 
-@pytest.mark.parametrize("model", ["demo", "tiny", "demo-planted", "/data/ckpts/llava-1.5-7b",
-                                   "/data/ckpts/llava-1.5-7b/", "llava-hf/llava-1.5-7b-hf"])
+@pytest.mark.parametrize("model", ["demo", "tiny", "demo-planted", CKPTS + "/llava-1.5-7b",
+                                   CKPTS + "/llava-1.5-7b/", "llava-hf/llava-1.5-7b-hf"])
 def test_makefile_names_the_run_as_the_stages_do(model):
     run = run_name("", model)
     done = subprocess.run(["make", "-p", "-n", "-B", "-C", str(REPO), "all", f"MODEL={model}"],
