@@ -398,8 +398,8 @@ for judge, ready in ready_judges.items():
     for method in methods:
         verdicts[judge][method] = (
             detoxify_judge(answers[method], ready) if judge == "detoxify" else
-            llm_judge(request_text, answers[method], ready, cfg["judge_cache"]) if judge == "llm" else
-            guard_judge(request_text, answers[method], ready, cfg["judge_cache"]))
+            llm_judge(request_text, answers[method], ready) if judge == "llm" else
+            guard_judge(request_text, answers[method], ready))
 
 # ---- metrics per (method, condition, label) -------------------------------------------------------------------
 
