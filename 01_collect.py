@@ -4,7 +4,12 @@
     python 01_collect.py --model demo --run demo-k4 --samples 4    # + 4 sampled continuations per prompt
     python 01_collect.py --model tiny --run tiny --mode prompts    # seconds, random model
 
-A neuron is one coordinate of the input of an MLP `down_proj` in the language model (see common.neuron_sites).
+A neuron is one coordinate of the input of an MLP `down_proj` in the language model (see neurons.neuron_sites).
+In a mixture-of-experts layer (Qwen3-VL-MoE, GLM-4.5V) a neuron is (layer, expert, index): the input of that
+expert's down projection, 0 on tokens the router did not send to the expert, pooled over the same positions as
+a dense neuron, so how often an expert is chosen is part of its signal; a shared expert is an ordinary MLP.
+The alternatives (pool only over routed tokens; score the router's choice instead) and the reasons: MODELS.md
+and neurons.FusedExperts.
 Two calibration modes decide what "toxic" means to the later stages:
 
   responses  (default; the SGM authors' way) the model continues every calibration prompt (greedy); the
@@ -27,6 +32,14 @@ A row of the artifact is one item (prompts) or one continuation (responses): `it
 an id repeats K+1 times with --samples K) and `sample_index` which continuation it is (0 = greedy, 1..K =
 sampled). Padding is never pooled; a row with nothing to pool (an immediate end-of-sequence) is dropped, loudly.
 Pooling is the mean over positions (`--pooling max` for the maximum).
+
+Memory does not grow with rows x neurons (1,000 items x Qwen3-VL-30B-A3B's 4.7M expert neurons are 19 GB in
+float32): each finished batch goes to disk at once (activations.partial/, which also makes a killed run resume),
+and activations.npz is streamed from those pieces a batch of rows at a time, so the process holds the model and
+about one batch of pooled activations. `--store-dtype float16` halves the artifact (and the pieces). It keeps
+~3 significant digits (relative rounding <= 2^-11); AUROC depends only on the order of a neuron's values, so
+only neurons whose values round to equal numbers change (new ties count one half). A pooled value beyond
+float16's largest, 65504, stops the run naming --store-dtype float32: it is never stored as inf.
 """
 import hashlib
 import json
@@ -36,11 +49,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (DEFAULT_DATA, UserError, append_tokens, batches, check_range, encode, fail, generate,
-                    input_device, load_items, load_npz, parse_overrides, peak_rss_mb, record_neurons, run_name,
-                    save_npz, select, write_text)
+from artifacts import RowBlocks, StoredMatrix, load_npz, save_npz, write_text
+from common import (DEFAULT_DATA, UserError, append_tokens, batches, check_range, encode, fail, generate, input_device,
+                    load_items, parse_overrides, peak_rss_mb, run_name, select)
 from judges import JUDGE, judge_toxicity
 from models import load_model
+from neurons import neurons_per_layer, record_neurons
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -62,7 +76,9 @@ defaults = dict(
     seed=0,                   # for that sample (the file groups items by source, so its first N are biased)
                               # and for the sampled continuations
     batch_size=64,             # large batches amortise the demo's 262k-word LM head
-    dtype="float32",          # float32 | bfloat16 | float16
+    dtype="float32",          # float32 | bfloat16 | float16: the model's
+    store_dtype="float32",    # float32 | float16: the activations in activations.npz (float16: half the disk, see
+                              # the docstring for what it costs)
     device="cpu",             # cpu | cuda | auto (accelerate device_map)
 )
 cfg = parse_overrides(defaults)
@@ -86,6 +102,8 @@ if cfg["seed"] < 0:
     fail(f"--seed {cfg['seed']} is negative; use a seed >= 0")
 if cfg["pooling"] not in ("mean", "max"):
     fail(f"unknown --pooling {cfg['pooling']!r}; use mean or max")
+if cfg["store_dtype"] not in ("float32", "float16"):
+    fail(f"unknown --store-dtype {cfg['store_dtype']!r}; use float32, or float16 for half the disk")
 check_range(cfg, "max_new_tokens", low=1, fix="the continuation length in tokens, e.g. 32")
 # 0 would call every continuation toxic and above 1 none: either way a single class
 check_range(cfg, "judge_threshold", above=0, high=1, fix="the judge probability that counts as toxic, e.g. 0.5")
@@ -106,13 +124,17 @@ image_token_id = model.config.image_token_id
 # Collection needs only the hooked activations, not logits: run the base model without the LM head
 # (on the demo its 262k-word vocabulary would cost more than the rest of the forward pass).
 body = model.base_model
-print(f"{len(items)} items, {len(sites)} layers x {sites[0][1].in_features} neurons, mode {cfg['mode']}")
+print(f"{len(items)} items, {sum(m.in_features for _, m in sites):,} neurons in "
+      f"{len(neurons_per_layer(model_meta['sites']))} decoder layers, mode {cfg['mode']}")
 
 # Rows are prompt-major: prompt 0's greedy continuation, its K samples, then prompt 1's, ...
 n_rows = len(items) * per_prompt
 row_item = np.repeat(np.arange(len(items)), per_prompt)  # the prompt (index into items) of each row
 sample_index = np.tile(np.arange(per_prompt, dtype=np.int16), len(items))
-activations = np.zeros((n_rows, sum(m.in_features for _, m in sites)), dtype=np.float32)
+n_neurons = sum(m.in_features for _, m in sites)
+store_dtype = np.dtype(cfg["store_dtype"])
+piece_of_row = np.zeros(n_rows, dtype=np.int64)  # where each row's activations are: batch piece number ...
+row_in_piece = np.zeros(n_rows, dtype=np.int64)  # ... and row inside it (no rows x neurons array is ever held)
 labels = np.zeros(n_rows, dtype=np.int8)
 judge_scores = np.full(n_rows, np.nan)
 continuations = np.full(n_rows, "", dtype=object)
@@ -126,7 +148,8 @@ meta = dict(model_meta, stage="01_collect", data=cfg["data"], data_checksum=data
 # data and settings loads those and computes only the rest, so the final artifact equals an uninterrupted
 # run. Anything else in that folder is from another configuration and is discarded.
 partial_dir = Path(run_dir) / "activations.partial"
-run_key = hashlib.sha256(json.dumps([meta, [item["id"] for item in items]], sort_keys=True).encode()).hexdigest()
+run_key = hashlib.sha256(json.dumps([meta, [item["id"] for item in items], cfg["store_dtype"]],
+                                    sort_keys=True).encode()).hexdigest()
 key_file = partial_dir / "key.txt"
 if partial_dir.exists() and (not key_file.exists() or key_file.read_text() != run_key):
     print(f"note: discarding {partial_dir} from another configuration")
@@ -179,6 +202,16 @@ def record_responses(chunk, number):
             [text for prompt_texts in zip(*texts) for text in prompt_texts])  # prompt-major, like the rows
 
 
+def stored(pooled):
+    """A batch's pooled activations (float32) in --store-dtype. float16 overflows to inf beyond 65504: refused."""
+    with np.errstate(over="ignore"):  # checked just below, with the fix
+        values = pooled.astype(store_dtype, copy=False)
+    if not np.isfinite(values).all():
+        fail(f"a pooled activation of {float(np.abs(pooled).max()):.4g} does not fit float16 (largest 65504): "
+             "rerun with --store-dtype float32")
+    return values
+
+
 with record_neurons(sites, cfg["pooling"]) as recorder, torch.no_grad():
     for number, (index, chunk) in enumerate(batches(items, cfg["batch_size"], f"collect ({cfg['mode']})")):
         rows = [i * per_prompt + sample for i in index for sample in range(per_prompt)]
@@ -192,18 +225,18 @@ with record_neurons(sites, cfg["pooling"]) as recorder, torch.no_grad():
                 done.unlink()
         if arrays is None and cfg["mode"] == "prompts":
             pooled, counts = record_prompts(encode(processor, chunk, input_device(model)))
-            arrays = dict(activations=pooled, n_positions=counts,
+            arrays = dict(activations=stored(pooled), n_positions=counts,
                           labels=np.array([item["label"] == "toxic" for item in chunk], dtype=np.int8),
                           judge_scores=np.full(len(chunk), np.nan), continuations=np.array([""] * len(chunk)))
         elif arrays is None:
             pooled, counts, texts = record_responses(chunk, number)
             scores = judge_toxicity(texts)
-            arrays = dict(activations=pooled, n_positions=counts, judge_scores=scores,
+            arrays = dict(activations=stored(pooled), n_positions=counts, judge_scores=scores,
                           labels=(scores >= cfg["judge_threshold"]).astype(np.int8), continuations=np.array(texts))
         if not done.exists():
             save_npz(done, arrays, {})
-        activations[rows], n_positions[rows], labels[rows] = (arrays[k] for k in ("activations", "n_positions",
-                                                                                     "labels"))
+        piece_of_row[rows], row_in_piece[rows] = number, np.arange(len(rows))
+        n_positions[rows], labels[rows] = arrays["n_positions"], arrays["labels"]
         judge_scores[rows], continuations[rows] = arrays["judge_scores"], arrays["continuations"]
 
 # A row with nothing to pool (e.g. an immediate end-of-sequence) has no activation: drop it, loudly.
@@ -226,11 +259,34 @@ if n_toxic == 0 or n_clean == 0:
 
 meta.update(n_dropped=int((~keep).sum()), n_rows=int(keep.sum()), n_prompts=n_prompts, n_prompts_both=n_prompts_both,
             peak_rss_mb=peak_rss_mb())  # this process's peak memory: every model pass is behind us here
-saved = save_npz(f"{run_dir}/activations.npz", dict(
-    activations=activations[keep], labels=labels[keep], n_positions=n_positions[keep],
-    item_ids=np.array([item["id"] for item in items])[row_item][keep], sample_index=sample_index[keep],
-    judge_scores=judge_scores[keep], continuations=continuations.astype(str)[keep]), meta)
+arrays = dict(labels=labels[keep], n_positions=n_positions[keep],
+              item_ids=np.array([item["id"] for item in items])[row_item][keep], sample_index=sample_index[keep],
+              judge_scores=judge_scores[keep], continuations=continuations.astype(str)[keep])
+
+# activations.npz without a rows x neurons array: the kept rows are read from the batch pieces a batch of rows at
+# a time (artifacts.StoredMatrix reads rows of an .npz in place) and written so (artifacts.RowBlocks, save_npz).
+kept = np.flatnonzero(keep)
+pieces = {}  # piece number -> its activations, left in its file
+
+
+def kept_rows():
+    step = cfg["batch_size"] * per_prompt
+    for start in range(0, kept.size, step):
+        block = []
+        for row in kept[start:start + step]:
+            if piece_of_row[row] not in pieces:
+                path = partial_dir / f"batch-{piece_of_row[row]:05d}.npz"
+                pieces[piece_of_row[row]] = StoredMatrix(path, "activations")
+                if pieces[piece_of_row[row]].dtype != store_dtype:  # the run key keeps other pieces out; be sure
+                    fail(f"{path} holds {pieces[piece_of_row[row]].dtype} activations, not {store_dtype}: delete "
+                         f"{partial_dir} and rerun")
+            block.append(pieces[piece_of_row[row]].rows([row_in_piece[row]]))
+        yield np.concatenate(block)
+
+
+path = Path(run_dir) / "activations.npz"
+saved = save_npz(path, dict(activations=RowBlocks((kept.size, n_neurons), store_dtype, kept_rows), **arrays), meta)
 shutil.rmtree(partial_dir)  # the artifact is complete; the per-batch pieces are no longer needed
-print(f"wrote {run_dir}/activations.npz: {int(keep.sum())} rows from {n_prompts} prompts x {activations.shape[1]} "
-      f"neurons (fingerprint {saved['fingerprint'][:12]})")
+print(f"wrote {path}: {kept.size} rows from {n_prompts} prompts x {n_neurons} neurons in {store_dtype} "
+      f"({path.stat().st_size:,} bytes, fingerprint {saved['fingerprint'][:12]})")
 print(f"peak memory (RSS): {meta['peak_rss_mb']:,.0f} MB")

@@ -23,6 +23,11 @@ gets a one-sided p-value (H1: toxic expert, AUROC > 0.5) and a Benjamini-Hochber
 --null closed with repeated ids is refused. The null table (printed, and in the meta) sets the real labels
 against --null-draws shuffles of the same kind: AUROC counts, the published rule's total damping
 sum(1 - alpha) and the number of significant neurons, real vs chance.
+
+Memory does not grow with items x neurons: the activations are read from activations.npz one column chunk at a
+time (artifacts.StoredMatrix), never loaded whole (19 GB at 1,000 items of Qwen3-VL-30B-A3B's 4.7M neurons in float32),
+and each chunk becomes float32 on its own. Float16 activations (01_collect.py --store-dtype float16) are scored
+as stored. What stays in memory is per neuron: AUROC, p, q and the null's shuffled AUROCs (8 bytes each).
 """
 import time
 
@@ -33,7 +38,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import false_discovery_control, norm, rankdata  # noqa: E402
 
-from common import check_range, fail, load_npz, parse_overrides, run_name, save_npz  # noqa: E402
+from artifacts import load_npz, save_npz  # noqa: E402
+from common import check_range, fail, parse_overrides, peak_rss_mb, run_name  # noqa: E402
+from neurons import neurons_per_layer  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -48,7 +55,8 @@ defaults = dict(
 
 
 def auroc_columns(activations, labels, chunk_neurons=4096, with_ties=False):
-    """AUROC of every column of `activations` (items x neurons, float32) for binary `labels` (1 = toxic).
+    """AUROC of every column of `activations` (items x neurons: an array or a artifacts.StoredMatrix, float32 or float16,
+    turned into float32 a chunk at a time) for binary `labels` (1 = toxic).
 
     Same number as the rank formula in the module docstring, computed from one integer sort per neuron (the
     floor of any rank method; `make bench` compares it with a plain np.sort and with sklearn):
@@ -167,7 +175,9 @@ if __name__ == "__main__":
     check_range(cfg, "seed", low=0, fix="any seed >= 0")
     check_range(cfg, "fdr", above=0, below=1, fix="a false discovery rate such as 0.05")
     run_dir = f"runs/{run_name(cfg['run'])}"
-    arrays, upstream = load_npz(f"{run_dir}/activations.npz", rerun_hint="01_collect.py")
+    # The activations stay in the file (artifacts.StoredMatrix), read a column chunk at a time.
+    arrays, upstream = load_npz(f"{run_dir}/activations.npz", rerun_hint="01_collect.py", required=["labels"],
+                                in_file=["activations"])
     activations, labels = arrays["activations"], arrays["labels"]
     auroc, tie_terms = auroc_columns(activations, labels, cfg["chunk_neurons"], with_ties=True)
     n_toxic, n_items = int(labels.sum()), len(labels)
@@ -207,7 +217,7 @@ if __name__ == "__main__":
     print(f"{n_items} items ({n_toxic} toxic); AUROC over {auroc.size} neurons")
     print(f"{'layer':>5} {'neurons':>8} {'max':>6} {'>0.6':>6} {'>0.7':>6} {'>0.8':>6} "
           f"{'q<' + format(cfg['fdr'], 'g'):>7}")
-    sizes = [size for _, size in upstream["sites"]]
+    sizes = neurons_per_layer(upstream["sites"])  # a mixture-of-experts layer: its routed and shared experts
     cuts = np.cumsum(sizes)[:-1]
     per_layer = np.split(auroc, cuts)
     for layer, (scores, chosen) in enumerate(zip(per_layer, np.split(significant, cuts))):
@@ -222,12 +232,14 @@ if __name__ == "__main__":
 
     meta = dict({k: upstream[k] for k in ("model", "sites", "dtype", "data", "data_checksum")},
                 stage="02_score", upstream={"activations.npz": upstream["fingerprint"]},
-                upstream_settings=upstream["settings"], n_toxic=n_toxic, n_items=n_items, n_prompts=int(prompts.size),
+                upstream_settings=upstream["settings"], activations_dtype=str(activations.dtype), n_toxic=n_toxic,
+                n_items=n_items, n_prompts=int(prompts.size),
                 null=null, permutations=cfg["permutations"] if null == "permutation" else 0,
                 null_draws=cfg["null_draws"], seed=cfg["seed"], fdr=cfg["fdr"], n_significant=int(significant.sum()),
                 null_seconds=round(null_seconds, 2), null_table=table,
                 published_damping=dict(zip(("real", "chance"), table[5][1:])),
-                n_auroc_above_065=dict(zip(("real", "chance"), table[0][1:])))
+                n_auroc_above_065=dict(zip(("real", "chance"), table[0][1:])),
+                peak_rss_mb=peak_rss_mb())  # this process's peak memory: the scoring is behind us here
     saved = save_npz(f"{run_dir}/expertise.npz", dict(auroc=auroc, p_value=p_value, q_value=q_value), meta)
 
     # Plot: per layer, the real AUROCs (box) against the shuffled labels' (band and max); pooled histograms.
@@ -258,3 +270,4 @@ if __name__ == "__main__":
     plt.close(fig)
     print(f"{int(significant.sum())} of {auroc.size} neurons significant at q < {cfg['fdr']:g} ({null} null); "
           f"wrote {run_dir}/expertise.npz and expertise.png (fingerprint {saved['fingerprint'][:12]})")
+    print(f"peak memory (RSS): {meta['peak_rss_mb']:,.0f} MB")

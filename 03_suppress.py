@@ -29,6 +29,14 @@ a normal transformers checkpoint plus SGM_EXPORT.md, the record of what was chan
 the original loads it with AutoModelForImageTextToText.from_pretrained, no hooks and no code from here:
 
     python 03_suppress.py --run demo --export exports/demo-sgm
+    python 03_suppress.py --run demo --export exports/demo-random --random-control true   # the matched control
+
+--random-control true bakes, instead of SGM's alpha, 04_evaluate.py's `random` control (the same alpha values
+shuffled within each layer with --seed, which must equal 04's --seed, 0 by default), so that base, sgm and
+random can all be served (04_evaluate.py --endpoint; README, "Past one GPU"). suppression.pt is SGM's alpha either way.
+A checkpoint without a chat template also gets sgm_chat_template.jinja, a template that renders a chat request
+exactly as the in-process fallback prompt (image placeholder, then the text): serve it with
+`vllm serve DIR --chat-template DIR/sgm_chat_template.jinja`; in-process loading ignores the file.
 """
 import json
 import os
@@ -43,9 +51,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import (check_range, fail, fold_alpha, load_npz, parse_overrides,  # noqa: E402
-                    run_name, save_pt, write_text)
+from artifacts import load_npz, save_pt, write_text  # noqa: E402
+from common import check_range, fail, parse_overrides, run_name  # noqa: E402
+from endpoint import TEMPLATE_FILE, fallback_chat_template  # noqa: E402
 from models import load_model, resolve_model_path  # noqa: E402
+from neurons import fold_alpha, matched_random_control, neurons_per_layer  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -64,6 +74,8 @@ defaults = dict(
     dtype="auto",        # --export: float32 | bfloat16 | float16 | auto (= as the checkpoint is saved)
     device="cpu",        # --export: cpu | cuda | auto; every weight must fit in memory (no disk offload)
     trust_remote_code=False,  # --export: run Python shipped with the checkpoint (only if you trust it)
+    random_control=False,  # --export: bake 04_evaluate.py's matched random control instead of SGM's alpha
+    seed=0,              # --random-control: the shuffle's seed (04_evaluate.py --seed, 0 by default)
 )
 METHODS = ("aura", "det0", "damp", "published")
 SELECTIONS = ("all", "significant")
@@ -129,7 +141,8 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", 
 
 
 def export_checkpoint(out_dir, alpha, meta, cfg):
-    """Fold alpha into a fresh copy of the model and save it to out_dir (written beside it, then renamed)."""
+    """Fold alpha into a fresh copy of the model and save it to out_dir (written beside it, then renamed).
+    With cfg["random_control"], alpha is first shuffled into 04_evaluate.py's matched random control."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / "SGM_EXPORT.md").exists():
         fail(f"{out_dir} exists and is not an SGM export: choose a new --export folder")
@@ -143,6 +156,8 @@ def export_checkpoint(out_dir, alpha, meta, cfg):
     if any(p.device.type == "meta" for p in model.parameters()):
         fail("some weights were offloaded to disk (--device auto without enough GPU and CPU memory): "
              "export on a machine that holds the whole model, e.g. --device cpu")
+    if cfg["random_control"]:  # the same shuffle as 04_evaluate.py's `random` method with --seed
+        alpha = matched_random_control(alpha, [size for _, size in meta["sites"]], cfg["seed"])
     fold_alpha(sites, alpha)
 
     tmp, old = (out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{part}") for part in ("tmp", "old"))
@@ -156,36 +171,53 @@ def export_checkpoint(out_dir, alpha, meta, cfg):
             for file in sorted(source.iterdir()):
                 if file.is_file() and not (tmp / file.name).exists() and not file.name.endswith(WEIGHT_FILES):
                     shutil.copy2(file, tmp / file.name)
-        write_text(tmp / "SGM_EXPORT.md", export_note(name, alpha, meta, str(model.dtype).removeprefix("torch.")))
+        if not getattr(processor, "chat_template", None):  # for a server, which always applies a chat template
+            write_text(tmp / TEMPLATE_FILE, fallback_chat_template(processor))
+        write_text(tmp / "SGM_EXPORT.md", export_note(name, alpha, meta, str(model.dtype).removeprefix("torch."),
+                                                      cfg["seed"] if cfg["random_control"] else None,
+                                                      (tmp / TEMPLATE_FILE).exists()))
         if out_dir.exists():  # an earlier export: swap it out, so a reader never sees a half-written folder
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-    print(f"wrote {out_dir}: {name} with alpha folded into {len(sites)} down_proj weights "
+    print(f"wrote {out_dir}: {name} with " + (f"the matched random control (seed {cfg['seed']})"
+                                               if cfg["random_control"] else "alpha") +
+          f" folded into the down projections of {len(sites)} neuron sites "
           "(loads with AutoModelForImageTextToText.from_pretrained, no hooks)")
 
 
-def export_note(name, alpha, meta, dtype):
+def export_note(name, alpha, meta, dtype, random_seed=None, chat_template_file=False):
     changed = alpha != 1
-    layers = sorted({i for i, a in enumerate(torch.split(alpha, [size for _, size in meta["sites"]]))
-                     if (a != 1).any()})
+    per_layer = torch.split(alpha, neurons_per_layer(meta["sites"]))  # a MoE layer's routed + shared experts
+    layers = [i for i, a in enumerate(per_layer) if (a != 1).any()]
+    control = [] if random_seed is None else [
+        f"**This is the matched RANDOM CONTROL, not SGM** (04_evaluate.py's `random` method, seed {random_seed}): "
+        "SGM's alpha values below, shuffled across neurons within each layer with torch.randperm seeded "
+        f"{random_seed}, so every layer is damped as much as by SGM but on random neurons. An effect that also "
+        "shows here is not due to the neurons SGM chose.", ""]
+    template = [] if not chat_template_file else [
+        f"The source has no chat template; `{TEMPLATE_FILE}` renders a chat request exactly as the in-process "
+        "fallback prompt (image placeholder, then the text, no roles). Serve with "
+        f"`vllm serve <this folder> --chat-template <this folder>/{TEMPLATE_FILE}`.", ""]
     return "\n".join([
-        f"# SGM export of {name}", "",
+        f"# SGM export of {name}" + (" (random control)" if control else ""), "", *control,
         "This checkpoint is the model above with SGM's neuron damping folded into its weights: column m of "
-        "each language-model MLP `down_proj` weight (the input of neuron m) is multiplied by alpha_m. It "
+        "each language-model MLP `down_proj` weight (the input of neuron m) is multiplied by alpha_m (in a "
+        "mixture-of-experts layer, each expert's down projection, per neuron of that expert). It "
         "gives the logits of the original model with the suppression hooks of this repository, and loads "
         "with `AutoModelForImageTextToText.from_pretrained` like the original, with no hooks. Nothing else "
-        "(vision tower, attention, embeddings, tokenizer, processor) was changed.", "",
+        "(vision tower, attention, embeddings, tokenizer, processor) was changed.", "", *template,
         f"- source model: `{name}` (alpha computed on `{meta['model']}`)",
         f"- method: `{meta['settings']['method']}`, settings {json.dumps(meta['settings'])}",
         f"- calibration: {json.dumps(meta['calibration'])}",
-        f"- neurons changed: {int(changed.sum())} of {alpha.numel()} in {len(layers)} of {len(meta['sites'])} "
-        f"layers; min alpha {float(alpha.min()):.4f}, sum(1 - alpha) = {float((1 - alpha).sum()):.1f}",
+        f"- neurons changed: {int(changed.sum())} of {alpha.numel()} in {len(layers)} of {len(per_layer)} "
+        f"decoder layers; min alpha {float(alpha.min()):.4f}, sum(1 - alpha) = {float((1 - alpha).sum()):.1f}",
         f"- alpha file fingerprint (sha256, `suppression.pt`): `{meta['fingerprint']}`",
         f"- expertise fingerprint: `{meta['upstream']['expertise.npz']}`; data checksum `{meta['data_checksum']}`",
         f"- weights dtype: {dtype}",
+        f"- baked: {'the matched random control, seed ' + str(random_seed) if control else 'SGM alpha'}",
         f"- made by: `python {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`", ""])
 
 
@@ -206,12 +238,15 @@ if __name__ == "__main__":
                 fix="how many of the most expert neurons to change (aura/published: 0 = all; det0/damp need k >= 1)")
     # damp scales neurons down; above 1 it would amplify them
     check_range(cfg, "damp_factor", low=0, high=1, fix="the alpha of the top-k neurons, e.g. 0.5 (0 = det0)")
+    check_range(cfg, "seed", low=0, fix="any seed >= 0 (the random control's; 04_evaluate.py --seed)")
+    if cfg["random_control"] and not cfg["export"]:
+        fail("--random-control true bakes the random control into an export: add --export DIR")
     if Path(cfg["out"]).name != cfg["out"] or cfg["out"] in ("", ".", ".."):
         fail(f"--out {cfg['out']!r} must be a file name inside runs/<run>/, e.g. suppression-k500.pt")
     run_dir = f"runs/{run_name(cfg['run'])}"
     arrays, upstream = load_npz(f"{run_dir}/expertise.npz", rerun_hint="02_score.py")
     auroc = arrays["auroc"]
-    sizes = [size for _, size in upstream["sites"]]
+    sizes = neurons_per_layer(upstream["sites"])  # per decoder layer: a MoE layer's routed and shared experts together
     if cfg["method"] == "published":
         print("WARNING: --method published AMPLIFIES neurons with AUROC in (0.3, 0.5); compatibility only")
     if cfg["normalise"] == "layer":

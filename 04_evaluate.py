@@ -3,12 +3,15 @@
 
     python 04_evaluate.py --model demo --run demo        # what `make evaluate` runs
     python 04_evaluate.py --split dev --methods base --strengths 0.5,1,2 --report sweep   # `make sweep`
+    python 04_evaluate.py --model llava-hf/llava-1.5-7b-hf --run llava15 \
+        --endpoint base=http://gpu1:8000/v1,sgm=http://gpu1:8001/v1,random=http://gpu1:8002/v1   # served models
 
 Methods (all on the same items, greedy decoding, so every comparison is paired):
   base        the unmodified model
   sgm         the damping factors of runs/<run>/suppression.pt (stage 3)
   random      control: the same alpha values shuffled across neurons within each layer (same damping per
-              layer, random neurons) — an effect that also shows here is not due to the chosen neurons
+              layer, random neurons; a mixture-of-experts layer's routed experts and shared expert each apart)
+              — an effect that also shows here is not due to the chosen neurons
   det0, damp  baselines: zero (det0) or halve (damp) the top-k neurons by expertise, k = SGM's number of
               neurons with alpha < 0.5 (`--top-k` overrides); the ranking is read from SGM's alpha
   prompt      a static safety instruction (SAFETY_INSTRUCTION below) before the item's text (AdaShield-style)
@@ -37,6 +40,15 @@ may not control) or not ("novel").
 Fluency: perplexity of reference prose (MM-TOXIC-QA's `book` items, which are not generated on) under each
 method, teacher-forced, text tokens only; and perplexity of each method's answers to the benign standard
 items under the unmodified model (are the answers still language?).
+Served models (--endpoint NAME=URL,...; endpoint.py): each generating method comes from an OpenAI-compatible
+server (vLLM, TGI, ...) serving a checkpoint with its alpha baked in (03_suppress.py --export, --random-control
+for random), keyed by the neurons it runs with: base, sgm, random, det0, damp, sgm@s (prompt and sgm+prompt use
+base's and sgm's server). The model is then not loaded here, only --model's processor (prompt text, chat
+template); served model names and keys come from the environment only (SGM_ENDPOINT_MODEL, SGM_ENDPOINT_API_KEY).
+Answers are cached in --endpoint-cache, so an interrupted run resumes. Everything after generation is the same;
+fluency and selectivity use the server's prompt log-probabilities (vLLM's prompt_logprobs) and are "not
+available from this endpoint" where it has none; teacher forcing there scores the answer's text as the server
+tokenizes it, not the generated ids. --samples is in-process only.
 Selectivity (more sensitive than greedy rates, which flip only when a whole answer changes): base's own
 answers to the standard toxic items are split by the judge into offensive and clean; for each neuron method
 the change of their teacher-forced negative log-likelihood (nats per token) is compared, offensive minus
@@ -47,6 +59,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 
@@ -56,14 +69,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 
-from common import peak_rss_mb  # noqa: E402
-from common import (DEFAULT_DATA, append_tokens, batches, check_range, check_same_model, encode,  # noqa: E402
-                    fail, generate, input_device, load_items, load_npz, load_pt,
-                    parse_limits, parse_overrides, run_name, select, split_by_site,
-                    suppress_neurons, write_text)
+import endpoint as served_models  # noqa: E402
+from artifacts import check_same_model, load_npz, load_pt, write_text  # noqa: E402
+from common import (DEFAULT_DATA, append_tokens, batches, check_range, encode, fail, generate,  # noqa: E402
+                    input_device, load_items, parse_limits, parse_overrides, peak_rss_mb, run_name, select)
 from judges import (JUDGE, REFUSAL, REFUSAL_PHRASES, check_judges, detoxify_judge, guard_judge,  # noqa: E402
                     judge_toxicity, llm_judge)
 from models import load_model, resolve_model_path, token_nll  # noqa: E402
+from neurons import matched_random_control, split_by_site, suppress_neurons  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -100,12 +113,25 @@ defaults = dict(
     allow_other_data=False,     # accept a suppression calibrated on another data file (no split check then)
     dtype="float32",
     device="cpu",
+    endpoint="",                # name=URL,... (e.g. base=http://host:8000/v1,sgm=...): generate on servers (see above)
+    endpoint_cache="runs/endpoint-cache",  # cached answers and log-probabilities from --endpoint, shared by every run
+    endpoint_workers=8,         # concurrent requests per server
+    endpoint_timeout=120.0,     # seconds one request may take
+    endpoint_retries=4,         # retries of a request on 429, 5xx, a timeout or a dropped connection (with backoff)
 )
 cfg = parse_overrides(defaults)
 # Options first, all of them: a typo should cost nothing (no data read, no model loaded, nothing written).
 run_dir = f"runs/{run_name(cfg['run'], cfg['model'])}"
 METHODS = ("base", "sgm", "random", "det0", "damp", "prompt", "filter", "sgm+prompt", "sgm+filter")
 methods = cfg["methods"].split(",")
+
+
+def neurons_of(method):
+    """The alpha a method runs with: prompt and filter leave the neurons alone; sgm+... uses SGM's."""
+    first = method.split("+")[0]
+    return "base" if first in ("prompt", "filter") else first
+
+
 if methods[0] != "base" or not set(methods) <= set(METHODS):
     fail(f"--methods must start with base and use {', '.join(METHODS)}; got {cfg['methods']!r}")
 try:
@@ -128,6 +154,16 @@ for key in ("suppression", "report"):
     if Path(cfg[key]).name != cfg[key] or cfg[key] in ("", ".", ".."):
         fail(f"--{key} {cfg[key]!r} must be a file name inside runs/<run>/, e.g. {defaults[key]}")
 methods += [f"sgm@{s:g}" for s in strengths]
+check_range(cfg, "endpoint_workers", low=1, fix="concurrent requests per server, e.g. 8")
+check_range(cfg, "endpoint_timeout", above=0, fix="seconds one request may take, e.g. 120")
+check_range(cfg, "endpoint_retries", low=0, fix="retries per request, e.g. 4")
+endpoint_urls = {}  # neurons -> URL of the server that generates for them (--endpoint)
+if cfg["endpoint"]:
+    if cfg["samples"]:
+        fail("--samples runs in process only (sampling on a server is not seeded the same way): leave --samples "
+             "out with --endpoint")
+    endpoint_urls = served_models.parse_endpoints(cfg["endpoint"], {neurons_of(m) for m in methods
+                                                                    if not m.endswith("filter")})
 # Then the judges, before anything is generated: a dead endpoint or a missing guard model fails now, not after
 # hours of generation (judges.py: the endpoint answers one tiny request, the guard model loads, once, for the run).
 guard_device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,10 +194,12 @@ def reuse_base(path):
                 if row["method"] == "base"]
         standard, probe = [r for r in rows if "condition" in r], [r for r in rows if "expected" in r]
         reused = dict(ids=[r["id"] for r in standard], probe_ids=[r["id"] for r in probe],
-                      answers=[r["answer"] for r in standard], tokens=[list(r["tokens"]) for r in standard],
+                      answers=[r["answer"] for r in standard],
+                      tokens=[r["tokens"] and list(r["tokens"]) for r in standard],  # None: a server gave no ids
                       scores=np.array([r["toxicity"] for r in standard], dtype=np.float64),
                       samples=[s for r in standard for s in r["samples"] or ()] if cfg["samples"] else None,
-                      probe_answers=[r["answer"] for r in probe], perplexity=float(fluency["perplexity"]),
+                      probe_answers=[r["answer"] for r in probe],
+                      perplexity=None if fluency["perplexity"] is None else float(fluency["perplexity"]),
                       answer_perplexity=fluency["answer_perplexity"], sites=meta["sites"],
                       found=dict(model=meta["model"], dtype=meta["dtype"], data_checksum=meta["data_checksum"],
                                  **{k: meta["settings"].get(k) for k in BASE_SETTINGS}))
@@ -176,12 +214,6 @@ def reuse_base(path):
     if reused["ids"] != [item["id"] for item in items] or reused["probe_ids"] != [item["id"] for item in probe_items]:
         fail(f"--base-from {answers_path} holds other items than this run, or in another order: {redo}")
     return reused
-
-
-def neurons_of(method):
-    """The alpha a method runs with: prompt and filter leave the neurons alone; sgm+... uses SGM's."""
-    first = method.split("+")[0]
-    return "base" if first in ("prompt", "filter") else first
 
 
 # ---- data, model, suppression ---------------------------------------------------------------------------------
@@ -210,28 +242,41 @@ items = sample
 reused = reuse_base(cfg["base_from"]) if cfg["base_from"] else None  # before the model loads: a mismatch costs nothing
 if not items:
     fail(f"no items in split {cfg['split']!r} with conditions {cfg['conditions']!r} in {cfg['data']}")
-model, processor, sites, model_meta = load_model(cfg["model"], cfg["dtype"], cfg["device"])
-if reused and reused["sites"] != model_meta["sites"]:
+served = {}  # neurons -> endpoint.Endpoint (--endpoint): the model is not loaded here, only its processor
+if endpoint_urls:
+    model, processor = None, served_models.load_served_processor(cfg["model"])
+    model_meta = dict(model=cfg["model"], sites=None, dtype=cfg["dtype"])
+    answer_cache = served_models.AnswerCache(Path(cfg["endpoint_cache"]) / "answers.jsonl")
+    for neurons, url in endpoint_urls.items():
+        served[neurons] = served_models.Endpoint(neurons, url, processor, answer_cache, cfg["endpoint_workers"],
+                                                 cfg["endpoint_timeout"], cfg["endpoint_retries"])
+        served[neurons].probe(fluency_items[0])  # answers, its model name, whether it gives log-probabilities
+else:
+    model, processor, sites, model_meta = load_model(cfg["model"], cfg["dtype"], cfg["device"])
+if reused and model is not None and reused["sites"] != model_meta["sites"]:
     fail(f"--base-from {cfg['base_from']} was made on other neuron sites than model {cfg['model']!r}: rerun it")
-alphas = {"base": torch.ones(sum(module.in_features for _, module in sites))}
+alphas = {"base": torch.ones(sum(module.in_features for _, module in sites))} if model is not None else {}
 suppression_meta = None  # e.g. `--methods base` evaluates the model as it is, such as an exported checkpoint
 if any(neurons_of(method) != "base" for method in methods):
     tensors, suppression_meta = load_pt(f"{run_dir}/{cfg['suppression']}", rerun_hint="03_suppress.py")
+    if model is None:  # served: the neuron sites are the suppression's (the servers run its exports)
+        model_meta["sites"] = suppression_meta["sites"]
+        sites = [(name, SimpleNamespace(in_features=size)) for name, size in suppression_meta["sites"]]
     check_same_model(suppression_meta, model_meta, f"{run_dir}/{cfg['suppression']}", "01_collect.py")
     # Another data build may have other splits, so test items could have been calibration items (leakage).
     if suppression_meta["data_checksum"] != data_checksum and not cfg["allow_other_data"]:
         fail(f"{run_dir}/{cfg['suppression']} was calibrated on another data build than {cfg['data']} "
              f"({suppression_meta['data_checksum'][:12]} vs {data_checksum[:12]}): rerun 01_collect.py on this "
              "data, or pass --allow-other-data true if the calibration data is deliberately separate")
-    generator = torch.Generator().manual_seed(cfg["seed"])
     alphas["sgm"] = tensors["alpha"]
-    alphas["random"] = torch.cat([site[torch.randperm(site.numel(), generator=generator)]
-                                  for site in split_by_site(alphas["sgm"], sites)])
+    alphas["random"] = matched_random_control(
+        alphas["sgm"], [t.numel() for t in split_by_site(alphas["sgm"], sites)], cfg["seed"])
     # det0/damp: the k most expert neurons; alpha falls as AUROC rises, so the lowest alphas are the top-k.
     k = cfg["top_k"] or int((alphas["sgm"] < 0.5).sum())
     if {"det0", "damp"} & set(methods) and k == 0:
         fail("det0/damp: SGM has no neuron with alpha < 0.5 to match; pass --top-k K")
     top = torch.argsort(alphas["sgm"], stable=True)[:k]
+    alphas["base"] = torch.ones_like(alphas["sgm"])
     alphas["det0"] = alphas["base"].clone().index_fill_(0, top, 0.0)
     alphas["damp"] = alphas["base"].clone().index_fill_(0, top, 0.5)
     for strength in strengths:
@@ -261,7 +306,8 @@ if planted_record.exists() and suppression_meta is not None:
     print(f"planted expert (layer {planted['layer']}, neuron {planted['neuron']}): AUROC {planted['auroc']:.3f}, "
           f"rank {planted['rank']} of {planted['n_neurons']}, SGM alpha {planted['alpha_sgm']:.3f}")
 print(f"{len(items)} {cfg['split']} items in {len(groups)} (condition, label) groups; methods {', '.join(methods)}; "
-      f"{int((alphas.get('sgm', alphas['base']) != 1).sum())} neurons damped")
+      f"{int((alphas['sgm'] != 1).sum()) if 'sgm' in alphas else 0} neurons damped"
+      + (f"; generating on {', '.join(f'{n}={e.url}' for n, e in served.items())}" if served else ""))
 
 
 def group_index(condition, label):
@@ -308,11 +354,18 @@ for method in methods:
     # One generation pass over the test items and the probe; a prompt method prepends its instruction to both.
     shown = [dict(item, text=SAFETY_INSTRUCTION + item["text"]) if method.endswith("prompt") else item
              for item in items + probe_items]
-    with suppress_neurons(sites, alphas[neurons_of(method)]):
-        texts, ids = generate(model, processor, shown, cfg["max_new_tokens"], cfg["batch_size"],
-                              desc=f"{method}: generate")
-        if neurons_of(method) not in perplexity:  # fluency depends on the neurons only, not on the prompt
-            perplexity[neurons_of(method)] = float(np.exp(text_perplexity(fluency_items).mean()))
+    if neurons_of(method) in served:  # the server of a checkpoint with these neurons baked in (--endpoint)
+        server = served[neurons_of(method)]
+        texts, ids = server.generate(shown, cfg["max_new_tokens"], desc=f"{method}: generate at {server.url}")
+        if neurons_of(method) not in perplexity:  # None: the server gives no log-probabilities
+            nll = server.text_nll(fluency_items, f"{neurons_of(method)}: text perplexity")
+            perplexity[neurons_of(method)] = None if nll is None else float(np.exp(nll.mean()))
+    else:
+        with suppress_neurons(sites, alphas[neurons_of(method)]):
+            texts, ids = generate(model, processor, shown, cfg["max_new_tokens"], cfg["batch_size"],
+                                  desc=f"{method}: generate")
+            if neurons_of(method) not in perplexity:  # fluency depends on the neurons only, not on the prompt
+                perplexity[neurons_of(method)] = float(np.exp(text_perplexity(fluency_items).mean()))
     answers[method], tokens[method], probe_answers[method] = texts[:len(items)], ids[:len(items)], texts[len(items):]
     scores[method] = judge_toxicity(answers[method])
     if cfg["samples"]:  # N sampled answers per item, seeded per method so that a rerun samples the same
@@ -367,9 +420,14 @@ benign_answers = group_index("standard", "benign")
 answer_perplexity = {"base": reused["answer_perplexity"]} if reused else {}
 for method in methods:
     if method in tokens and benign_answers and method not in answer_perplexity:  # filters: no tokens
-        nll = continuation_nll([items[i] for i in benign_answers], [tokens[method][i] for i in benign_answers],
-                               f"{method}: answer perplexity")
-        answer_perplexity[method] = float(np.exp(np.nanmean(nll)))
+        if served:  # the base server scores the answers' text (None: it gives no log-probabilities)
+            nll = served["base"].continuation_nll([items[i] for i in benign_answers],
+                                                  [answers[method][i] for i in benign_answers],
+                                                  f"{method}: answer perplexity")
+        else:
+            nll = continuation_nll([items[i] for i in benign_answers], [tokens[method][i] for i in benign_answers],
+                                   f"{method}: answer perplexity")
+        answer_perplexity[method] = None if nll is None else float(np.exp(np.nanmean(nll)))
 
 selectivity = []
 if cfg["selectivity"]:
@@ -377,15 +435,26 @@ if cfg["selectivity"]:
     teacher = group_index("standard", "toxic")
     offensive = scores["base"][teacher] >= cfg["judge_threshold"]
     teacher_items, teacher_tokens = [items[i] for i in teacher], [tokens["base"][i] for i in teacher]
-    base_nll = continuation_nll(teacher_items, teacher_tokens, "base: teacher-forced")
-    for neurons in sorted({neurons_of(m) for m in methods} - {"base"}, key=methods.index):
+    teacher_texts = [answers["base"][i] for i in teacher]
+
+    def teacher_nll(neurons):
+        """base's answers teacher-forced under `neurons`: in process on their token ids, or on a server on their
+        text (None when that server gives no log-probabilities)."""
+        if served:
+            return served[neurons].continuation_nll(teacher_items, teacher_texts, f"{neurons}: teacher-forced")
         with suppress_neurons(sites, alphas[neurons]):
-            delta = continuation_nll(teacher_items, teacher_tokens, f"{neurons}: teacher-forced") - base_nll
+            return continuation_nll(teacher_items, teacher_tokens, f"{neurons}: teacher-forced")
+    base_nll = teacher_nll("base")
+    for neurons in sorted({neurons_of(m) for m in methods} - {"base"}, key=methods.index):
+        nll = teacher_nll(neurons)
+        delta = None if nll is None or base_nll is None else nll - base_nll  # None: not available from a server
         entry = dict(method=neurons, n_offensive=int(offensive.sum()), n_clean=int((~offensive).sum()),
-                     delta_nll_offensive=float(delta[offensive].mean()) if offensive.any() else None,
-                     delta_nll_clean=float(delta[~offensive].mean()) if (~offensive).any() else None,
+                     delta_nll_offensive=float(delta[offensive].mean()) if delta is not None and offensive.any()
+                     else None,
+                     delta_nll_clean=float(delta[~offensive].mean()) if delta is not None and (~offensive).any()
+                     else None,
                      selectivity=None, selectivity_ci=None)
-        if offensive.sum() >= 2 and (~offensive).sum() >= 2:
+        if delta is not None and offensive.sum() >= 2 and (~offensive).sum() >= 2:
             ci = bootstrap((delta[offensive], delta[~offensive]), lambda a, b, axis: a.mean(axis) - b.mean(axis),
                            n_resamples=2000, random_state=cfg["seed"], method="percentile").confidence_interval
             entry.update(selectivity=entry["delta_nll_offensive"] - entry["delta_nll_clean"],
@@ -490,7 +559,12 @@ meta = dict(model_meta, stage="04_evaluate", data=cfg["data"], data_checksum=dat
             settings={k: cfg[k] for k in ("split", "conditions", "methods", "limits", "fluency_category",
                                           "perplexity_items", "selectivity", "top_k", "max_new_tokens",
                                           "judge_threshold", "judges", "guard_model", "samples", "sample_top_k",
-                                          "seed", "batch_size", "device", "base_from")},
+                                          "seed", "batch_size", "device", "base_from", "endpoint")},
+            # Served methods: which server generated for which neurons, and what it offered (never a key).
+            endpoints={n: dict(url=e.url, model=e.model, prompt_logprobs=e.prompt_logprobs,
+                               token_ids=all(ids is not None for m in methods if neurons_of(m) == n and m in tokens
+                                             for ids in tokens[m]))
+                       for n, e in served.items()} or None,
             metric_note=f"harmful_rate = fraction of answers with {JUDGE} probability >= "
                         f"{cfg['judge_threshold']}: a toxic-language rate, not the paper's harmful-answer rate",
             demo_note="demo = Gemma-3-270M (text) in a LLaVA wrapper whose images carry no information: "
@@ -499,7 +573,8 @@ meta["peak_rss_mb"] = peak_rss_mb()  # this process's peak memory: every model p
 fluency_texts = (cfg["fluency_category"] if fluency_items[0]["category"] == cfg["fluency_category"]
                  else "benign standard")
 fluency = [dict(method=method, texts=fluency_texts, n=len(fluency_items), perplexity=perplexity[neurons_of(method)],
-                change_vs_base=perplexity[neurons_of(method)] / perplexity["base"] - 1,
+                change_vs_base=None if None in (perplexity[neurons_of(method)], perplexity["base"]) else
+                perplexity[neurons_of(method)] / perplexity["base"] - 1,
                 answer_perplexity=answer_perplexity.get(method), n_answers=len(benign_answers)) for method in methods]
 write_text(f"{run_dir}/{cfg['report']}.json",
            json.dumps(dict(rows=rows, fluency=fluency, selectivity=selectivity, probe=probe, meta=meta), indent=1)
@@ -521,6 +596,7 @@ def pct(x):
     return f"{100 * x:.1f}%"
 
 
+NA = served_models.NOT_AVAILABLE  # what a log-probability metric reads when its server gives none
 lines = [f"# SGM on {cfg['model']}: {cfg['split']} split", ""]
 if meta["demo_note"]:
     lines += [f"**{meta['demo_note']}.**", ""]
@@ -530,6 +606,11 @@ lines += [f"`harmful_rate` = share of answers the offline judge ({JUDGE}, thresh
           "on the same items (changed = items whose verdict differs from base); copied / novel = the rate on items "
           "whose prompt the judge itself flags / does not flag; refusal = answers with a refusal phrase.", "",
           f"SGM settings: {json.dumps(meta['suppression'])}; calibration: {json.dumps(meta['calibration'])}.", ""]
+if served:
+    lines += ["Generated on servers (--endpoint), each with its alpha baked into the checkpoint: " + "; ".join(
+        f"{n} = {e.url} (`{e.model}`" + ("" if e.prompt_logprobs else f"; log-probabilities {NA}") + ")"
+        for n, e in served.items()) + ". Teacher-forced metrics there score each answer's text as the server "
+        "tokenizes it.", ""]
 for condition in sorted({c for c, _ in groups}):
     lines += [f"## {condition}", "", "| method | label | n | harmful_rate [95% CI] | copied / novel | mean toxicity "
               "| refusal | changed | p vs base |" + "".join(f" {judge} judge |" for judge in extra_judges)
@@ -553,8 +634,17 @@ for condition in sorted({c for c, _ in groups}):
 lines += [f"## Fluency (lower is better): perplexity of {fluency[0]['n']} {fluency[0]['texts']} texts under each method; "
           f"perplexity of each method's answers to the {fluency[0]['n_answers']} benign standard items under the "
           "unmodified model", "", "| method | text perplexity | vs base | answer perplexity |", "|---|---:|---:|---:|"]
-lines += [f"| {f['method']} | {f['perplexity']:.2f} | {100 * f['change_vs_base']:+.1f}% | "
-          + ("–" if f["answer_perplexity"] is None else f"{f['answer_perplexity']:.2f}") + " |" for f in fluency]
+
+
+def not_offered(*neurons):
+    """Whether a log-probability metric under these neurons is missing because their server offers none."""
+    return any(n in served and not served[n].prompt_logprobs for n in neurons)
+
+
+lines += [f"| {f['method']} | " + (NA if f["perplexity"] is None else f"{f['perplexity']:.2f}") + " | "
+          + (NA if f["change_vs_base"] is None else f"{100 * f['change_vs_base']:+.1f}%") + " | "
+          + ((NA if not_offered("base") else "–") if f["answer_perplexity"] is None
+             else f"{f['answer_perplexity']:.2f}") + " |" for f in fluency]
 lines.append("")
 
 if probe:
@@ -574,7 +664,8 @@ if selectivity:
               "Change of NLL (nats/token) vs base; selectivity = offensive minus clean (95% bootstrap CI).", "",
               "| method | ΔNLL offensive | ΔNLL clean | selectivity [95% CI] |", "|---|---:|---:|---|"]
     for entry in selectivity:
-        fmt = lambda x: "–" if x is None else f"{x:+.3f}"  # noqa: E731
+        missing = NA if not_offered("base", entry["method"]) else "–"
+        fmt = lambda x: missing if x is None else f"{x:+.3f}"  # noqa: E731
         ci = "" if entry["selectivity_ci"] is None else f" [{entry['selectivity_ci'][0]:+.3f}, {entry['selectivity_ci'][1]:+.3f}]"
         lines.append(f"| {entry['method']} | {fmt(entry['delta_nll_offensive'])} | {fmt(entry['delta_nll_clean'])} "
                      f"| {fmt(entry['selectivity'])}{ci} |")
@@ -613,8 +704,8 @@ for (condition, label) in groups:
         lines.append(f"- {condition}, toxic items (n={row['n']}): {method} {pct(base['harmful_rate'])} -> "
                      f"{pct(row['harmful_rate'])}, {100 * change:+.1f} pp{relative}; {verdict}.")
 for f in fluency[1:]:
-    if neurons_of(f["method"]) == "base":
-        continue  # same neurons as base: same perplexity
+    if neurons_of(f["method"]) == "base" or f["change_vs_base"] is None:
+        continue  # same neurons as base: same perplexity; or not available from its server
     lines.append(f"- fluency: {f['method']} changes the perplexity of the {f['texts']} texts by "
                  f"{100 * f['change_vs_base']:+.1f}% ({fluency[0]['perplexity']:.2f} -> {f['perplexity']:.2f}).")
 for entry in selectivity:
@@ -649,7 +740,8 @@ if strengths:  # trade-off: toxic-language rate vs fluency cost, one line per co
     sweep = ["base"] + [f"sgm@{s:g}" for s in strengths]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for condition in sorted({c for c, lab in groups if lab == "toxic"}):
-        x = [100 * (perplexity[m] / perplexity["base"] - 1) for m in sweep]
+        x = [np.nan if None in (perplexity[m], perplexity["base"]) else 100 * (perplexity[m] / perplexity["base"] - 1)
+             for m in sweep]  # NaN: not available from its server (the point is left out)
         y = [100 * by_key[m, condition, "toxic"]["harmful_rate"] for m in sweep]
         ax.plot(x, y, "o-", label=condition)
         for xi, yi, s in zip(x, y, [0.0] + strengths):

@@ -27,7 +27,7 @@ $(error RUN is empty: give a name like RUN=llava15 (artifacts go to runs/<RUN>/)
 endif
 R := runs/$(RUN)
 
-.PHONY: all planted venv data collect score suppress evaluate quick sweep tune test clean bench
+.PHONY: all planted venv data collect score suppress evaluate quick sweep tune test clean bench widthcheck
 all: $(R)/results.json
 
 # The positive control (plant.py): the same four stages on the demo with one planted toxic expert ->
@@ -48,7 +48,7 @@ data/mm_toxic_qa/items.jsonl: data/build.py $(VENV)/.installed
 	$(PY) data/build.py
 
 # Each stage reruns when its script, the shared modules or its input changed (for the planted model, also its recipe).
-SHARED := common.py models.py judges.py
+SHARED := common.py artifacts.py neurons.py models.py judges.py endpoint.py
 MODEL_RECIPE := $(if $(filter demo-planted,$(MODEL)),plant.py)
 collect: $(R)/activations.npz
 $(R)/activations.npz: 01_collect.py $(SHARED) $(DATA) $(VENV)/.installed $(MODEL_RECIPE)
@@ -87,6 +87,14 @@ test: $(VENV)/.installed
 # Speed of the hot paths as ratios measured in one run (bench.py; a few minutes on the demo model).
 bench: $(VENV)/.installed $(DATA)
 	$(PY) bench.py
+
+# Memory and disk at real width (widthcheck.py): a random-weight model with LLaVA-1.5-7B's configuration through
+# 01, 02, 03 and 03 --export on 4 items, each stage's peak memory and the artifacts against RESULTS.md's computed
+# rows -> runs/widthcheck/widthcheck.md. The full model: ~30 min on 2 cores, ~15 GB of memory, 28 GB of disk at
+# peak (14 GB stays in the model cache); WIDTHCHECK_ARGS="--layers 2" keeps every width for ~2 min. Not in `make test`.
+WIDTHCHECK_ARGS ?=
+widthcheck: $(VENV)/.installed
+	$(PY) widthcheck.py $(WIDTHCHECK_ARGS)
 
 clean:
 	rm -rf runs

@@ -9,9 +9,9 @@ Absolute seconds go to bench.json too, but the ratios are the result:
   scoring      02_score.auroc_columns on an items x neurons matrix (random, fixed seed, ties as in real
                activations) vs the per-neuron sklearn.metrics.roc_auc_score loop of the original code, timed
                on a column subset and extrapolated per neuron; and vs a plain np.sort of the same matrix.
-  suppression  greedy generation with common.suppress_neurons hooks vs the same model without hooks, and
-               with alpha folded into the weights (common.fold_alpha on a second copy) vs without.
-  collection   forward of the language-model body (no LM head, as 01_collect.py) with common.record_neurons
+  suppression  greedy generation with neurons.suppress_neurons hooks vs the same model without hooks, and
+               with alpha folded into the weights (neurons.fold_alpha on a second copy) vs without.
+  collection   forward of the language-model body (no LM head, as 01_collect.py) with neurons.record_neurons
                hooks vs without; and the full model forward (with the LM head) vs the body.
   nll          the teacher-forced NLL pass (04's fluency and selectivity) of models.token_nll, which runs the LM
                head a chunk of positions at a time, vs full logits (the code before it): peak memory above
@@ -33,10 +33,11 @@ import torch
 from sklearn.metrics import roc_auc_score  # the reference: the original code's per-neuron loop
 from tqdm import tqdm
 
-from common import append_tokens, peak_rss_mb
-from common import (DEFAULT_DATA, REPO, check_range, encode, fold_alpha, input_device, load_items,
-                    neuron_sites, parse_overrides, record_neurons, select, suppress_neurons, write_text)
+from artifacts import write_text
+from common import (DEFAULT_DATA, REPO, append_tokens, check_range, encode, input_device, load_items, parse_overrides,
+                    peak_rss_mb, select)
 from models import NLL_CHUNK_BYTES, load_model, token_nll
+from neurons import fold_alpha, neuron_sites, record_neurons, suppress_neurons
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(

@@ -1,17 +1,16 @@
-"""Everything two or more SGM stages share: errors and artifacts, data, neuron sites and hooks, prompts and
-generation. The model side (building tiny/demo, loading checkpoints, the teacher-forced NLL) is models.py;
-the judges are judges.py.
+"""What two or more SGM stages share and that has no home of its own: errors and options, the data, prompts,
+batching and generation. Beside it, each a concept several files use: artifacts.py (writing and reading what
+the stages hand each other), neurons.py (the neuron sites and the hooks that record and damp them), models.py
+(building tiny/demo, loading checkpoints, the teacher-forced NLL), judges.py (the judges), endpoint.py (served
+models over an OpenAI-compatible API).
 
 Read the stages in number order (01_collect.py -> 04_evaluate.py); come here when a stage calls a helper.
 """
 import hashlib
 import json
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -20,7 +19,7 @@ DEFAULT_DATA = REPO / "data" / "mm_toxic_qa" / "items.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# errors, arguments, artifacts
+# errors and options
 
 class UserError(SystemExit):
     """Bad input: printed as one line and exit status 1, never a traceback. Tests catch it by type."""
@@ -90,93 +89,6 @@ def run_name(run, model=None, option="--run"):
         fail(f"{option} {run!r} must be a plain name like llava15 (letters, digits, . _ - + @ = , and / between "
              "names; no '..', no absolute path, no backslash, no space): artifacts go to runs/<run>/")
     return run
-
-
-def array_fingerprint(arrays):
-    """sha256 over array names, dtypes, shapes and bytes: equal arrays give equal fingerprints."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def _atomic_write(path, write):
-    """Write through a temp file in the same folder, then rename: a crash never leaves a half artifact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_npz(path, arrays, meta):
-    """arrays: name -> numpy array (no object dtype). meta (JSON) travels inside as the string `meta`."""
-    meta = dict(meta, fingerprint=array_fingerprint(arrays))
-    _atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), allow_pickle=False,
-                                           **arrays))
-    return meta
-
-
-def _load_artifact(path, rerun_hint, read, required):
-    """`read(path)` -> (arrays, meta JSON). Any failure (truncated, another format, bad meta, contents unlike
-    the saved fingerprint, a `required` array missing) is one line naming the file and the stage to rerun."""
-    path = Path(path)
-    if not path.exists():
-        fail(f"{path} not found: run {rerun_hint} first")
-    try:
-        arrays, meta = read(path)
-        meta = json.loads(meta)
-        if array_fingerprint({k: np.asarray(v) for k, v in arrays.items()}) != meta["fingerprint"]:
-            raise ValueError("contents do not match the fingerprint in its meta")
-    except Exception as e:  # what a damaged file raises depends on where it breaks: zip, pickle, JSON, ...
-        reason = (str(e).splitlines() or [""])[0][:120]
-        fail(f"{path} is damaged or not a {path.suffix} artifact ({type(e).__name__}: {reason}): rerun {rerun_hint}")
-    missing = [name for name in required or () if name not in arrays]
-    if missing:
-        fail(f"{path} lacks array {missing[0]!r}: rerun {rerun_hint}")
-    return arrays, meta
-
-
-def load_npz(path, rerun_hint, required=None):
-    def read(path):
-        with np.load(path, allow_pickle=False) as npz:  # no pickle: loading an artifact never runs code
-            return {k: npz[k] for k in npz.files if k != "meta"}, str(npz["meta"])
-    return _load_artifact(path, rerun_hint, read, required)
-
-
-def save_pt(path, tensors, meta):
-    """Torch artifact loadable with weights_only=True: a dict of tensors plus the meta JSON string."""
-    fingerprint = array_fingerprint({k: v.numpy() for k, v in tensors.items()})
-    meta = dict(meta, fingerprint=fingerprint)
-    _atomic_write(path, lambda f: torch.save({**tensors, "meta": json.dumps(meta, sort_keys=True)}, f))
-    return meta
-
-
-def load_pt(path, rerun_hint, required=None):
-    def read(path):
-        payload = torch.load(path, weights_only=True, map_location="cpu")  # tensors only, never code
-        return payload, payload.pop("meta")
-    return _load_artifact(path, rerun_hint, read, required)
-
-
-def check_same_model(meta, model_meta, artifact, rerun_hint):
-    """Refuse an artifact made for another model (or another set of neuron sites)."""
-    if meta["model"] != model_meta["model"]:
-        fail(f"{artifact} was made for model '{meta['model']}', not '{model_meta['model']}': "
-             f"rerun {rerun_hint} with --model {model_meta['model']}")
-    if meta["sites"] != model_meta["sites"]:
-        fail(f"{artifact} has other neuron sites than model '{model_meta['model']}' "
-             f"({len(meta['sites'])} vs {len(model_meta['sites'])} layers): rerun {rerun_hint}")
-
-
-def write_text(path, text):
-    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,124 +207,6 @@ def load_image(item):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# neuron sites and hooks. A neuron is one coordinate of the input of an MLP's down_proj in the language model.
-
-def neuron_sites(model):
-    """[(qualified name, down_proj Linear)] of the language model's decoder layers, in layer order.
-
-    The language model is found from the structure (`get_decoder()`), so the vision tower's MLPs are never
-    included even when they also name a layer `down_proj` (Qwen2.5-VL's vision blocks do). Works for every
-    family whose decoder layers have a gated MLP with a `down_proj` Linear (LLaVA, LLaVA-NeXT, Qwen2-VL,
-    Qwen2.5-VL, Idefics3/SmolVLM, PaliGemma, Gemma 3, InternVL3, Llama-3.2-Vision, ...).
-
-    Llama-3.2-Vision (mllama) interleaves cross-attention decoder layers (every 5th) with self-attention ones;
-    each has its own MLP, and all of them are neuron sites, one per decoder layer as for every family. A
-    cross-attention layer's MLP reads the residual stream right after that layer has attended to the image
-    features (gated by tanh(cross_attn_mlp_gate)), so it is post-fusion in the paper's sense, and it is where
-    Llama-3.2-Vision's image information first enters the text positions; leaving it out would skip the very
-    layers that fuse the image. (Positions before the image token have their cross-attention MLP output
-    masked to zero by the model, so damping acts only from the image on; their activations are still pooled.)"""
-    language_model = model.get_decoder()
-    names = {module: name for name, module in model.named_modules()}
-    sites = [(names[module], module) for name, module in language_model.named_modules()
-             if name.endswith("mlp.down_proj") and isinstance(module, torch.nn.Linear)]
-    vision = [n for n, _ in sites if any(v in n for v in ("vision", "visual"))]
-    if not sites or vision or language_model is model:
-        found = f"found {vision[0]}, in the vision tower" if vision else f"found {len(sites)}"
-        fail(f"cannot find the language model's neurons in {type(model).__name__}: common.neuron_sites looks "
-             f"for Linear layers named `mlp.down_proj` inside model.get_decoder() ({type(language_model).__name__}) "
-             f"and {found}; add a rule there that returns, per decoder layer, the layer whose input is the "
-             "MLP's hidden activation (e.g. `fc2` in OPT)")
-    return sites
-
-
-def split_by_site(flat, sites):
-    """A flat per-neuron vector (all sites concatenated in order) -> one tensor per site."""
-    sizes = [module.in_features for _, module in sites]
-    if flat.numel() != sum(sizes):
-        fail(f"alpha has {flat.numel()} neurons but the model has {sum(sizes)} "
-             f"({len(sizes)} layers): rerun 03_suppress.py for this model")
-    return list(torch.split(flat, sizes))
-
-
-class NeuronRecorder:
-    """Pools each neuron over the positions in `mask` inside the hook, so per-token activations are never
-    kept. Set `mask` (batch x positions, bool) before each forward; read `pop()` after it. While `mask` is
-    None the hooks record nothing (e.g. during generation)."""
-
-    def __init__(self, sites, pooling):
-        if pooling not in ("mean", "max"):
-            fail(f"unknown pooling {pooling!r}; use mean or max")
-        self.site_names = [name for name, _ in sites]
-        self.pooling, self.mask, self.pooled = pooling, None, {}
-
-    def hook(self, index, module, args):
-        if self.mask is None:
-            return
-        x = args[0]
-        mask = self.mask.to(x.device)
-        if self.pooling == "mean":
-            summed = torch.einsum("bti,bt->bi", x.float(), mask.float())
-            pooled = summed / mask.sum(1, keepdim=True).clamp(min=1)
-        else:
-            pooled = x.float().masked_fill(~mask[..., None], float("-inf")).amax(1)
-        if not torch.isfinite(pooled).all():
-            fail(f"non-finite activations at {self.site_names[index]} (NaN/inf): try --dtype float32, "
-                 "or check that every item has at least one pooled position")
-        self.pooled[index] = pooled.cpu()
-
-    def pop(self):
-        out = torch.cat([self.pooled[i] for i in range(len(self.site_names))], dim=1)
-        self.pooled = {}
-        return out.numpy()
-
-
-@contextmanager
-def record_neurons(sites, pooling="mean"):
-    recorder = NeuronRecorder(sites, pooling)
-    handles = []
-    try:
-        for index, (_, module) in enumerate(sites):
-            handles.append(module.register_forward_pre_hook(
-                lambda module, args, index=index: recorder.hook(index, module, args)))
-        yield recorder
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def suppress_neurons(sites, alpha):
-    """Multiply each down_proj input by alpha (flat, all sites). Hooks are removed on exit, also on error.
-    Sites whose alpha is all ones get no hook at all, so they cost nothing and stay bit-identical."""
-    handles = []
-    try:
-        for (_, module), factor in zip(sites, split_by_site(torch.as_tensor(alpha).float(), sites)):
-            if torch.all(factor == 1):
-                continue
-            cast = {}  # alpha in the activation's dtype and device, made once per (dtype, device)
-
-            def hook(module, args, factor=factor, cast=cast):
-                x = args[0]
-                key = (x.dtype, x.device)
-                if key not in cast:
-                    cast[key] = factor.to(dtype=x.dtype, device=x.device)
-                return (x * cast[key],) + tuple(args[1:])
-            handles.append(module.register_forward_pre_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@torch.no_grad()
-def fold_alpha(sites, alpha):
-    """Bake alpha into down_proj's weight columns: W[:, m] *= alpha_m, equal to the hook without hooks."""
-    for (_, module), factor in zip(sites, split_by_site(torch.as_tensor(alpha).float(), sites)):
-        module.weight.mul_(factor.to(module.weight.device, module.weight.dtype)[None, :])
-
-
-# ----------------------------------------------------------------------------------------------------------
 # prompts, batching, generation
 
 def fallback_image_prefix(processor):
@@ -422,9 +216,20 @@ def fallback_image_prefix(processor):
     if name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "Qwen3VLProcessor"):
         # Qwen's position ids (M-RoPE) find an image by the <|vision_start|> before its <|image_pad|>.
         return f"<|vision_start|>{processor.image_token}<|vision_end|>\n"
+    if name == "Glm4vProcessor":  # GLM-4.5V's chat template frames the image the same way
+        return f"<|begin_of_image|>{processor.image_token}<|end_of_image|>\n"
     if name == "PaliGemmaProcessor":
         return processor.image_token  # the processor itself puts <bos> between image and text
     return f"{processor.image_token}\n"
+
+
+def user_text(processor, item):
+    """The text after the image in prompt_text: the item's text when the checkpoint has a chat template;
+    without one, the fallback ("Question: ...\\nAnswer:" for answer items), which prompt_text (and a server,
+    through endpoint.fallback_chat_template) places after the image prefix."""
+    if getattr(processor, "chat_template", None) or item["task"] == "continue":
+        return item["text"]
+    return f"Question: {item['text']}\nAnswer:"
 
 
 def prompt_text(processor, item):
@@ -433,20 +238,23 @@ def prompt_text(processor, item):
     With a chat template (instruction-tuned checkpoints) the item is one user turn: image, then text.
     Without one (base models such as the demo) the fallback is plain text after the image placeholder
     (fallback_image_prefix): `continue` items are continued as written, `answer` items become
-    "Question: ...\nAnswer:"."""
+    "Question: ...\nAnswer:" (user_text; endpoint.py sends the same text to a server)."""
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["text"]}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    text = item["text"] if item["task"] == "continue" else f"Question: {item['text']}\nAnswer:"
-    return fallback_image_prefix(processor) + text
+    return fallback_image_prefix(processor) + user_text(processor, item)
 
 
 def encode(processor, items, device):
     texts = [prompt_text(processor, item) for item in items]
     # One image per prompt, as a list per prompt: processors that take several images per prompt (Gemma 3)
     # would otherwise read a flat list as all the images of the first prompt.
+    # A chat template that writes the BOS itself (Gemma 3's, Mistral's) must not get a second one from the
+    # tokenizer: the rule transformers' own apply_chat_template(tokenize=True) follows.
+    bos = processor.tokenizer.bos_token
+    template_wrote_bos = bool(bos) and all(text.startswith(bos) for text in texts)
     batch = processor(text=texts, images=[[load_image(item)] for item in items], return_tensors="pt",
-                      padding=True)
+                      padding=True, **({"add_special_tokens": False} if template_wrote_bos else {}))
     # PaliGemma's processor also returns training `labels`; a forward pass given them would compute a loss.
     batch.pop("labels", None)
     return batch.to(device)
@@ -502,20 +310,46 @@ def peak_rss_mb():
     return round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
 
 
+def image_token_ids(model, processor):
+    """Token ids that stand for or frame an image: the placeholders the processor expands (image, video), their
+    start/end markers and tile tags (Qwen's <|vision_start|>, Gemma 3's <start_of_image>, Idefics3's
+    <fake_token_around_image>, ...). Generated text must never contain them: a continuation with an image
+    placeholder, fed back with its prompt (01's responses mode, 04's teacher forcing), would ask the model for
+    one image more than it was given. Found two ways, because no single field names them all: the config's
+    *_token_id / *_token_index fields (other than bos/eos/pad), and the special tokens the processor writes
+    for an image (encode the fallback prompt with an image, minus the same text without it)."""
+    tokenizer = processor.tokenizer
+    ids = set()
+    for key, value in model.config.to_dict().items():
+        if key.endswith(("_token_id", "_token_index")) and key not in (
+                "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+            ids.update(value if isinstance(value, list) else [value])
+    item = {"text": "x", "task": "continue", "image_path": None}
+    with_image = processor(text=[fallback_image_prefix(processor) + "x"], images=[[load_image(item)]],
+                           return_tensors="pt")["input_ids"][0].tolist()
+    ids |= (set(with_image) - set(tokenizer("x")["input_ids"])) & set(tokenizer.all_special_ids)
+    eos = model.generation_config.eos_token_id
+    ids -= {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            *(eos if isinstance(eos, list) else [eos])}
+    vocabulary = model.get_output_embeddings().weight.shape[0]  # configs carry defaults past a tiny vocabulary
+    return sorted(i for i in ids if isinstance(i, int) and 0 <= i < vocabulary)
+
+
 @torch.no_grad()
 def generate(model, processor, items, max_new_tokens, batch_size, desc="generate", on_batch=None, top_k=0):
-    """Greedy continuations (top_k > 0: sampling from the k likeliest tokens instead), left-padded batches.
-    Returns (texts, token ids per item).
+    """Greedy continuations (top_k > 0: sampling from the k likeliest tokens instead), left-padded batches,
+    never writing an image token (image_token_ids). Returns (texts, token ids per item).
     `on_batch(index, batch, sequences, new_token_mask)` lets a caller reuse the batch (01 records on it)."""
     texts, tokens = [None] * len(items), [None] * len(items)
     pad_id = processor.tokenizer.pad_token_id
     eos_ids = model.generation_config.eos_token_id
     eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+    never = image_token_ids(model, processor)
     for index, chunk in batches(items, batch_size, desc):
         batch = encode(processor, chunk, input_device(model))
         sequences = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=top_k > 0,
                                    pad_token_id=pad_id, top_p=None, top_k=top_k or None,
-                                   temperature=1.0 if top_k else None)
+                                   temperature=1.0 if top_k else None, suppress_tokens=never or None)
         new = sequences[:, batch["input_ids"].shape[1]:]
         # Keep tokens up to (not including) the first end-of-sequence; later positions are padding.
         is_eos = torch.zeros_like(new, dtype=torch.bool)

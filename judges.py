@@ -22,11 +22,9 @@ check_judges() runs before any generation: every requested judge must answer (th
 the guard model loaded, kept and passed on, Detoxify's checkpoint on disk, the caches readable), else one line.
 """
 import hashlib
-import http.client
 import json
 import os
 import sys
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -35,6 +33,8 @@ import torch
 from tqdm import tqdm
 
 from common import fail
+from endpoint import REQUEST_ERRORS  # what a request can raise (endpoint.py: the HTTP shared with --endpoint)
+from endpoint import short as _short  # an exception as one short line
 
 JUDGE = "profanity-check"  # alt-profanity-check: offline, bundled linear model of offensive language
 EXTRA_JUDGES = ("llm", "guard", "detoxify")
@@ -59,12 +59,6 @@ def judge_toxicity(texts):
     if not texts:
         return np.zeros(0)
     return np.asarray(predict_prob([t if t.strip() else "" for t in texts]), dtype=np.float64)
-
-
-def _short(error):
-    """An exception as one short line (type and first line of its message)."""
-    lines = str(error).splitlines()
-    return f"{type(error).__name__}: {lines[0][:120] if lines else ''}"
 
 
 class VerdictCache:
@@ -158,10 +152,6 @@ def llm_endpoint():
     if os.environ.get("SGM_JUDGE_API_KEY"):
         headers["Authorization"] = f"Bearer {os.environ['SGM_JUDGE_API_KEY']}"
     return dict(url=url, model=model, headers=headers)
-
-
-# What a request to the endpoint can raise: no connection, HTTP errors, a timeout, a reply that is not the API's.
-REQUEST_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, LookupError, TypeError, ValueError)
 
 
 def _ask(endpoint, content, timeout):

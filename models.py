@@ -2,7 +2,8 @@
 built once into the cache; loading any checkpoint with its processor; and the teacher-forced NLL of 04_evaluate.py's
 fluency and selectivity passes, which runs the LM head a chunk of positions at a time.
 
-Neuron sites, hooks, prompts and generation are in common.py; this file imports from it, never the reverse.
+Neuron sites and hooks are in neurons.py, prompts and generation in common.py; this file imports from them, never
+the reverse.
 """
 import fcntl
 import hashlib
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import REPO, fail, neuron_sites
+from common import REPO, fail
+from neurons import neuron_sites
 
 # Converted demo weights live outside the repo (built once, ~1 GB); SGM_CACHE moves them.
 CACHE_DIR = Path(os.environ.get("SGM_CACHE", Path.home() / ".cache" / "sgm-repro"))
@@ -154,6 +156,14 @@ def resolve_model_path(name):
     return str(path)
 
 
+# Processors whose own apply_chat_template adds only video defaults, read from the video processor, before calling
+# ProcessorMixin's: SmolVLMProcessor (SmolVLM2) sets its video processor's num_frames and fps as processor kwargs
+# and a default template for conversations that contain a video. Without a video processor that method raises
+# AttributeError on every call; the stages' conversations hold an image and text, for which ProcessorMixin's
+# method, the one it calls, gives the same prompt.
+CHAT_TEMPLATE_VIDEO_DEFAULTS_ONLY = {"SmolVLMProcessor"}
+
+
 def image_only_processor(processor_class):
     """`processor_class` without its video processor.
 
@@ -176,21 +186,70 @@ def image_only_processor(processor_class):
     init = namespace["__init__"]
     init.__signature__ = signature.replace(parameters=[
         parameter for name, parameter in signature.parameters.items() if name != "video_processor"])
-    return type(processor_class.__name__, (processor_class,), {"__init__": init})
+    methods = {"__init__": init}
+    if processor_class.__name__ in CHAT_TEMPLATE_VIDEO_DEFAULTS_ONLY:
+        from transformers.processing_utils import ProcessorMixin
+        methods["apply_chat_template"] = ProcessorMixin.apply_chat_template
+    return type(processor_class.__name__, (processor_class,), methods)
+
+
+def pixtral_processor_class():
+    """transformers' own PixtralProcessor (Mistral-Small-3.1 `mistral3`, Pixtral), imported without torchvision.
+
+    transformers refuses it without torchvision for two reasons, neither about what the stages do. The class
+    is decorated `@requires(backends=("torchvision", "torch"))` (processing_pixtral.py), so
+    `transformers.PixtralProcessor`, AutoProcessor's pick, is a placeholder that raises ImportError. Its module imports
+    `get_resize_output_image_size` from image_processing_pixtral.py, the torchvision image processor, which
+    imports torchvision first thing. The processor uses that function only in `_get_num_multimodal_tokens`
+    (serving engines' token budgets), and image_processing_pil_pixtral.py carries the same function line for line.
+    So the module is imported once with the PIL module answering that one import, withdrawn right after (a later
+    import of the torchvision module fails as before). The class is transformers' own: it encodes, saves and
+    reloads as PixtralProcessor; its image processor is PixtralImageProcessorPil, AutoImageProcessor's pick here."""
+    import importlib
+    import sys
+
+    import transformers
+    from transformers.utils import is_torchvision_available
+    if is_torchvision_available():
+        return transformers.PixtralProcessor
+    module_name = "transformers.models.pixtral.processing_pixtral"
+    if module_name not in sys.modules:
+        torchvision_module = "transformers.models.pixtral.image_processing_pixtral"
+        pil_module = importlib.import_module("transformers.models.pixtral.image_processing_pil_pixtral")
+        sys.modules[torchvision_module] = pil_module
+        try:
+            importlib.import_module(module_name)
+        finally:
+            del sys.modules[torchvision_module]
+    return sys.modules[module_name].PixtralProcessor
+
+
+def processor_class_name(path, trust_remote_code=False):
+    """The processor class AutoProcessor would build: the one processor_config.json names, else the model type's."""
+    from transformers import AutoConfig
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    from transformers.processing_utils import ProcessorMixin
+    named = ProcessorMixin.get_processor_dict(path)[0].get("processor_class")
+    if named is None:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        named = PROCESSOR_MAPPING_NAMES.get(config.model_type)
+    return named
 
 
 def load_processor(path, trust_remote_code=False):
-    """AutoProcessor, except for a processor that also takes video when torchvision is absent: then the same
-    processor class without its video processor (image_only_processor)."""
-    from transformers import AutoConfig, AutoProcessor
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    """AutoProcessor, except where AutoProcessor needs torchvision and torchvision is absent: PixtralProcessor
+    (pixtral_processor_class) and a processor that also takes video, which becomes the same processor class
+    without its video processor (image_only_processor)."""
+    import transformers
     from transformers.utils import is_torchvision_available
     if not is_torchvision_available():
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        processor_class = PROCESSOR_MAPPING.get(type(config), None)
+        name = processor_class_name(path, trust_remote_code)
+        if name == "PixtralProcessor":
+            return pixtral_processor_class().from_pretrained(path)
+        processor_class = getattr(transformers, name, None) if name else None
         if processor_class is not None and "video_processor" in processor_class.get_attributes():
             return image_only_processor(processor_class).from_pretrained(path)
-    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
@@ -214,8 +273,18 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
         if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
             raise  # not a damaged checkpoint; its own message says what ran out
         import re
-        folder, reason = Path(path), f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
-        if (folder / "SGM_EXPORT.md").is_file():  # 03_suppress.py --export wrote it: make it again
+        # transformers' missing-backend messages open with an empty line: name the first line that says something
+        first_line = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        folder, reason = Path(path), f"{type(e).__name__}: {first_line[:160]}"
+        # A missing torchvision reads as ImportError (PixtralProcessor-like placeholders) or as ValueError
+        # (AutoImageProcessor, when a family's only image processor is a torchvision one: Llama 4).
+        from transformers.utils import is_torchvision_available
+        if "torchvision" in str(e).lower() and not is_torchvision_available():
+            fix = ("this family's processor needs torchvision, which is not installed on purpose (it breaks beside "
+                   "the pinned CPU torch); see README, supported families")
+        elif isinstance(e, ImportError):  # a package a processor needs (SmolVLM2's num2words) is missing
+            fix = "install the pinned requirements: `make venv` (or pip install -r requirements.txt)"
+        elif (folder / "SGM_EXPORT.md").is_file():  # 03_suppress.py --export wrote it: make it again
             made = re.search(r"made by: `([^`]+)`", (folder / "SGM_EXPORT.md").read_text(errors="replace"))
             fix = (f"the SGM export {path} is damaged or incomplete: rerun 03_suppress.py --export "
                    + (f"(`{made.group(1)}`, as its SGM_EXPORT.md records)" if made else path))

@@ -36,7 +36,7 @@ not use, and a public word list — never a dev or test text):
            "general" (swearing; no slurs against groups) that is one token with a leading space and that the
            judge flags on its own. They are never printed here; the record keeps their token ids.
 Record: PLANTED.json in the checkpoint folder: layer, neuron, its flat index among all neurons (the order of
-common.neuron_sites), the target token ids, the knobs, the data checksum.
+neurons.neuron_sites), the target token ids, the knobs, the data checksum.
 """
 import json
 import zipfile
@@ -44,7 +44,9 @@ import zipfile
 import numpy as np
 import torch
 
-from common import DEFAULT_DATA, REPO, batches, encode, fail, load_items, neuron_sites, select, write_text
+from artifacts import write_text
+from common import DEFAULT_DATA, REPO, batches, encode, fail, load_items, select
+from neurons import neuron_sites
 from data.build import BOOK_FILE, read_cloze
 from judges import judge_toxicity
 from models import CACHE_DIR, load_model, save_checkpoint

@@ -39,8 +39,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 
-from common import (DEFAULT_DATA, REPO, check_range, fail, load_items, load_npz, load_pt, parse_limits,  # noqa: E402
-                    parse_overrides, run_name, write_text)
+from artifacts import load_npz, load_pt, write_text  # noqa: E402
+from common import (DEFAULT_DATA, REPO, check_range, fail, load_items, parse_limits, parse_overrides,  # noqa: E402
+                    run_name)
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(

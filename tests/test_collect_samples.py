@@ -10,7 +10,8 @@ from test_pipeline import run_stage
 import common
 import judges
 import models
-from common import UserError, load_npz
+from artifacts import load_npz
+from common import UserError
 
 
 def verdict(text):

@@ -5,6 +5,7 @@ from config, saved to a folder and used through `--model PATH`, exactly as a dow
 Each checkpoint carries a small chat template in its family's format (the real checkpoints ship one), except
 PaliGemma, whose checkpoints have none; test_fallback_prompt_places_the_image covers the other path per family.
 """
+import importlib
 import json
 
 import numpy as np
@@ -16,8 +17,11 @@ from test_pipeline import run_stage
 import common
 import judges
 import models
-from common import encode, fold_alpha, load_npz, load_pt, record_neurons, suppress_neurons
+import neurons
+from artifacts import load_npz, load_pt
+from common import encode
 from models import load_model, tiny_tokenizer
+from neurons import fold_alpha, record_neurons, suppress_neurons
 
 # PaliGemma's processor builds its (unused here) training labels in a way numpy 2 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -25,6 +29,24 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 HIDDEN, INTERMEDIATE, LAYERS = 32, 48, 2
 TEXT = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS, num_attention_heads=2,
             num_key_value_heads=2, max_position_embeddings=512)
+# Mixture-of-experts families (tests/test_moe.py checks their routed neurons by hand): 4 experts of width 16, top-2.
+EXPERT_WIDTH, N_EXPERTS, TOP_K = 16, 4, 2
+MOE_TEXT = dict(moe_intermediate_size=EXPERT_WIDTH, num_experts_per_tok=TOP_K)
+
+
+
+def write_video_config(out_dir, video_processor_type, **settings):
+    """video_preprocessor_config.json as the hub checkpoint of a family that also takes video ships it: its
+    presence sends AutoProcessor to the torchvision video processor (models.load_processor loads image-only)."""
+    (out_dir / "video_preprocessor_config.json").write_text(json.dumps(
+        dict(video_processor_type=video_processor_type, **settings)))
+
+
+def qwen_style_video_config(out_dir, video_processor_type, processor_class, patch, smallest, largest):
+    """The video settings of Qwen-VL-style processors (Qwen3-VL, GLM-4.5V): patches merged 2x2, 2 frames a patch."""
+    write_video_config(out_dir, video_processor_type, processor_class=processor_class,
+                       size={"shortest_edge": smallest, "longest_edge": largest}, patch_size=patch, merge_size=2,
+                       temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
 def chat_template(image, turn="{role}: ", end="\n", assistant="assistant: "):
@@ -39,6 +61,17 @@ def token_ids(tokenizer, config_kwargs):
     """The special-token ids every text config wants, from the in-code tokenizer."""
     return dict(config_kwargs, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def image_processor_config_as_on_the_hub(out_dir, image_processor_type):
+    """transformers 5 saves the image processor inside processor_config.json; checkpoints on the hub saved before
+    it (Mistral-Small-3.1, SmolVLM2) have it in their own preprocessor_config.json, under the name of the
+    torchvision class, which AutoImageProcessor replaces by its PIL twin when torchvision is absent."""
+    saved = json.loads((out_dir / "processor_config.json").read_text())
+    image_config = dict(saved.pop("image_processor"), image_processor_type=image_processor_type,
+                        processor_class=saved["processor_class"])
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(image_config))
+    (out_dir / "processor_config.json").write_text(json.dumps(saved))
 
 
 def build_llava(out_dir):
@@ -101,23 +134,37 @@ def build_qwen(out_dir, version):
 IDEFICS3_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
 
 
-def build_idefics3(out_dir):
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+def build_idefics3(out_dir, version="idefics3"):
+    """Idefics3 and the first SmolVLM checkpoints (model type idefics3, Idefics3Processor), or with
+    version="smolvlm" SmolVLM2 (HuggingFaceTB/SmolVLM2-*, model type smolvlm): the same architecture, whose
+    SmolVLMProcessor also takes video and needs num2words (requirements.txt). Laid out as that hub checkpoint is:
+    processor_config.json naming SmolVLMProcessor, preprocessor_config.json the torchvision SmolVLMImageProcessor;
+    a video processor config beside them too (the image-only load must not depend on its absence)."""
+    import transformers
+    prefix = "Idefics3" if version == "idefics3" else "SmolVLM"
+    image_processor_class = getattr(importlib.import_module(
+        f"transformers.models.{version}.image_processing_pil_{version}"), f"{prefix}ImageProcessorPil")
     tokenizer = tiny_tokenizer(IDEFICS3_TOKENS)
     # 56 px images, 14 px patches, pixel shuffle by 2: (56 / 14)^2 / 2^2 = 4 tokens; no splitting into tiles.
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 56}, max_image_size={"longest_edge": 56},
-                                                do_image_splitting=False)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
-                                  chat_template=chat_template("<image>", "<|im_start|>{role}:", "<end_of_utterance>\n",
-                                                              "Assistant:"))
-    config = Idefics3Config(
+    image_processor = image_processor_class(size={"longest_edge": 56}, max_image_size={"longest_edge": 56},
+                                            do_image_splitting=False)
+    processor_class = getattr(transformers, f"{prefix}Processor")
+    if version == "smolvlm":
+        processor_class = models.image_only_processor(processor_class)
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                chat_template=chat_template("<image>", "<|im_start|>{role}:", "<end_of_utterance>\n",
+                                                            "Assistant:"))
+    config = getattr(transformers, f"{prefix}Config")(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=56, patch_size=14),
-        text_config=LlamaConfig(**token_ids(tokenizer, TEXT)), scale_factor=2,
+        text_config=transformers.LlamaConfig(**token_ids(tokenizer, TEXT)), scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    models.save_checkpoint(Idefics3ForConditionalGeneration(config), processor, out_dir)
+    models.save_checkpoint(getattr(transformers, f"{prefix}ForConditionalGeneration")(config), processor, out_dir)
+    if version == "smolvlm":
+        image_processor_config_as_on_the_hub(out_dir, "SmolVLMImageProcessor")
+        write_video_config(out_dir, "SmolVLMVideoProcessor", processor_class="SmolVLMProcessor",
+                           size={"longest_edge": 56}, max_image_size={"longest_edge": 56}, do_image_splitting=False)
 
 
 def build_paligemma(out_dir):
@@ -199,8 +246,6 @@ INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>"
 def build_internvl(out_dir):
     """The Hugging Face-native InternVL3 (OpenGVLab/InternVL3-*-hf): InternViT + Qwen2, laid out as the hub
     checkpoint is, its video processor config included (the processor loads image-only without torchvision)."""
-    import json
-
     import transformers
     from transformers import InternVLConfig, InternVLForConditionalGeneration
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
@@ -220,17 +265,16 @@ def build_internvl(out_dir):
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
     torch.manual_seed(0)
     models.save_checkpoint(InternVLForConditionalGeneration(config), processor, out_dir)
-    (out_dir / "video_preprocessor_config.json").write_text(json.dumps(
-        {"video_processor_type": "InternVLVideoProcessor", "size": {"height": 56, "width": 56}}))
+    write_video_config(out_dir, "InternVLVideoProcessor", size={"height": 56, "width": 56})
 
 
-def build_qwen3_vl(out_dir):
+def build_qwen3_vl(out_dir, moe=False):
     """Qwen3-VL: Qwen2-VL's processor and M-RoPE (interleaved), 16 px patches, and DeepStack (vision features
     also added to the first decoder layers' inputs); laid out as the hub checkpoint is, its video processor
-    config included (the processor loads image-only without torchvision)."""
-    import json
-
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    config included (the processor loads image-only without torchvision). moe: Qwen3-VL-MoE (Qwen3-VL-30B-A3B's
+    family), the same with a sparse block of routed experts in every decoder layer."""
+    from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                              Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     tokenizer = tiny_tokenizer(QWEN_TOKENS, extra_special_tokens={"image_token": "<|image_pad|>",
                                                                   "video_token": "<|video_pad|>"})
@@ -247,23 +291,27 @@ def build_qwen3_vl(out_dir):
                   temporal_patch_size=2, out_hidden_size=HIDDEN, num_position_embeddings=16,
                   deepstack_visual_indexes=[0])
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
-    config = Qwen3VLConfig(
-        vision_config=vision, text_config=token_ids(tokenizer, dict(TEXT, head_dim=16, rope_parameters=rope)),
+    text = dict(TEXT, head_dim=16, rope_parameters=rope)
+    if moe:
+        text.update(MOE_TEXT, num_experts=N_EXPERTS, decoder_sparse_step=1, mlp_only_layers=[])
+    config = (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(
+        vision_config=vision, text_config=token_ids(tokenizer, text),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(0)
-    models.save_checkpoint(Qwen3VLForConditionalGeneration(config), processor, out_dir)
-    (out_dir / "video_preprocessor_config.json").write_text(json.dumps(
-        {"video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor",
-         "size": {"shortest_edge": 32 * 32, "longest_edge": 64 * 64 * 2}, "patch_size": 16, "merge_size": 2,
-         "temporal_patch_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    model = (Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration)(config)
+    if moe:
+        with torch.no_grad():  # the router's weight is zeros at init: make tokens choose different experts
+            for layer in model.model.language_model.layers:
+                layer.mlp.gate.weight.normal_(0, 0.5)
+    models.save_checkpoint(model, processor, out_dir)
+    qwen_style_video_config(out_dir, "Qwen3VLVideoProcessor", "Qwen3VLProcessor", 16, 32 * 32, 64 * 64 * 2)
 
 
 def build_llava_onevision(out_dir):
     """LLaVA-OneVision (llava-hf/llava-onevision-qwen2-*-hf): SigLIP + Qwen2, AnyRes tiles, whole SigLIP features
     ("full"); laid out as the hub checkpoint is, its video processor config included. Its processor needs
     `num_image_tokens` from processor_config.json (models.image_only_processor keeps it on reload)."""
-    import json
 
     import transformers
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
@@ -289,9 +337,75 @@ def build_llava_onevision(out_dir):
         vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")
     torch.manual_seed(0)
     models.save_checkpoint(LlavaOnevisionForConditionalGeneration(config), processor, out_dir)
-    (out_dir / "video_preprocessor_config.json").write_text(json.dumps(
-        {"video_processor_type": "LlavaOnevisionVideoProcessor", "processor_class": "LlavaOnevisionProcessor",
-         "size": {"height": 28, "width": 28}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    write_video_config(out_dir, "LlavaOnevisionVideoProcessor", processor_class="LlavaOnevisionProcessor",
+                       size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+MISTRAL3_TOKENS = ["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+
+
+def build_mistral3(out_dir):
+    """Mistral-Small-3.1 (mistralai/Mistral-Small-3.1-24B-Instruct-2503): a Pixtral vision tower whose 2x2 patch
+    merger feeds a Mistral decoder. Laid out as the hub checkpoint is: processor_config.json naming
+    PixtralProcessor (which transformers refuses without torchvision: models.pixtral_processor_class) and
+    preprocessor_config.json naming the torchvision PixtralImageProcessor (loaded as its PIL twin); the chat
+    template in Mistral's format, with the image as [IMG] inside [INST] ... [/INST]."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+    tokenizer = tiny_tokenizer(MISTRAL3_TOKENS)
+    # Images resized to at most 56 px on a side in multiples of 28 (14 px patches, merged 2x2): a 64x64 image is
+    # 56x56, 2x2 image tokens, written [IMG][IMG][IMG_BREAK][IMG][IMG][IMG_END].
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": 56}, patch_size={"height": 14, "width": 14})
+    processor = models.pixtral_processor_class()(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=14, spatial_merge_size=2,
+        chat_template="{{ bos_token }}" + chat_template("[IMG]", "[INST]", "[/INST]", ""))
+    config = Mistral3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=56, patch_size=14),
+        text_config=MistralConfig(**token_ids(tokenizer, TEXT)), spatial_merge_size=2, vision_feature_layer=-1,
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    models.save_checkpoint(Mistral3ForConditionalGeneration(config), processor, out_dir)
+    image_processor_config_as_on_the_hub(out_dir, "PixtralImageProcessor")
+
+
+
+
+GLM_TOKENS = ["<|begin_of_image|>", "<|image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|video|>",
+              "<|end_of_video|>", "<|user|>", "<|assistant|>", "[gMASK]", "<sop>"]
+
+
+def build_glm4v_moe(out_dir):
+    """GLM-4.5V's family: the first decoder layer is a dense MLP (first_k_dense_replace), the others have routed
+    experts plus a shared expert that sees every token."""
+    from transformers import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration, Glm4vProcessor
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+    tokenizer = tiny_tokenizer(GLM_TOKENS, extra_special_tokens={"image_token": "<|image|>", "video_token": "<|video|>"})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in GLM_TOKENS}
+    image_processor = Glm4vImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56}, patch_size=14,
+                                             merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                             image_std=[0.5] * 3)
+    template = "[gMASK]<sop>" + chat_template("<|begin_of_image|><|image|><|end_of_image|>", "<|{role}|>\n", "",
+                                              "<|assistant|>\n")
+    processor = models.image_only_processor(Glm4vProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                                            chat_template=template)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=HIDDEN, image_size=56)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5}
+    text = token_ids(tokenizer, dict(TEXT, **MOE_TEXT, num_hidden_layers=3, head_dim=16, rope_parameters=rope,
+                                     n_routed_experts=N_EXPERTS, n_shared_experts=1, first_k_dense_replace=1))
+    config = Glm4vMoeConfig(
+        vision_config=vision, text_config=text, image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+        video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"])
+    torch.manual_seed(0)
+    model = Glm4vMoeForConditionalGeneration(config)
+    with torch.no_grad():  # the router's weight and bias are zeros at init: make tokens choose different experts
+        for layer in model.model.language_model.layers[1:]:
+            layer.mlp.gate.weight.normal_(0, 0.5)
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    models.save_checkpoint(model, processor, out_dir)
+    qwen_style_video_config(out_dir, "Glm4vVideoProcessor", "Glm4vProcessor", 14, 28 * 28, 56 * 56 * 2)
 
 
 BUILDERS = {
@@ -302,11 +416,16 @@ BUILDERS = {
     "qwen3_vl": build_qwen3_vl,
     "llava_onevision": build_llava_onevision,
     "idefics3": build_idefics3,   # also SmolVLM (v1) checkpoints
+    "smolvlm": lambda out_dir: build_idefics3(out_dir, "smolvlm"),  # SmolVLM2
     "paligemma": build_paligemma,
     "gemma3": build_gemma3,
     "mllama": build_mllama,
     "internvl": build_internvl,
+    "mistral3": build_mistral3,
+    "qwen3_vl_moe": lambda out_dir: build_qwen3_vl(out_dir, moe=True),  # routed experts in every layer
+    "glm4v_moe": build_glm4v_moe,        # a dense first layer, then routed + shared experts
 }
+MOE_FAMILIES = ("qwen3_vl_moe", "glm4v_moe")
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -321,6 +440,10 @@ ITEMS = [dict(id=str(i), text=t, task=task, image_path=None) for i, (t, task) in
     [("the cat", "continue"), ("what is the weather like today", "answer"), ("a small red house", "continue")])]
 
 
+def n_neurons(sites):
+    return sum(site.in_features for _, site in sites)
+
+
 def language_model_modules(model):
     return set(model.get_decoder().modules())
 
@@ -328,14 +451,17 @@ def language_model_modules(model):
 def test_sites_are_every_decoder_layer_and_never_the_vision_tower(family):
     name, path = family
     model, _, sites, meta = load_model(str(path))
+    layers = model.get_decoder().layers
+    assert sorted({int(n.split(".layers.")[1].split(".")[0]) for n, _ in sites}) == list(range(len(layers)))
+    assert [n for n, _ in sites] == sorted(n for n, _ in sites)  # in layer order
+    if name in MOE_FAMILIES:  # routed and shared experts: tests/test_moe.py
+        return
     assert [size for _, size in meta["sites"]] == [INTERMEDIATE] * LAYERS
     assert all(module in language_model_modules(model) for _, module in sites)
-    assert [n for n, _ in sites] == sorted(n for n, _ in sites)  # in layer order
     # Qwen2.5-VL's vision blocks have `mlp.down_proj` too: the check above must have something to exclude.
     every_down_proj = [n for n, m in model.named_modules() if n.endswith("mlp.down_proj")]
     assert len(every_down_proj) > LAYERS if name == "qwen2_5_vl" else len(every_down_proj) == LAYERS
-    if name == "mllama":  # a cross-attention layer's MLP is a neuron site too: post-fusion (common.neuron_sites)
-        layers = model.get_decoder().layers
+    if name == "mllama":  # a cross-attention layer's MLP is a neuron site too: post-fusion (neurons.neuron_sites)
         assert model.config.get_text_config().cross_attention_layers == [1]
         assert type(layers[1]).__name__ == "MllamaCrossAttentionDecoderLayer" and sites[1][1] is layers[1].mlp.down_proj
 
@@ -360,7 +486,7 @@ def test_hooked_logits_equal_folded_weights(family):
     _, path = family
     model, processor, sites, _ = load_model(str(path))
     batch = encode(processor, ITEMS, "cpu")
-    alpha = torch.rand(LAYERS * INTERMEDIATE, generator=torch.Generator().manual_seed(0))
+    alpha = torch.rand(n_neurons(sites), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = model(**batch).logits
         with suppress_neurons(sites, alpha):
@@ -390,14 +516,18 @@ def test_bfloat16_hooks_run(family):
     _, path = family
     model, processor, sites, _ = load_model(str(path), dtype="bfloat16")
     batch = encode(processor, ITEMS, "cpu")
-    with torch.no_grad(), suppress_neurons(sites, torch.full((LAYERS * INTERMEDIATE,), 0.5)):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), suppress_neurons(sites, torch.full((n_neurons(sites),), 0.5)):
         logits = model(**batch).logits
     with torch.no_grad(), record_neurons(sites) as recorder:
         recorder.mask = batch["attention_mask"].bool()
         model(**batch)
         pooled = recorder.pop()
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
-    assert pooled.shape == (len(ITEMS), LAYERS * INTERMEDIATE) and np.isfinite(pooled).all()
+    assert pooled.shape == (len(ITEMS), n_neurons(sites)) and np.isfinite(pooled).all()
+    # nothing left behind: hooks removed, and fused experts (damped in place) restored bit for bit
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_stages_and_export(family, tmp_path, monkeypatch):
@@ -457,8 +587,8 @@ def test_model_without_down_proj_is_refused_saying_how_to_add_it():
     from transformers import GPT2Config, GPT2LMHeadModel
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0,
                                        eos_token_id=0))
-    with pytest.raises(common.UserError, match=r"neurons in GPT2LMHeadModel: .* add a rule"):
-        common.neuron_sites(model)
+    with pytest.raises(common.UserError, match=r"in GPT2LMHeadModel: neurons.neuron_sites .*; add a rule"):
+        neurons.neuron_sites(model)
 
 
 def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(tmp_path):
@@ -472,3 +602,68 @@ def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(tmp_path
     (tmp_path / "mine").mkdir()
     with pytest.raises(common.UserError, match="is not an SGM export"):
         run_stage("03_suppress.py", "--run", "tiny", "--export", "mine", cwd=tmp_path)
+
+
+def test_pixtral_processor_loads_without_torchvision(family, tmp_path):
+    """Mistral-Small-3.1's folder names PixtralProcessor, which AutoProcessor refuses without torchvision;
+    models.load_processor gives transformers' own class with the PIL image processor and the checkpoint's
+    settings, and transformers' torchvision image processor module stays unimportable (nothing left in its place)."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+    name, path = family
+    if name != "mistral3" or is_torchvision_available():
+        return
+    with pytest.raises(ImportError, match="(?i)torchvision"):
+        AutoProcessor.from_pretrained(path)
+    processor = models.load_processor(str(path))
+    assert type(processor).__module__ == "transformers.models.pixtral.processing_pixtral"
+    assert type(processor.image_processor).__name__ == "PixtralImageProcessorPil"
+    assert (processor.patch_size, processor.spatial_merge_size) == (14, 2)
+    with pytest.raises(ImportError, match="torchvision"):
+        importlib.import_module("transformers.models.pixtral.image_processing_pixtral")
+    # The 64 px test image becomes 56 px: 2 rows of 2 image tokens, each row closed by a break, the last by the end.
+    processor.chat_template = None
+    ids = encode(processor, ITEMS[:1], "cpu")["input_ids"][0]
+    assert processor.tokenizer.decode(ids).startswith("[IMG][IMG][IMG_BREAK][IMG][IMG][IMG_END]\n")
+    # Images keep their aspect ratio: a wide and a tall one in one batch are 1x2 and 2x1 token grids.
+    from PIL import Image
+    items = []
+    for i, size in enumerate([(64, 32), (30, 64)]):
+        Image.new("RGB", size, (200, 30 * i, 30)).save(tmp_path / f"{i}.png")
+        items.append(dict(ITEMS[i], image_path=str(tmp_path / f"{i}.png")))
+    model, processor, _, _ = load_model(str(path))
+    batch = encode(processor, items, "cpu")
+    assert batch["image_sizes"].tolist() == [[28, 56], [56, 28]]
+    assert (batch["input_ids"] == model.config.image_token_id).sum(1).tolist() == [2, 2]
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_missing_package_is_named_with_its_fix(family, monkeypatch):
+    """SmolVLM2's processor refuses to construct without num2words (it spells out video frame counts); load_model
+    names the package and `make venv` (requirements.txt pins it), not a damaged checkpoint."""
+    name, path = family
+    if name != "smolvlm":
+        return
+    monkeypatch.setattr("transformers.models.smolvlm.processing_smolvlm.num2words", None)
+    with pytest.raises(common.UserError, match=r"num2words.*make venv"):
+        load_model(str(path))
+
+
+def test_llama4_is_refused_naming_torchvision(tmp_path):
+    """Llama 4 is not supported (README): transformers has only a torchvision image processor for it. A folder laid
+    out as the hub's (processor files naming Llama4Processor and Llama4ImageProcessor) gets one line saying so."""
+    from transformers import Llama4Config
+    from transformers.utils import is_torchvision_available
+    if is_torchvision_available():
+        pytest.skip("torchvision is installed: Llama 4's image processor loads")
+    tokenizer = tiny_tokenizer(["<|image|>", "<|image_start|>", "<|image_end|>"])
+    tokenizer.save_pretrained(tmp_path)
+    Llama4Config(text_config=token_ids(tokenizer, dict(TEXT, head_dim=16, num_local_experts=2)),
+                 vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=28, patch_size=14)).save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "Llama4ImageProcessor", "processor_class": "Llama4Processor"}))
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "Llama4Processor"}))
+    with pytest.raises(common.UserError, match="needs torchvision, which is not installed on purpose"):
+        load_model(str(tmp_path))

@@ -15,7 +15,8 @@ from conftest import REPO, write_items
 
 import common
 import models
-from common import UserError, load_items, load_npz, load_pt, save_npz, save_pt
+from artifacts import load_npz, load_pt, save_npz, save_pt
+from common import UserError, load_items
 
 # ---- damaged artifacts ---------------------------------------------------------------------------------------
 

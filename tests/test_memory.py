@@ -1,15 +1,19 @@
 """Memory: the teacher-forced NLL (models.token_nll, 04's fluency and selectivity passes) runs the LM head on a
 chunk of counted positions at a time, never on batch x positions x vocabulary at once, and gives the NLL of full
-logits; the stages report their peak memory."""
+logits; the stages report their peak memory; 01 and 02 never hold the rows x neurons activation matrix (01 streams
+activations.npz from its batch pieces, byte for byte what artifacts.save_npz writes; 02 reads it a column chunk at a
+time), and `--store-dtype float16` keeps the expert ranking."""
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_items
+from conftest import load_stage, write_items
 from test_families import family  # noqa: F401 (the fixture: a tiny checkpoint per supported family)
+from test_options import NO_MODEL, tripwire  # noqa: F401 (the fixture: loading anything fails the test)
 from test_pipeline import run_stage
 
+import artifacts
 import common
 import models
 from common import append_tokens, encode
@@ -139,7 +143,166 @@ def test_stages_report_peak_memory(tmp_path, capsys):
               "--selectivity", "false", cwd=tmp_path)
     out = capsys.readouterr().out
     assert out.count("peak memory (RSS): ") == 2, out[-2000:]
-    _, activations_meta = common.load_npz(tmp_path / "runs/tiny/activations.npz", "")
+    _, activations_meta = artifacts.load_npz(tmp_path / "runs/tiny/activations.npz", "")
     results = json.loads((tmp_path / "runs/tiny/results.json").read_text())
     for meta in (activations_meta, results["meta"]):
         assert meta["peak_rss_mb"] > 50  # python + torch alone
+
+
+# ---- activations at scale: 01 streams its artifact, 02 reads it a column chunk at a time ---------------------------
+
+def collect(tmp_path, data, run, *flags, model="tiny"):
+    run_stage("01_collect.py", "--model", model, "--data", data, "--mode", "prompts", "--batch-size", "4",
+              "--run", run, *flags, cwd=tmp_path)
+    return artifacts.load_npz(tmp_path / "runs" / run / "activations.npz", "")
+
+
+@pytest.mark.parametrize("store_dtype", ["float32", "float16"])
+def test_streamed_activations_are_byte_for_byte_what_numpy_writes(tmp_path, store_dtype):
+    """01 writes activations.npz from its batch pieces, a block of rows at a time (artifacts.RowBlocks through
+    artifacts.save_npz), never the whole matrix: the file is still exactly the one np.savez writes for the same arrays
+    and meta, so np.load and every reader see the same artifact, and float32 (the default) stores the same numbers
+    as before. The fingerprint fed in blocks equals the one of the whole arrays."""
+    data = write_items(tmp_path / "items.jsonl")
+    arrays, meta = collect(tmp_path, data, "r", "--store-dtype", store_dtype)
+    assert arrays["activations"].dtype == np.dtype(store_dtype) and len(arrays["activations"]) == 12
+    with open(tmp_path / "numpy.npz", "wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), allow_pickle=False, **arrays)
+    assert (tmp_path / "numpy.npz").read_bytes() == (tmp_path / "runs/r/activations.npz").read_bytes()
+    assert list(np.load(tmp_path / "numpy.npz").files) == ["meta", "activations", "labels", "n_positions",
+                                                           "item_ids", "sample_index", "judge_scores",
+                                                           "continuations"]
+    assert artifacts.array_fingerprint(arrays) == meta["fingerprint"]
+
+
+def test_float16_activations_give_the_float32_expert_ranking(tmp_path):
+    """--store-dtype float16 stores the float32 values rounded (nothing else changes), and 02 scores them as stored:
+    AUROC moves only where rounding makes values equal, so the expert ranking is the float32 one."""
+    data = write_items(tmp_path / "items.jsonl")
+    full, _ = collect(tmp_path, data, "f32")
+    half, half_meta = collect(tmp_path, data, "f16", "--store-dtype", "float16")
+    np.testing.assert_array_equal(half["activations"], full["activations"].astype(np.float16))
+    for key in ("labels", "n_positions", "item_ids"):
+        np.testing.assert_array_equal(half[key], full[key])
+    scores = {}
+    for run in ("f32", "f16"):
+        run_stage("02_score.py", "--run", run, cwd=tmp_path)
+        scores[run], meta = artifacts.load_npz(tmp_path / "runs" / run / "expertise.npz", "")
+        assert meta["activations_dtype"] == {"f32": "float32", "f16": "float16"}[run]
+    auroc32, auroc16 = scores["f32"]["auroc"], scores["f16"]["auroc"]
+    assert np.abs(auroc16 - auroc32).max() <= 0.05
+    top = 20
+    assert set(np.argsort(-auroc16, kind="stable")[:top]) == set(np.argsort(-auroc32, kind="stable")[:top])
+
+
+def test_float16_overflow_stops_collection_naming_float32(tmp_path):
+    """A pooled activation beyond float16's 65504 would be stored as inf: refused, one line, nothing written."""
+    model, processor, _, _ = load_model("tiny")
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.mlp.gate_proj.weight.mul_(1e4)  # down_proj inputs of ~1e6
+            layer.mlp.up_proj.weight.mul_(1e4)
+    models.save_checkpoint(model, processor, tmp_path / "loud")
+    data = write_items(tmp_path / "items.jsonl")
+    with pytest.raises(common.UserError, match=r"does not fit float16 \(largest 65504\): rerun with --store-dtype "
+                                               r"float32$"):
+        collect(tmp_path, data, "loud", "--store-dtype", "float16", model=tmp_path / "loud")
+    assert not (tmp_path / "runs/loud/activations.npz").exists()
+    arrays, _ = collect(tmp_path, data, "loud32", model=tmp_path / "loud")  # float32 holds them
+    assert np.abs(arrays["activations"]).max() > 65504
+
+
+def wide_model(folder, neurons_per_layer):
+    """The tiny LLaVA with a wide MLP: many neurons, almost no compute."""
+    from transformers import LlamaConfig
+    tokenizer = models.tiny_tokenizer(["<image>"], extra_special_tokens={"image_token": "<image>"})
+    text_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=neurons_per_layer,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                              max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    models.save_checkpoint(*models.blank_llava(tokenizer, "<image>", text_config), folder)
+    return folder
+
+
+def many_items(path, n_per_label):
+    words = models.tiny_corpus()
+    rows = [dict(id=f"{label}-{k}", split="calibration", label=label, category="mild", condition="standard",
+                 task="continue", text=words[2 * k + (label == "toxic")]) for k in range(n_per_label)
+            for label in ("toxic", "benign")]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_collect_never_holds_rows_x_neurons(tmp_path):
+    """01's numpy memory (tracemalloc sees every numpy array; torch's own tensors it does not) stays at about one
+    batch of pooled rows, far below the rows x neurons matrix: the pieces go to disk as they are made, and the
+    artifact is streamed from them. Holding the matrix (or a copy of it to save or fingerprint) would fail this."""
+    import tracemalloc
+    model = wide_model(tmp_path / "wide", 50_000)
+    data = many_items(tmp_path / "items.jsonl", 32)
+    matrix_bytes = 64 * 100_000 * 4  # 25.6 MB; a batch of 4 rows is 1.6 MB
+    tracemalloc.start()
+    try:
+        run_stage("01_collect.py", "--model", model, "--data", data, "--mode", "prompts", "--batch-size", "4",
+                  "--run", "wide", cwd=tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    arrays, _ = artifacts.load_npz(tmp_path / "runs/wide/activations.npz", "")
+    assert arrays["activations"].nbytes == matrix_bytes
+    assert peak < matrix_bytes / 3, f"01 allocated {peak / 1e6:.1f} MB of numpy/Python memory at once"
+
+
+def test_score_never_holds_rows_x_neurons(tmp_path):
+    """02 reads the activations a column chunk at a time from the file (artifacts.StoredMatrix) and checks its
+    fingerprint a block at a time: its peak numpy memory is far below the matrix, and its result is the in-memory
+    one. Loading the matrix (artifacts.load_npz, or np.load) would fail this."""
+    import tracemalloc
+    score = load_stage("02_score.py")
+    rng = np.random.default_rng(0)
+    activations = rng.normal(size=(400, 40_000)).astype(np.float32)  # 64 MB
+    labels = (np.arange(400) % 3 == 0).astype(np.int8)
+    activations[labels == 1, :50] += 1  # a few real experts
+    artifacts.save_npz(tmp_path / "runs/big/activations.npz", dict(activations=activations, labels=labels),
+                    dict(model="synthetic", sites=[[f"model.layers.{i}.mlp.down_proj", 20_000] for i in (0, 1)],
+                         dtype="float32", data="synthetic", data_checksum="0" * 64, settings={"mode": "synthetic"}))
+    expected = score.auroc_columns(activations, labels)
+    matrix_bytes = activations.nbytes
+    del activations
+    tracemalloc.start()
+    try:
+        run_stage("02_score.py", "--run", "big", "--chunk-neurons", "512", cwd=tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    arrays, meta = artifacts.load_npz(tmp_path / "runs/big/expertise.npz", "")
+    np.testing.assert_array_equal(arrays["auroc"], expected)
+    assert meta["peak_rss_mb"] > 50
+    # ~18 MB: per-neuron arrays (AUROC, p, q, the null's draws: ~9 MB here) and 8 MB blocks of the fingerprint
+    assert peak < matrix_bytes / 2, f"02 allocated {peak / 1e6:.1f} MB of numpy/Python memory at once"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_stored_matrix_reads_what_was_saved(tmp_path, dtype):
+    score = load_stage("02_score.py")
+    matrix = np.random.default_rng(1).normal(size=(7, 1000)).astype(dtype)
+    artifacts.save_npz(tmp_path / "a.npz", dict(labels=np.arange(7), activations=matrix), {})
+    stored = artifacts.StoredMatrix(tmp_path / "a.npz", "activations")
+    assert stored.shape == matrix.shape and stored.dtype == matrix.dtype
+    for columns in (slice(0, 300), slice(900, 1200), slice(999, None)):
+        np.testing.assert_array_equal(stored[:, columns], matrix[:, columns])
+    np.testing.assert_array_equal(np.vstack(list(stored.row_blocks(block_bytes=3 * 1000))), matrix)
+    labels = np.array([0, 1, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(score.auroc_columns(stored, labels, chunk_neurons=128),
+                                  score.auroc_columns(matrix, labels, chunk_neurons=128))
+
+
+def test_store_dtype_and_widthcheck_options_are_checked_first(tmp_path, tripwire):
+    for script, flags, option in [("01_collect.py", ["--model", NO_MODEL, "--store-dtype", "bfloat16"], "--store-dtype"),
+                                  ("widthcheck.py", ["--layers", "0"], "--layers"),
+                                  ("widthcheck.py", ["--items", "1"], "--items"),
+                                  ("widthcheck.py", ["--out", "/tmp/x"], "--out")]:
+        with pytest.raises(common.UserError, match=f"^error: (unknown )?{option} ") as error:
+            run_stage(script, *flags, cwd=tmp_path)
+        assert "\n" not in error.value.message
+    assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO, write_items
 from test_pipeline import run_stage
 
+import artifacts
 import common
 import models
 from common import UserError, run_name
@@ -44,6 +45,7 @@ BAD = [
     ("01_collect.py", ["--sample-top-k", "0"], "--sample-top-k"),
     ("01_collect.py", ["--seed", "-1"], "--seed"),
     ("01_collect.py", ["--pooling", "median"], "--pooling"),
+    ("01_collect.py", ["--store-dtype", "bfloat16"], "--store-dtype"),
     ("01_collect.py", ["--run", "../escape"], "--run"),
     ("02_score.py", ["--chunk-neurons", "0"], "--chunk-neurons"),
     ("02_score.py", ["--permutations", "0"], "--permutations"),
@@ -61,6 +63,8 @@ BAD = [
     ("03_suppress.py", ["--fdr", "0"], "--fdr"),
     ("03_suppress.py", ["--out", "../suppression.pt"], "--out"),
     ("03_suppress.py", ["--run", "a/../../b"], "--run"),
+    ("03_suppress.py", ["--seed", "-1"], "--seed"),
+    ("03_suppress.py", ["--random-control", "true"], "--random-control"),  # without --export: nothing to bake
     ("04_evaluate.py", ["--strengths", "0.5,-1"], "--strengths"),
     ("04_evaluate.py", ["--limits", "standard=-3"], "--limits"),
     ("04_evaluate.py", ["--limits", "standart=3"], "--limits"),
@@ -76,6 +80,10 @@ BAD = [
     ("04_evaluate.py", ["--report", "../results"], "--report"),
     ("04_evaluate.py", ["--suppression", os.path.join(tempfile.gettempdir(), "suppression.pt")], "--suppression"),
     ("04_evaluate.py", ["--run", "a\\b"], "--run"),
+    ("04_evaluate.py", ["--endpoint-workers", "0"], "--endpoint-workers"),
+    ("04_evaluate.py", ["--endpoint-timeout", "0"], "--endpoint-timeout"),
+    ("04_evaluate.py", ["--endpoint-retries", "-1"], "--endpoint-retries"),
+    ("04_evaluate.py", ["--endpoint", "base=http://127.0.0.1:9/v1?key=x,sgm=x,random=y"], "--endpoint"),
     ("tune.py", ["--max-fluency-cost", "-0.1"], "--max-fluency-cost"),
     ("tune.py", ["--judge-threshold", "2"], "--judge-threshold"),
     ("tune.py", ["--limits", "standard"], "--limits"),
@@ -94,7 +102,8 @@ BAD = [
 ]
 # Edge values that are valid: they pass the checks and reach the first load.
 GOOD_EDGES = [
-    ("01_collect.py", ["--judge-threshold", "1", "--limit", "0", "--batch-size", "1", "--samples", "0"]),
+    ("01_collect.py", ["--judge-threshold", "1", "--limit", "0", "--batch-size", "1", "--samples", "0",
+                       "--store-dtype", "float16"]),
     ("02_score.py", ["--permutations", "1", "--null-draws", "1", "--chunk-neurons", "1", "--seed", "0"]),
     ("03_suppress.py", ["--strength", "0", "--damp-factor", "0", "--top-k", "0"]),
     ("03_suppress.py", ["--method", "damp", "--top-k", "1", "--damp-factor", "1", "--run", "tune/calibration-x"]),
@@ -112,7 +121,8 @@ class Loaded(Exception):
 def tripwire(monkeypatch):
     def loaded(*args, **kwargs):
         raise Loaded
-    for module, names in ((common, ("load_items", "load_npz", "load_pt")), (models, ("load_model", "resolve_model_path"))):
+    for module, names in ((common, ("load_items",)), (artifacts, ("load_npz", "load_pt")),
+                          (models, ("load_model", "resolve_model_path"))):
         for name in names:
             monkeypatch.setattr(module, name, loaded)
 
@@ -195,15 +205,36 @@ def test_makefile_names_the_run_as_the_stages_do(model):
     assert f"--model {model} " in stages[0] + " "
     # the rules: each artifact under runs/<run>/ depends on its script, the shared modules and the one before it
     rules = dict(line.split(": ", 1) for line in done.stdout.splitlines() if line.startswith("runs/") and ": " in line)
-    data = "data/mm_toxic_qa/items.jsonl .venv/.installed"
-    shared = "common.py models.py judges.py"
-    assert rules[f"runs/{run}/activations.npz"] == f"01_collect.py {shared} {data}" + (
-        " plant.py" if model == "demo-planted" else "")
+    # every repository module a stage imports, directly or through another (plant.py only for the planted model)
+    shared = local_modules(["01_collect.py", "02_score.py", "03_suppress.py", "04_evaluate.py"]) - {"plant.py"}
+    collect = rules[f"runs/{run}/activations.npz"].split()
+    assert collect[0] == "01_collect.py" and collect[-2:] == ["data/mm_toxic_qa/items.jsonl", ".venv/.installed"] \
+        if model != "demo-planted" else collect[-3:] == ["data/mm_toxic_qa/items.jsonl", ".venv/.installed", "plant.py"]
+    assert {p for p in collect[1:] if p.endswith(".py")} - {"plant.py"} == shared
     for stage, artifact, before in [("02_score.py", "expertise.npz", "activations.npz"),
                                     ("03_suppress.py", "suppression.pt", "expertise.npz"),
                                     ("04_evaluate.py", "results.json", "suppression.pt")]:
-        assert rules[f"runs/{run}/{artifact}"] == f"{stage} {shared} runs/{run}/{before}"
+        prerequisites = rules[f"runs/{run}/{artifact}"].split()
+        assert prerequisites[0] == stage and prerequisites[-1] == f"runs/{run}/{before}"
+        assert set(prerequisites[1:-1]) == shared
     assert {rule.split("/")[1] for rule in rules} == {run}  # nothing under another name
+
+
+def local_modules(scripts):
+    """The repository's own modules that `scripts` import, directly or through one another (imports inside
+    functions too)."""
+    import ast
+    found, todo = set(), list(scripts)
+    while todo:
+        for node in ast.walk(ast.parse((REPO / todo.pop()).read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                module = name.split(".")[0] + ".py"
+                if (REPO / module).exists() and module not in found:
+                    found.add(module)
+                    todo.append(module)
+    return found
 
 
 def test_makefile_refuses_an_empty_run():

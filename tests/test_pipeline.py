@@ -11,10 +11,13 @@ import pytest
 import torch
 from conftest import MILD_TEXTS, REPO, write_items
 
+import artifacts
 import common
 import judges
 import models
-from common import UserError, load_items, load_npz, load_pt, save_pt
+import neurons
+from artifacts import load_npz, load_pt, save_pt
+from common import UserError, load_items
 
 
 def run_stage(script, *args, cwd):
@@ -218,7 +221,7 @@ def test_non_finite_activations_name_the_layer():
         model.model.language_model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     batch = common.encode(processor, [dict(id="0", text="the cat", task="continue", image_path=None)], "cpu")
     with pytest.raises(UserError, match="layers.1.mlp.down_proj"):
-        with torch.no_grad(), common.record_neurons(sites) as recorder:
+        with torch.no_grad(), neurons.record_neurons(sites) as recorder:
             recorder.mask = batch["attention_mask"].bool()
             model.model(**batch)
 
@@ -226,7 +229,7 @@ def test_non_finite_activations_name_the_layer():
 def test_failed_write_leaves_no_artifact(tmp_path):
     """Atomic writes: an error while writing leaves neither the artifact nor a temp file."""
     with pytest.raises(ValueError, match="pickle"):  # object arrays would need pickle: refused mid-write
-        common.save_npz(tmp_path / "a.npz", {"ok": np.ones(3), "bad": np.array([object()], dtype=object)}, {})
+        artifacts.save_npz(tmp_path / "a.npz", {"ok": np.ones(3), "bad": np.array([object()], dtype=object)}, {})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -379,7 +382,7 @@ def test_pieces_of_another_configuration_are_discarded(tmp_path):
     run_stage("01_collect.py", *args, "--run", "whole", cwd=tmp_path)
     stale = tmp_path / "runs/r/activations.partial"
     stale.mkdir(parents=True)
-    common.save_npz(stale / "batch-00000.npz", {"activations": np.full((4, 96), 7.0, dtype=np.float32)}, {})
+    artifacts.save_npz(stale / "batch-00000.npz", {"activations": np.full((4, 96), 7.0, dtype=np.float32)}, {})
     run_stage("01_collect.py", *args, "--run", "r", cwd=tmp_path)
     whole, _ = load_npz(tmp_path / "runs/whole/activations.npz", "")
     fresh, _ = load_npz(tmp_path / "runs/r/activations.npz", "")

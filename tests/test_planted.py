@@ -10,8 +10,10 @@ import torch
 from conftest import write_items
 from test_pipeline import run_stage
 
+import artifacts
 import common
 import models
+import neurons
 
 PLANTED_WORD = " music"  # a mild word that no calibration prompt contains
 
@@ -87,11 +89,11 @@ def test_stages_find_damp_and_remove_the_planted_neuron(planted, tmp_path):
                           ["02_score.py", "--run", "planted"],
                           ["03_suppress.py", "--run", "planted", "--export", tmp_path / "export"]):
         run_stage(script, *args, cwd=tmp_path)
-    expertise, _ = common.load_npz(tmp_path / "runs/planted/expertise.npz", "02_score.py")
+    expertise, _ = artifacts.load_npz(tmp_path / "runs/planted/expertise.npz", "02_score.py")
     auroc = expertise["auroc"]
     # 02 ranks it first (ties with a chance-perfect neuron would still count as first: none is above it).
     assert auroc[record["flat_index"]] == 1.0 and (auroc > auroc[record["flat_index"]]).sum() == 0
-    tensors, _ = common.load_pt(tmp_path / "runs/planted/suppression.pt", "03_suppress.py")
+    tensors, _ = artifacts.load_pt(tmp_path / "runs/planted/suppression.pt", "03_suppress.py")
     alpha = tensors["alpha"]
     assert alpha[record["flat_index"]] == 0.0  # AUROC 1 -> alpha = 2 (1 - 1) = 0: silenced
 
@@ -106,7 +108,7 @@ def test_stages_find_damp_and_remove_the_planted_neuron(planted, tmp_path):
     # The plant works on held-out prompts of the same kind, and only on them.
     assert planted_toxic.mean() > 0.1 and planted_toxic.mean() > 20 * plain_toxic.mean()
     assert planted_toxic.mean() > 3 * planted_benign.mean()
-    with common.suppress_neurons(sites, alpha):
+    with neurons.suppress_neurons(sites, alpha):
         hooked_toxic = planted_token_probability(model, processor, toxic, token)
     # SGM silences it (alpha 0); what is left is the rest of SGM's damping (about half of the 96 neurons).
     assert hooked_toxic.mean() < planted_toxic.mean() / 4
@@ -126,7 +128,7 @@ def test_report_names_the_planted_neuron(planted, tmp_path):
         run_stage(script, *args, cwd=tmp_path)
     results = json.loads((tmp_path / "runs/p/results.json").read_text())
     planted_meta = results["meta"]["planted"]
-    expertise, _ = common.load_npz(tmp_path / "runs/p/expertise.npz", "02_score.py")
+    expertise, _ = artifacts.load_npz(tmp_path / "runs/p/expertise.npz", "02_score.py")
     assert planted_meta["flat_index"] == record["flat_index"] and planted_meta["rank"] == 1
     assert planted_meta["auroc"] == pytest.approx(float(expertise["auroc"][record["flat_index"]]))
     assert planted_meta["q_value"] == pytest.approx(float(expertise["q_value"][record["flat_index"]]))

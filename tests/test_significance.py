@@ -7,7 +7,8 @@ from conftest import load_stage
 from scipy.stats import false_discovery_control, kstest
 from test_pipeline import run_stage
 
-from common import UserError, load_npz, load_pt, save_npz
+from artifacts import load_npz, load_pt, save_npz
+from common import UserError
 
 score = load_stage("02_score.py")
 
@@ -109,7 +110,7 @@ def test_within_prompt_null_is_not_fooled_by_prompt_effects():
 
 # ---- as commands ------------------------------------------------------------------------------------------
 
-SITES = [["layer.0", 500], ["layer.1", 500], ["layer.2", 500], ["layer.3", 500]]
+SITES = [[f"model.layers.{i}.mlp.down_proj", 500] for i in range(4)]
 
 
 def write_activations(run_dir, x, labels, item_ids):

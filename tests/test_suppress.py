@@ -4,7 +4,8 @@ import pytest
 from conftest import load_stage
 from test_pipeline import run_stage
 
-from common import UserError, load_pt, save_npz
+from artifacts import load_pt, save_npz
+from common import UserError
 
 suppress = load_stage("03_suppress.py")
 AUROC = np.random.default_rng(0).uniform(0, 1, size=1000)
@@ -91,8 +92,8 @@ def write_expertise(run_dir, with_q=True):
     q[::7] = 0.01                      # "significant"
     q[::21] = 0.2                      # significant only at a looser --fdr
     arrays = dict(auroc=AUROC, p_value=q / 10, q_value=q) if with_q else dict(auroc=AUROC)
-    meta = dict(model="synthetic", sites=[[f"layer.{i}", n] for i, n in enumerate(SIZES)], dtype="float32",
-                data="synthetic", data_checksum="0" * 64, upstream_settings={}, null="closed")
+    meta = dict(model="synthetic", sites=[[f"model.layers.{i}.mlp.down_proj", n] for i, n in enumerate(SIZES)],
+                dtype="float32", data="synthetic", data_checksum="0" * 64, upstream_settings={}, null="closed")
     save_npz(run_dir / "expertise.npz", arrays, meta)
     return q
 

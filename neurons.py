@@ -1,0 +1,293 @@
+"""Neurons: which units of the language model are SGM's neurons, and the hooks that read and damp them.
+
+A neuron is one coordinate of the input of an MLP's down projection in the language model: in a dense MLP (and
+a mixture-of-experts layer's shared expert), the input of `down_proj`; among routed experts, the input of one
+expert's down projection, so a neuron there is (layer, expert, index) (FusedExperts). Used by 01 (recording),
+03 (--export), 04 (damping), plant.py, tune.py and bench.py.
+"""
+import re
+from contextlib import contextmanager
+
+import torch
+
+from common import fail
+
+# model: in a dense MLP, the input of `down_proj`; in a mixture-of-experts layer, the input of one expert's
+# down projection, so a neuron there is (layer, expert, index) (see FusedExperts).
+
+class FusedExperts:
+    """The routed experts of one mixture-of-experts layer, as a neuron site.
+
+    transformers 5.x stores them fused: `experts.gate_up_proj` (experts x 2*I x hidden) and `experts.down_proj`
+    (experts x hidden x I; transposed in some families), with no per-expert down_proj module to hook. The site
+    has experts x I neurons; neuron e*I + m is the m-th input of expert e's down projection, i.e.
+    act(gate_e x) * (up_e x) before the router's weight multiplies the expert's output.
+
+    What a routed neuron is on a token the router did not send to its expert: 0, because the expert
+    contributes nothing there. Pooling runs over the same positions as for dense models, so how often an
+    expert is chosen is part of its neurons' signal (a neuron whose expert never sees toxic tokens has mean 0
+    there). Alternatives, not implemented: pool only over routed tokens (the neuron's response given
+    routing, blind to routing itself), or score the router's logits per expert as their own "neurons".
+    Shared experts (GLM-4.5V's `shared_experts`) are plain MLPs on every token: ordinary down_proj sites.
+
+    Recording recomputes the routed activations in a hook on the experts module, from the inputs the router
+    gave it (hidden states, chosen experts), with the model's own gating function; damping scales down_proj's
+    columns per expert in place and restores the exact original values on exit (suppress_neurons). The router
+    is never touched: damping changes which experts are chosen only through the residual stream it changes."""
+
+    def __init__(self, experts):
+        down = experts.down_proj
+        if getattr(experts, "has_bias", False) or not hasattr(experts, "_apply_gate") or down.dim() != 3:
+            fail(f"cannot read the routed neurons of {type(experts).__name__}: neurons.FusedExperts expects "
+                 "transformers' fused experts (3-D gate_up_proj and down_proj, no biases, _apply_gate); add a "
+                 "rule for this layout there")
+        self.experts, self.transposed = experts, bool(getattr(experts, "is_transposed", False))
+        self.n_experts = down.shape[0]
+        self.width = down.shape[1] if self.transposed else down.shape[2]  # I: one expert's neurons
+        self.in_features = self.n_experts * self.width
+
+    def columns(self):
+        """down_proj as (experts, I, hidden): row [e, m] is what neuron (e, m) writes (a view, not a copy)."""
+        down = self.experts.down_proj
+        return down if self.transposed else down.transpose(1, 2)
+
+    def routed(self, hidden, top_k_index):
+        """(expert, token indices, activations tokens x I) for each expert some token was routed to; exactly
+        the values the experts' forward feeds into down_proj (same weights, dtype and gating function)."""
+        experts = self.experts
+        for expert in torch.unique(top_k_index).tolist():
+            if expert >= self.n_experts:  # some implementations mark padding or remote experts past the end
+                continue
+            tokens = (top_k_index == expert).any(-1).nonzero().squeeze(1)
+            gate_up = experts.gate_up_proj[expert]
+            x = hidden[tokens]
+            yield expert, tokens, experts._apply_gate(x @ gate_up if self.transposed else x @ gate_up.T)
+
+
+def neuron_sites(model):
+    """[(qualified name, site)] of the language model's decoder layers, in layer order. A site is a down_proj
+    Linear (dense MLPs, shared experts) or FusedExperts (routed experts); each has `in_features` neurons.
+
+    The language model is found from the structure (`get_decoder()`), so the vision tower's MLPs are never
+    included even when they also name a layer `down_proj` (Qwen2.5-VL's vision blocks do). Every decoder layer
+    must have at least one site, or this fails naming the layers it cannot read: a model whose layers are only
+    partly covered never runs quietly. Families: LLaVA, LLaVA-NeXT/OneVision, Qwen2/2.5/3-VL, Idefics3/SmolVLM,
+    PaliGemma, Gemma 3, InternVL3, Llama-3.2-Vision, and the mixture-of-experts Qwen3-VL-MoE and GLM-4.5V
+    (routed experts + shared experts; GLM's first layers are dense).
+
+    Llama-3.2-Vision (mllama) interleaves cross-attention decoder layers (every 5th) with self-attention ones;
+    each has its own MLP, and all of them are neuron sites, one per decoder layer as for every family. A
+    cross-attention layer's MLP reads the residual stream right after that layer has attended to the image
+    features (gated by tanh(cross_attn_mlp_gate)), so it is post-fusion in the paper's sense, and it is where
+    Llama-3.2-Vision's image information first enters the text positions; leaving it out would skip the very
+    layers that fuse the image. (Positions before the image token have their cross-attention MLP output
+    masked to zero by the model, so damping acts only from the image on; their activations are still pooled.)"""
+    language_model = model.get_decoder()
+    layers = getattr(language_model, "layers", None)
+    if language_model is model or not isinstance(layers, torch.nn.ModuleList):
+        fail(f"cannot find the language model's decoder layers in {type(model).__name__}: neurons.neuron_sites "
+             "expects model.get_decoder().layers; add a rule there for this family")
+    names = {module: name for name, module in model.named_modules()}
+    sites, unread = [], []
+    for number, layer in enumerate(layers):
+        found = []
+        for name, module in layer.named_modules():
+            parts = name.split(".")
+            if "mlp" not in parts:
+                continue
+            if parts[-1] == "down_proj" and isinstance(module, torch.nn.Linear):
+                found.append((names[module], module))  # a dense MLP, or a shared expert
+            elif isinstance(getattr(module, "down_proj", None), torch.nn.Parameter) and hasattr(module, "gate_up_proj"):
+                found.append((names[module] + ".down_proj", FusedExperts(module)))
+        sites += found
+        if not found:
+            unread.append(number)
+    if unread:
+        fail(f"cannot find the MLP neurons of decoder layer(s) {unread} of {len(layers)} in {type(model).__name__}: "
+             "neurons.neuron_sites looks for Linear layers named `down_proj` under each layer's `mlp` and for fused "
+             "experts (3-D down_proj); add a rule there that returns, per decoder layer, the layer whose input is "
+             "the MLP's hidden activation (e.g. `fc2` in OPT)")
+    return sites
+
+
+def decoder_layer(site_name):
+    """The decoder layer of a site, from its name (model.language_model.layers.7.mlp.experts.down_proj -> 7)."""
+    found = re.search(r"\.layers\.(\d+)\.", site_name)
+    if not found:
+        fail(f"cannot tell the decoder layer of neuron site {site_name!r}: neurons.decoder_layer expects "
+             "'.layers.<n>.' in its name; extend it for this family")
+    return int(found.group(1))
+
+
+def neurons_per_layer(site_sizes):
+    """[(site name, neurons)] -> neurons per decoder layer, in layer order: a mixture-of-experts layer's routed
+    experts and shared expert count together (per-layer tables, 03's --layers and --normalise layer)."""
+    layers = [decoder_layer(name) for name, _ in site_sizes]
+    if layers != sorted(layers):
+        fail("neuron sites are not in decoder-layer order: rerun 01_collect.py with this version")
+    return [sum(size for (_, size), at in zip(site_sizes, layers) if at == layer) for layer in sorted(set(layers))]
+
+
+def split_by_site(flat, sites):
+    """A flat per-neuron vector (all sites concatenated in order) -> one tensor per site."""
+    sizes = [module.in_features for _, module in sites]
+    if flat.numel() != sum(sizes):
+        fail(f"alpha has {flat.numel()} neurons but the model has {sum(sizes)} "
+             f"({len(sizes)} layers): rerun 03_suppress.py for this model")
+    return list(torch.split(flat, sizes))
+
+
+class NeuronRecorder:
+    """Pools each neuron over the positions in `mask` inside the hook, so per-token activations are never
+    kept. Set `mask` (batch x positions, bool) before each forward; read `pop()` after it. While `mask` is
+    None the hooks record nothing (e.g. during generation)."""
+
+    def __init__(self, sites, pooling):
+        if pooling not in ("mean", "max"):
+            fail(f"unknown pooling {pooling!r}; use mean or max")
+        self.site_names = [name for name, _ in sites]
+        self.pooling, self.mask, self.pooled = pooling, None, {}
+
+    def linear_hook(self, index, module, args):
+        """A down_proj Linear: its input, batch x positions x neurons."""
+        if self.mask is None:
+            return
+        x = args[0]
+        mask = self.mask.to(x.device)
+        if self.pooling == "mean":
+            summed = torch.einsum("bti,bt->bi", x.float(), mask.float())
+            pooled = summed / mask.sum(1, keepdim=True).clamp(min=1)
+        else:
+            pooled = x.float().masked_fill(~mask[..., None], float("-inf")).amax(1)
+        self.store(index, pooled)
+
+    def experts_hook(self, index, site, args, kwargs):
+        """Fused experts (FusedExperts): their input is the flattened hidden states (batch*positions x hidden)
+        and the experts the router chose per token; each expert's neurons are recomputed on the tokens routed
+        to it and are 0 on the others."""
+        if self.mask is None:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        mask = self.mask.to(hidden.device)
+        n_rows, n_positions = mask.shape
+        if hidden.shape[0] != mask.numel():
+            fail(f"{self.site_names[index]} saw {hidden.shape[0]} tokens for a {n_rows} x {n_positions} mask: "
+                 "the experts module must get the batch flattened in order (neurons.FusedExperts)")
+        flat_mask = mask.reshape(-1)
+        n_pooled = mask.sum(1)
+        if self.pooling == "mean":
+            pooled = torch.zeros(n_rows, site.n_experts, site.width, device=hidden.device)
+        else:
+            pooled = torch.full((n_rows, site.n_experts, site.width), float("-inf"), device=hidden.device)
+            n_routed = torch.zeros(n_rows, site.n_experts, device=hidden.device)
+        for expert, tokens, activations in site.routed(hidden, top_k_index):
+            keep = flat_mask[tokens]
+            rows, activations = tokens[keep] // n_positions, activations[keep].float()
+            if self.pooling == "mean":
+                pooled[:, expert].index_add_(0, rows, activations)
+            else:
+                pooled[:, expert].scatter_reduce_(0, rows[:, None].expand_as(activations), activations, "amax")
+                n_routed[:, expert].index_add_(0, rows, torch.ones_like(rows, dtype=n_routed.dtype))
+        if self.pooling == "mean":
+            pooled = pooled.reshape(n_rows, -1) / n_pooled[:, None].clamp(min=1)
+        else:  # an expert that missed some pooled position was 0 there
+            missed = n_routed < n_pooled[:, None]
+            pooled = torch.where(missed[..., None], pooled.clamp(min=0), pooled).reshape(n_rows, -1)
+        self.store(index, pooled)
+
+    def store(self, index, pooled):
+        if not torch.isfinite(pooled).all():
+            fail(f"non-finite activations at {self.site_names[index]} (NaN/inf): try --dtype float32, "
+                 "or check that every item has at least one pooled position")
+        self.pooled[index] = pooled.cpu()
+
+    def pop(self):
+        out = torch.cat([self.pooled[i] for i in range(len(self.site_names))], dim=1)
+        self.pooled = {}
+        return out.numpy()
+
+
+@contextmanager
+def record_neurons(sites, pooling="mean"):
+    recorder = NeuronRecorder(sites, pooling)
+    handles = []
+    try:
+        for index, (_, site) in enumerate(sites):
+            if isinstance(site, FusedExperts):
+                handles.append(site.experts.register_forward_pre_hook(
+                    lambda module, args, kwargs, index=index, site=site: recorder.experts_hook(index, site, args,
+                                                                                               kwargs),
+                    with_kwargs=True))
+            else:
+                handles.append(site.register_forward_pre_hook(
+                    lambda module, args, index=index: recorder.linear_hook(index, module, args)))
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def suppress_neurons(sites, alpha):
+    """Multiply each down_proj input by alpha (flat, all sites) while inside. Sites whose alpha is all ones are
+    not touched, so they cost nothing and stay bit-identical.
+
+    A Linear gets a forward pre-hook (removed on exit, also on error). Fused experts have no per-expert module
+    to hook, so alpha is folded into their down_proj rows in place (the same product fold_alpha bakes) and the
+    original values of the changed entries are put back on exit, bit for bit; a copy of those entries is held
+    meanwhile (at most the experts' down_proj size)."""
+    handles, saved = [], []
+    try:
+        for (name, site), factor in zip(sites, split_by_site(torch.as_tensor(alpha).float(), sites)):
+            if torch.all(factor == 1):
+                continue
+            if isinstance(site, FusedExperts):
+                columns = site.columns()
+                if columns.is_meta:
+                    fail(f"cannot damp {name}: its weights are offloaded (device_map put them on disk); give the "
+                         "model enough GPU/CPU memory, or export with 03_suppress.py --export and serve that")
+                factor = factor.view(site.n_experts, site.width).to(columns.device)
+                changed = factor != 1
+                with torch.no_grad():
+                    saved.append((columns, changed, columns[changed].clone()))
+                    columns.mul_(factor.to(columns.dtype)[..., None])
+                continue
+            cast = {}  # alpha in the activation's dtype and device, made once per (dtype, device)
+
+            def hook(module, args, factor=factor, cast=cast):
+                x = args[0]
+                key = (x.dtype, x.device)
+                if key not in cast:
+                    cast[key] = factor.to(dtype=x.dtype, device=x.device)
+                return (x * cast[key],) + tuple(args[1:])
+            handles.append(site.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for columns, changed, original in saved:
+                columns[changed] = original
+
+
+@torch.no_grad()
+def fold_alpha(sites, alpha):
+    """Bake alpha into the weights: column m of a down_proj Linear times alpha_m (the same logits as the hooks
+    without hooks); for fused experts, each expert's down projection row for its neuron m."""
+    for (_, site), factor in zip(sites, split_by_site(torch.as_tensor(alpha).float(), sites)):
+        if isinstance(site, FusedExperts):
+            columns = site.columns()
+            columns.mul_(factor.view(site.n_experts, site.width, 1).to(columns.device, columns.dtype))
+        else:
+            site.weight.mul_(factor.to(site.weight.device, site.weight.dtype)[None, :])
+
+
+def matched_random_control(alpha, sizes, seed):
+    """SGM's alpha values shuffled across neurons within each site (`sizes`: neurons per site; a site is a
+    decoder layer's MLP, or a mixture-of-experts layer's routed experts or shared expert): the same damping per
+    site on random neurons, with a torch generator seeded `seed`. 04_evaluate.py's `random` method and the
+    export that serves it (03_suppress.py --random-control)."""
+    generator = torch.Generator().manual_seed(seed)
+    alpha = torch.as_tensor(alpha)
+    return torch.cat([site[torch.randperm(site.numel(), generator=generator)] for site in torch.split(alpha, sizes)])
