@@ -81,8 +81,11 @@ sweep: $(R)/suppression.pt
 tune: $(VENV)/.installed $(DATA)
 	$(PY) tune.py --model $(MODEL) --data $(DATA) --out $(if $(filter demo,$(RUN)),tune,tune-$(RUN)) $(TUNE_ARGS)
 
+# pytest-xdist: one worker per core, at most 4 (each holds torch and its tiny checkpoints); 245 s instead of 319 s
+# on 2 cores. TEST_ARGS="-n 0" runs in one process (e.g. to debug), TEST_ARGS="-k moe" a subset.
+TEST_ARGS ?= -n auto --maxprocesses 4
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(TEST_ARGS) tests
 
 # Speed of the hot paths as ratios measured in one run (bench.py; a few minutes on the demo model).
 bench: $(VENV)/.installed $(DATA)

@@ -211,7 +211,7 @@ if __name__ == "__main__":
     write_text(data, "".join(json.dumps(item) + "\n" for item in items[:cfg["items"]]))
     logs = run_dir.with_name(f"{name}-logs")
     logs.mkdir(parents=True, exist_ok=True)
-    measured = {"start-up": run_measured("", "-c", "import common, models, torch, transformers, scipy, matplotlib.pyplot",
+    measured = {"start-up": run_measured("", "-c", "import common, models, torch, transformers, scipy.stats, matplotlib.pyplot",
                                          log=logs / "startup.log")}
     for stage, script, args in [
             ("01", "01_collect.py", ["--model", checkpoint, "--run", run, "--data", data, "--mode", "prompts",
