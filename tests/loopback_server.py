@@ -35,7 +35,7 @@ class LoopbackServer:
         self.chat_template = chat_template or (template_file.read_text() if template_file.exists() else None)
         self.served_name, self.faults = served_name, dict(dict(prompt_logprobs=True), **faults)
         self.lock = threading.RLock()  # the stats and the model; re-entered when a fault replies under it
-        self.stats = dict(requests=0, generations=0, in_flight=0, max_in_flight=0, authorization=set(),
+        self.stats = dict(requests=0, generations=0, admitted=0, in_flight=0, max_in_flight=0, authorization=set(),
                           generated_ids=[])
         server = self
 
@@ -89,9 +89,11 @@ class LoopbackServer:
                         if faults.get("fail_first", 0) > 0:
                             faults["fail_first"] -= 1
                             return self.reply(500, {"error": "busy"})
-                        if "drop_after" in faults and server.stats["generations"] >= faults["drop_after"]:
+                        # counted when admitted, under the lock: two requests in flight cannot both take the last slot
+                        if "drop_after" in faults and server.stats["admitted"] >= faults["drop_after"]:
                             self.close_connection = True
                             return  # the connection closes with no reply
+                        server.stats["admitted"] += 1
                     if faults.get("malformed"):
                         return self.reply(200, b"{\"choices\": [")
                     if faults.get("sleep_s"):
