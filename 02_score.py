@@ -55,8 +55,8 @@ defaults = dict(
 
 
 def auroc_columns(activations, labels, chunk_neurons=4096, with_ties=False):
-    """AUROC of every column of `activations` (items x neurons: an array or a artifacts.StoredMatrix, float32 or float16,
-    turned into float32 a chunk at a time) for binary `labels` (1 = toxic).
+    """AUROC of every column of `activations` (items x neurons: an array or an artifacts.StoredMatrix, float32 or
+    float16, turned into float32 a chunk at a time) for binary `labels` (1 = toxic).
 
     Same number as the rank formula in the module docstring, computed from one integer sort per neuron (the
     floor of any rank method; `make bench` compares it with a plain np.sort and with sklearn):

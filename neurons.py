@@ -55,13 +55,17 @@ class FusedExperts:
         """(expert, token indices, activations tokens x I) for each expert some token was routed to; exactly
         the values the experts' forward feeds into down_proj (same weights, dtype and gating function)."""
         experts = self.experts
+        if experts.gate_up_proj.is_meta:  # accelerate's offload loads them only inside the module's own forward
+            fail("cannot record the routed neurons of offloaded experts (device_map put their weights on disk or "
+                 "CPU offload): give the model enough GPU/CPU memory for --device auto")
         for expert in torch.unique(top_k_index).tolist():
             if expert >= self.n_experts:  # some implementations mark padding or remote experts past the end
                 continue
             tokens = (top_k_index == expert).any(-1).nonzero().squeeze(1)
             gate_up = experts.gate_up_proj[expert]
-            x = hidden[tokens]
-            yield expert, tokens, experts._apply_gate(x @ gate_up if self.transposed else x @ gate_up.T)
+            x = hidden[tokens].to(gate_up.device)  # the same device unless a device_map split the layer
+            activations = experts._apply_gate(x @ gate_up if self.transposed else x @ gate_up.T)
+            yield expert, tokens, activations.to(hidden.device)
 
 
 def neuron_sites(model):

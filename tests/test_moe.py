@@ -179,3 +179,21 @@ def test_layers_option_selects_decoder_layers_not_sites(tmp_path):
     assert (alpha[start:start + N_EXPERTS * EXPERT_WIDTH] == 0).any()  # routed experts of layer 1
     assert (alpha[layer1.stop - EXPERT_WIDTH:layer1.stop] == 0).any()  # its shared expert
     assert "in 1 of 3 decoder layers" in (tmp_path / "export/SGM_EXPORT.md").read_text()
+
+
+def test_offloaded_experts_are_refused_in_one_line(family):
+    """Experts whose weights accelerate keeps off the device (disk offload: meta tensors until their own forward)
+    can be neither recorded nor damped in place: one line each, not a meta-tensor traceback."""
+    _, path = family
+    model, processor, sites, _ = load_model(str(path))
+    experts = moe_blocks(model)[0].experts
+    for name in ("gate_up_proj", "down_proj"):
+        setattr(experts, name, torch.nn.Parameter(getattr(experts, name).to("meta"), requires_grad=False))
+    batch = encode(processor, ITEMS, "cpu")
+    with pytest.raises(UserError, match="cannot record the routed neurons of offloaded experts"):
+        with torch.no_grad(), record_neurons(sites) as recorder:
+            recorder.mask = batch["attention_mask"].bool()
+            model(**batch)
+    with pytest.raises(UserError, match="cannot damp .*offloaded"):
+        with suppress_neurons(sites, torch.full((sum(s.in_features for _, s in sites),), 0.5)):
+            pass
