@@ -197,3 +197,30 @@ def test_offloaded_experts_are_refused_in_one_line(family):
     with pytest.raises(UserError, match="cannot damp .*offloaded"):
         with suppress_neurons(sites, torch.full((sum(s.in_features for _, s in sites),), 0.5)):
             pass
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+def test_every_experts_implementation_is_recorded_and_damped_the_same(family, implementation):
+    """transformers runs fused experts through one of several kernels (grouped_mm by default, also on CPU here);
+    recording reads the module's inputs and weights, damping changes the weights, so neither depends on which:
+    the recorded neurons and the damped logits equal the default kernel's, and damped = baked."""
+    _, path = family
+    reference, processor, sites, _ = load_model(str(path))
+    model, _, model_sites, _ = load_model(str(path))
+    model.set_experts_implementation(implementation)
+    batch = encode(processor, ITEMS, "cpu")
+    n = sum(site.in_features for _, site in sites)
+    alpha = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for net, net_sites in ((reference, sites), (model, model_sites)):
+        with torch.no_grad(), record_neurons(net_sites) as recorder:
+            recorder.mask = batch["attention_mask"].bool()
+            net(**batch)
+            pooled = recorder.pop()
+        with torch.no_grad(), suppress_neurons(net_sites, alpha):
+            outputs.append((pooled, net(**batch).logits))
+    np.testing.assert_allclose(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs[1][1], outputs[0][1], rtol=1e-5, atol=1e-5)
+    fold_alpha(model_sites, alpha)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, outputs[1][1], rtol=1e-5, atol=1e-5)
