@@ -33,7 +33,8 @@ the original loads it with AutoModelForImageTextToText.from_pretrained, no hooks
 
 --random-control true bakes, instead of SGM's alpha, 04_evaluate.py's `random` control (the same alpha values
 shuffled within each layer with --seed, which must equal 04's --seed, 0 by default), so that base, sgm and
-random can all be served (04_evaluate.py --endpoint; README, "Past one GPU"). suppression.pt is SGM's alpha either way.
+random can all be served (04_evaluate.py --endpoint; MODELS.md, "Past one GPU"). suppression.pt is SGM's alpha
+either way.
 A checkpoint without a chat template also gets sgm_chat_template.jinja, a template that renders a chat request
 exactly as the in-process fallback prompt (image placeholder, then the text): serve it with
 `vllm serve DIR --chat-template DIR/sgm_chat_template.jinja`; in-process loading ignores the file.

@@ -1,7 +1,7 @@
 """Generation and prompt log-probabilities from served models: 04_evaluate.py --endpoint, for models that do not
 fit one machine (vLLM or TGI serving an SGM export tensor-parallel, or any OpenAI-compatible chat server).
 
-    vllm serve exports/llava15-sgm --tensor-parallel-size 4 --port 8001 --chat-template ...   (README)
+    vllm serve exports/llava15-sgm --tensor-parallel-size 4 --port 8001 --chat-template ...   (MODELS.md)
     python 04_evaluate.py --model llava-hf/llava-1.5-7b-hf --run llava15 \
         --endpoint base=http://gpu1:8000/v1,sgm=http://gpu1:8001/v1,random=http://gpu1:8002/v1
 

@@ -281,7 +281,7 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
         from transformers.utils import is_torchvision_available
         if "torchvision" in str(e).lower() and not is_torchvision_available():
             fix = ("this family's processor needs torchvision, which is not installed on purpose (it breaks beside "
-                   "the pinned CPU torch); see README, supported families")
+                   "the pinned CPU torch); see MODELS.md, supported families")
         elif isinstance(e, ImportError):  # a package a processor needs (SmolVLM2's num2words) is missing
             fix = "install the pinned requirements: `make venv` (or pip install -r requirements.txt)"
         elif (folder / "SGM_EXPORT.md").is_file():  # 03_suppress.py --export wrote it: make it again
