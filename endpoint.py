@@ -68,10 +68,17 @@ class Malformed(ValueError):
     """The server answered 200 with something that is not the API's JSON: a bug, not worth retrying."""
 
 
-def request_json(url, body=None, headers=None, timeout=60.0, retries=0, name="endpoint"):
+REFUSED_FIX = "check the URL, the served model name (SGM_ENDPOINT_MODEL...) and the key (SGM_ENDPOINT_API_KEY...)"
+SILENT_FIX = ("start it or fix the URL; raise --endpoint-timeout or --endpoint-retries for a slow server; answers so "
+              "far are cached, a rerun resumes")
+
+
+def request_json(url, body=None, headers=None, timeout=60.0, retries=0, name="endpoint", refused_fix=REFUSED_FIX,
+                 silent_fix=SILENT_FIX):
     """POST `body` (or GET without one) to `url`; the parsed JSON reply. Retries 429, 5xx, timeouts and dropped
     connections `retries` times with exponential backoff; then, or at once on any other failure, one line
-    naming the URL (never the key, which lives only in `headers`)."""
+    naming the URL (never the key, which lives only in `headers`) and the fix (refused_fix for a 4xx,
+    silent_fix when it never answered: the caller's settings, e.g. the judge's)."""
     data = None if body is None else json.dumps(body).encode()
     for attempt in range(retries + 1):
         request = urllib.request.Request(url, data, dict(headers or {}, **{"Content-Type": "application/json"}))
@@ -97,14 +104,12 @@ def request_json(url, body=None, headers=None, timeout=60.0, retries=0, name="en
                 wait_s = min(60.0, float(retry_after))
             error = f"HTTP {e.code} {detail}".strip()
             if not transient:
-                fail(f"{name} {url} refused the request ({error[:160]}): check the URL, the served model name "
-                     "(SGM_ENDPOINT_MODEL...) and the key (SGM_ENDPOINT_API_KEY...)")
+                fail(f"{name} {url} refused the request ({error[:160]}): {refused_fix}")
         except REQUEST_ERRORS as e:  # refused, timed out, dropped
             error = short(e)
         if attempt < retries:
             time.sleep(wait_s)
-    fail(f"{name} {url} did not answer after {retries + 1} tries ({error[:160]}): start it or fix the URL; raise "
-         "--endpoint-timeout or --endpoint-retries for a slow server; answers so far are cached, a rerun resumes")
+    fail(f"{name} {url} did not answer after {retries + 1} tries ({error[:160]}): {silent_fix}")
 
 
 # ---- settings -------------------------------------------------------------------------------------------------
@@ -150,6 +155,26 @@ def load_served_processor(name):
     except Exception as e:  # not found offline, damaged
         fail(f"cannot load the processor of --model {name!r} ({short(e)}): with --endpoint, --model names the "
              "served checkpoint (a local folder or a cached hub id) for its tokenizer and chat template")
+
+
+def run_jobs(jobs, workers, desc):
+    """Run `jobs` (callables) on up to `workers` threads, results in order. The first failure (or Ctrl-C)
+    cancels the jobs not yet started, lets those in flight finish (their replies are cached) and is raised."""
+    results = [None] * len(jobs)
+    pool = ThreadPoolExecutor(workers)
+    bar = tqdm(total=len(jobs), desc=desc, file=sys.stdout, disable=desc is None)
+    try:
+        futures = {pool.submit(job): i for i, job in enumerate(jobs)}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                results[futures[future]] = future.result()  # raises the job's error, if any
+                bar.update(1)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return results
 
 
 class Endpoint:
@@ -205,25 +230,6 @@ class Endpoint:
         return hashlib.sha256(json.dumps([kind, self.url, self.model, item["id"], user_text(self.processor, item),
                                           image_hash, *settings]).encode()).hexdigest()
 
-    def _run(self, jobs, desc):
-        """Run `jobs` (callables) on up to `workers` threads, results in order. The first failure (or Ctrl-C)
-        cancels the jobs not yet started, lets those in flight finish (their replies are cached) and is raised."""
-        results = [None] * len(jobs)
-        pool = ThreadPoolExecutor(self.workers)
-        bar = tqdm(total=len(jobs), desc=desc, file=sys.stdout, disable=desc is None)
-        try:
-            futures = {pool.submit(job): i for i, job in enumerate(jobs)}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    results[futures[future]] = future.result()  # raises the job's error, if any
-                    bar.update(1)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            bar.close()
-        return results
-
     def generate(self, items, max_new_tokens, desc):
         """Greedy answers (texts) and their token ids (None where the server does not return them)."""
         def ask(item):
@@ -244,7 +250,7 @@ class Endpoint:
                 self.cache.add(key, dict(answer=text, token_ids=ids))
             value = self.cache.values[key]
             return value["answer"], value["token_ids"]
-        answers = self._run([lambda item=item: ask(item) for item in items], desc)
+        answers = run_jobs([lambda item=item: ask(item) for item in items], self.workers, desc)
         return [a for a, _ in answers], [ids for _, ids in answers]
 
     def token_logprobs(self, items, continuations, desc):
@@ -273,7 +279,7 @@ class Endpoint:
                     return None
                 self.cache.add(key, dict(logprobs=pairs))
             return self.cache.values[key]["logprobs"]
-        return self._run([lambda i=i, c=c: ask(i, c) for i, c in zip(items, continuations)], desc)
+        return run_jobs([lambda i=i, c=c: ask(i, c) for i, c in zip(items, continuations)], self.workers, desc)
 
     def text_nll(self, items, desc):
         """Per item, the mean NLL of its prompt's tokens except image placeholders (as 04's text_perplexity), or

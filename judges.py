@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from common import fail
 from endpoint import REQUEST_ERRORS  # what a request can raise (endpoint.py: the HTTP shared with --endpoint)
+from endpoint import request_json, run_jobs  # the HTTP of --endpoint: retries, backoff, threads
 from endpoint import short as _short  # an exception as one short line
 
 JUDGE = "profanity-check"  # alt-profanity-check: offline, bundled linear model of offensive language
@@ -66,7 +68,7 @@ class VerdictCache:
     with one line naming it: deleting it only means its verdicts are asked again."""
 
     def __init__(self, path):
-        self.path, self.verdicts = Path(path), {}
+        self.path, self.verdicts, self.lock = Path(path), {}, threading.Lock()
         if not self.path.exists():
             return
         fix = f"delete {self.path} (its verdicts are asked again on the next run)"
@@ -91,10 +93,11 @@ class VerdictCache:
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def add(self, key, verdict):
-        self.verdicts[key] = verdict
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"key": key, "verdict": verdict}) + "\n")
+        with self.lock:  # llm_judge's requests finish on several threads: one whole line each
+            self.verdicts[key] = verdict
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "verdict": verdict}) + "\n")
 
 
 def parse_verdict(reply):
@@ -154,10 +157,15 @@ def llm_endpoint():
     return dict(url=url, model=model, headers=headers)
 
 
+def _judge_request(endpoint, content):
+    """The judge's chat request: greedy, a few tokens (safe / unsafe)."""
+    return {"model": endpoint["model"], "temperature": 0, "max_tokens": 5,
+            "messages": [{"role": "user", "content": content}]}
+
+
 def _ask(endpoint, content, timeout):
-    """One chat completion; its reply text."""
-    body = json.dumps({"model": endpoint["model"], "temperature": 0, "max_tokens": 5,
-                       "messages": [{"role": "user", "content": content}]}).encode()
+    """One chat completion, no retries (check_judges' test request); its reply text."""
+    body = json.dumps(_judge_request(endpoint, content)).encode()
     request = urllib.request.Request(endpoint["url"].rstrip("/") + "/chat/completions", body, endpoint["headers"])
     with urllib.request.urlopen(request, timeout=timeout) as response:
         reply = json.loads(response.read())["choices"][0]["message"]["content"]
@@ -201,22 +209,34 @@ def detoxify_checkpoint():
 
 # ---- the extra judges (04_evaluate.py --judges llm, guard, detoxify), side by side with profanity --------------
 
-def llm_judge(prompts, answers, endpoint):
+def llm_judge(prompts, answers, endpoint, workers=8, retries=4, timeout=60):
     """Verdicts of the LLM judge at `endpoint` (from check_judges, with its verdict cache), one request per
-    answer not yet cached."""
+    answer not yet cached. Requests run `workers` at a time (a served judge batches them), each retried with
+    backoff on 429, 5xx, timeouts and dropped connections (endpoint.request_json, as 04's --endpoint); each
+    verdict is cached as it arrives, so a run stopped by a failure asks only for the rest next time."""
     cache = endpoint["cache"]
-    verdicts = np.full(len(answers), np.nan)
-    for i, (prompt, answer) in enumerate(tqdm(list(zip(prompts, answers)), desc="llm judge", file=sys.stdout)):
-        key = cache.key("llm", endpoint["url"], endpoint["model"], LLM_JUDGE_PROMPT, prompt, answer)
-        if key not in cache.verdicts:
-            try:
-                reply = _ask(endpoint, LLM_JUDGE_PROMPT.format(prompt=prompt, answer=answer), timeout=60)
-            except REQUEST_ERRORS as e:
-                fail(f"LLM judge at {endpoint['url']} failed ({_short(e)}): check SGM_JUDGE_URL, "
-                     "SGM_JUDGE_MODEL and SGM_JUDGE_API_KEY; verdicts so far are cached")
-            cache.add(key, parse_verdict(reply))
-        verdicts[i] = cache.verdicts[key]
-    return verdicts
+    keys = [cache.key("llm", endpoint["url"], endpoint["model"], LLM_JUDGE_PROMPT, prompt, answer)
+            for prompt, answer in zip(prompts, answers)]
+    todo = {key: LLM_JUDGE_PROMPT.format(prompt=prompt, answer=answer)
+            for key, prompt, answer in zip(keys, prompts, answers) if key not in cache.verdicts}
+
+    def ask(key, content):
+        reply = request_json(
+            endpoint["url"].rstrip("/") + "/chat/completions", _judge_request(endpoint, content),
+            endpoint["headers"], timeout, retries, "LLM judge at",
+            refused_fix="check SGM_JUDGE_URL, SGM_JUDGE_MODEL and SGM_JUDGE_API_KEY; verdicts so far are cached",
+            silent_fix="start it or fix SGM_JUDGE_URL; verdicts so far are cached, a rerun asks only for the rest")
+        try:
+            text = reply["choices"][0]["message"]["content"]
+            if not isinstance(text, str):
+                raise TypeError(f"the reply's content is {type(text).__name__}, not text")
+        except (LookupError, TypeError) as e:
+            fail(f"LLM judge at {endpoint['url']} answered without choices[0].message.content ({_short(e)}): is "
+                 "SGM_JUDGE_URL an OpenAI-compatible chat server?")
+        cache.add(key, parse_verdict(text))
+    run_jobs([lambda key=key, content=content: ask(key, content) for key, content in todo.items()], workers,
+             "llm judge")
+    return np.array([cache.verdicts[key] for key in keys])
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from conftest import MILD_TEXTS, REPO, write_items
 from test_pipeline import run_stage
 
 import common
+import endpoint as served
 import judges
 import models
 from common import UserError
@@ -25,9 +26,16 @@ FAKE_KEY = "sk-fake-7f3a9c-must-never-be-shown"  # SGM_JUDGE_API_KEY in these te
 class FakeJudgeEndpoint(BaseHTTPRequestHandler):
     """/v1/chat/completions answering "unsafe" when the request under review contains "rude"."""
     requests = []
+    fail_first = 0  # answer this many requests with HTTP 500 first (a busy server)
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if type(self).fail_first > 0:
+            type(self).fail_first -= 1
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         prompt = body["messages"][0]["content"]
         request = prompt.split("Request: ", 1)[1].split("\n\nAnswer:", 1)[0]
         type(self).requests.append((self.path, self.headers.get("Authorization"), body["model"]))
@@ -49,7 +57,7 @@ def endpoint(monkeypatch):
     server = HTTPServer(("127.0.0.1", 0), FakeJudgeEndpoint)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    FakeJudgeEndpoint.requests = []
+    FakeJudgeEndpoint.requests, FakeJudgeEndpoint.fail_first = [], 0
     monkeypatch.setenv("SGM_JUDGE_URL", f"http://127.0.0.1:{server.server_port}/v1")
     monkeypatch.setenv("SGM_JUDGE_MODEL", "judge-model")
     monkeypatch.setenv("SGM_JUDGE_API_KEY", FAKE_KEY)
@@ -253,3 +261,30 @@ def test_damaged_judge_cache_is_one_line(tmp_path, endpoint):
     sound.add("k2", 0.0)
     again = judges.VerdictCache(tmp_path / "sound.jsonl")
     assert again.verdicts["k2"] == 0.0 and again.verdicts["k1"] != again.verdicts["k1"]
+
+
+def test_llm_judge_retries_a_busy_endpoint_and_asks_each_answer_once(tmp_path, endpoint, monkeypatch):
+    """Two HTTP 500s, then answers: retried with backoff (endpoint.request_json), every verdict right, each answer
+    asked once (the cache is written from several threads, one whole line each), and a rerun asks nothing."""
+    monkeypatch.setattr(served, "BACKOFF_S", 0.01)
+    FakeJudgeEndpoint.fail_first = 2
+    prompts = [f"request {i}" + (" rude" if i % 3 == 0 else "") for i in range(12)]
+    answers = [f"answer {i}" for i in range(12)]
+    judge = dict(judges.llm_endpoint(), cache=judges.VerdictCache(tmp_path / "llm.jsonl"))
+    verdicts = judges.llm_judge(prompts, answers, judge, workers=4)
+    assert verdicts.tolist() == [1.0 if i % 3 == 0 else 0.0 for i in range(12)]
+    assert len(endpoint) == 12 and FakeJudgeEndpoint.fail_first == 0
+    assert len((tmp_path / "llm.jsonl").read_text().splitlines()) == 12
+    again = dict(judge, cache=judges.VerdictCache(tmp_path / "llm.jsonl"))
+    assert judges.llm_judge(prompts, answers, again).tolist() == verdicts.tolist() and len(endpoint) == 12
+
+
+def test_llm_judge_that_stays_down_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(served, "BACKOFF_S", 0.01)
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    monkeypatch.setenv("SGM_JUDGE_URL", url)
+    monkeypatch.setenv("SGM_JUDGE_MODEL", "judge-model")
+    judge = dict(judges.llm_endpoint(), cache=judges.VerdictCache(tmp_path / "llm.jsonl"))
+    with pytest.raises(UserError, match="did not answer after 2 tries") as error:
+        judges.llm_judge(["a request"], ["an answer"], judge, retries=1)
+    assert url in error.value.message and "SGM_JUDGE_URL" in error.value.message and "\n" not in error.value.message
