@@ -651,7 +651,7 @@ def test_missing_package_is_named_with_its_fix(family, monkeypatch):
 
 
 def test_llama4_is_refused_naming_torchvision(tmp_path):
-    """Llama 4 is not supported (README): transformers has only a torchvision image processor for it. A folder laid
+    """Llama 4 is not supported (MODELS.md): transformers has only a torchvision image processor for it. A folder laid
     out as the hub's (processor files naming Llama4Processor and Llama4ImageProcessor) gets one line saying so."""
     from transformers import Llama4Config
     from transformers.utils import is_torchvision_available
