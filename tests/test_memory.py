@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import load_stage, write_items
 from test_families import family  # noqa: F401 (the fixture: a tiny checkpoint per supported family)
-from test_options import NO_MODEL, tripwire  # noqa: F401 (the fixture: loading anything fails the test)
+from test_options import tripwire  # noqa: F401 (the fixture: loading anything fails the test)
 from test_pipeline import run_stage
 
 import artifacts
@@ -297,11 +297,13 @@ def test_stored_matrix_reads_what_was_saved(tmp_path, dtype):
                                   score.auroc_columns(matrix, labels, chunk_neurons=128))
 
 
-def test_store_dtype_and_widthcheck_options_are_checked_first(tmp_path, tripwire):
-    for script, flags, option in [("01_collect.py", ["--model", NO_MODEL, "--store-dtype", "bfloat16"], "--store-dtype"),
-                                  ("widthcheck.py", ["--layers", "0"], "--layers"),
+def test_widthcheck_options_are_checked_first(tmp_path, tripwire):
+    """(01's --store-dtype is among tests/test_options.py's bad options.) An --out outside runs/ is refused: an
+    absolute path built from the temp folder, never a fixed machine path."""
+    outside = str(tmp_path.parent / "elsewhere")
+    for script, flags, option in [("widthcheck.py", ["--layers", "0"], "--layers"),
                                   ("widthcheck.py", ["--items", "1"], "--items"),
-                                  ("widthcheck.py", ["--out", "/tmp/x"], "--out")]:
+                                  ("widthcheck.py", ["--out", outside], "--out")]:
         with pytest.raises(common.UserError, match=f"^error: (unknown )?{option} ") as error:
             run_stage(script, *flags, cwd=tmp_path)
         assert "\n" not in error.value.message
