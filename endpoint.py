@@ -316,40 +316,50 @@ def fallback_chat_template(processor):
 
 # ---- the answer cache -----------------------------------------------------------------------------------------
 
-class AnswerCache:
-    """A JSONL file of {"key", "value"} lines, appended one line per reply as it arrives (threads take a lock),
-    so a killed run loses at most the replies in flight. A torn last line (killed mid-write) is dropped with a
-    note and asked again; damage anywhere else is one line naming the file."""
+class JsonlCache:
+    """A JSONL file of {"key", <field>} lines, read once and appended one line per value as it arrives (threads
+    take a lock), so a killed run loses at most what was in flight. A line that is not such JSON stops the run
+    with one line naming the file and the fix (deleting it only means asking again); with drop_torn_end, a last
+    line without its newline (a run killed mid-write) is dropped with a note and asked again instead.
+    04's answer cache (AnswerCache) and judges.VerdictCache are this with their own field."""
 
-    def __init__(self, path):
-        self.path, self.values, self.lock = Path(path), {}, threading.Lock()
+    def __init__(self, path, field, valid, what, drop_torn_end=False):
+        self.path, self.field, self.values, self.lock = Path(path), field, {}, threading.Lock()
         if not self.path.exists():
             return
-        fix = f"delete {self.path} (its answers are asked again)"
+        fix = f"delete {self.path} (what it holds is asked again on the next run)"
         try:
             text = self.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read the endpoint cache {self.path} ({short(e)}): {fix}")
+            fail(f"cannot read the {what} {self.path} ({short(e)}): {fix}")
         lines = text.split("\n")
-        if lines[-1]:  # no newline at the end: the write of the last line was cut off
-            print(f"note: {self.path} ends in a torn line (a killed run); that answer is asked again")
+        if lines[-1] and drop_torn_end:  # no newline at the end: the write of the last line was cut off
+            print(f"note: {self.path} ends in a torn line (a killed run); it is asked again")
             with open(self.path, "r+b") as f:
                 f.truncate(len(text.encode()) - len(lines[-1].encode()))
-        for number, line in enumerate(lines[:-1], 1):
+            lines[-1] = ""
+        for number, line in enumerate(lines if lines[-1] else lines[:-1], 1):
             try:
                 row = json.loads(line)
-                ok = isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("value"), dict)
+                ok = isinstance(row, dict) and isinstance(row.get("key"), str) and valid(row.get(field))
             except ValueError:
                 ok = False
             if not ok:
-                fail(f"the endpoint cache {self.path} is damaged at line {number} (not a {{\"key\", \"value\"}} "
-                     f"JSON line): {fix}")
-            self.values[row["key"]] = row["value"]
+                fail(f"the {what} {self.path} is damaged at line {number} (not a {{\"key\", \"{field}\"}} JSON "
+                     f"line; a torn write or another file): {fix}")
+            self.values[row["key"]] = row[field]
 
     def add(self, key, value):
-        line = json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n"
+        line = json.dumps({"key": key, self.field: value}, ensure_ascii=False) + "\n"
         with self.lock:
             self.values[key] = value
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(line)
+
+
+class AnswerCache(JsonlCache):
+    """Served answers and log-probabilities ({"key", "value"}); a torn last line is dropped and asked again."""
+
+    def __init__(self, path):
+        super().__init__(path, "value", lambda value: isinstance(value, dict), "endpoint cache", drop_torn_end=True)

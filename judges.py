@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import sys
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from common import fail
 from endpoint import REQUEST_ERRORS  # what a request can raise (endpoint.py: the HTTP shared with --endpoint)
-from endpoint import request_json, run_jobs  # the HTTP of --endpoint: retries, backoff, threads
+from endpoint import JsonlCache, request_json, run_jobs  # shared with --endpoint: cache, HTTP, threads
 from endpoint import short as _short  # an exception as one short line
 
 JUDGE = "profanity-check"  # alt-profanity-check: offline, bundled linear model of offensive language
@@ -63,41 +62,18 @@ def judge_toxicity(texts):
     return np.asarray(predict_prob([t if t.strip() else "" for t in texts]), dtype=np.float64)
 
 
-class VerdictCache:
-    """A JSONL file of {"key", "verdict"} lines. A damaged file (a torn line, another format) stops the run
-    with one line naming it: deleting it only means its verdicts are asked again."""
+class VerdictCache(JsonlCache):
+    """The llm / guard verdicts ({"key", "verdict"}: 1 unsafe, 0 safe, NaN none). Any damaged line, a torn last
+    one too, stops the run with one line naming the file (left as it is for the user to look at)."""
 
     def __init__(self, path):
-        self.path, self.verdicts, self.lock = Path(path), {}, threading.Lock()
-        if not self.path.exists():
-            return
-        fix = f"delete {self.path} (its verdicts are asked again on the next run)"
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read the judge cache {self.path} ({_short(e)}): {fix}")
-        for number, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-                ok = (isinstance(row, dict) and isinstance(row.get("key"), str)
-                      and isinstance(row.get("verdict"), (int, float)) and not isinstance(row["verdict"], bool))
-            except ValueError:
-                ok = False
-            if not ok:
-                fail(f"the judge cache {self.path} is damaged at line {number} (not a {{\"key\", \"verdict\"}} "
-                     f"JSON line; a torn write or another file): {fix}")
-            self.verdicts[row["key"]] = float(row["verdict"])
+        super().__init__(path, "verdict", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                         "judge cache")
+        self.verdicts = self.values
 
     @staticmethod
     def key(*parts):
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-
-    def add(self, key, verdict):
-        with self.lock:  # llm_judge's requests finish on several threads: one whole line each
-            self.verdicts[key] = verdict
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": key, "verdict": verdict}) + "\n")
 
 
 def parse_verdict(reply):
