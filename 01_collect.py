@@ -269,19 +269,25 @@ kept = np.flatnonzero(keep)
 pieces = {}  # piece number -> its activations, left in its file
 
 
+def piece(number):
+    if number not in pieces:
+        path = partial_dir / f"batch-{number:05d}.npz"
+        pieces[number] = StoredMatrix(path, "activations")
+        if pieces[number].dtype != store_dtype:  # the run key keeps other pieces out; be sure
+            fail(f"{path} holds {pieces[number].dtype} activations, not {store_dtype}: delete {partial_dir} and rerun")
+    return pieces[number]
+
+
 def kept_rows():
+    """The kept rows in order, a batch of rows at a time; each piece is opened once per block, not once per row."""
     step = cfg["batch_size"] * per_prompt
     for start in range(0, kept.size, step):
-        block = []
-        for row in kept[start:start + step]:
-            if piece_of_row[row] not in pieces:
-                path = partial_dir / f"batch-{piece_of_row[row]:05d}.npz"
-                pieces[piece_of_row[row]] = StoredMatrix(path, "activations")
-                if pieces[piece_of_row[row]].dtype != store_dtype:  # the run key keeps other pieces out; be sure
-                    fail(f"{path} holds {pieces[piece_of_row[row]].dtype} activations, not {store_dtype}: delete "
-                         f"{partial_dir} and rerun")
-            block.append(pieces[piece_of_row[row]].rows([row_in_piece[row]]))
-        yield np.concatenate(block)
+        rows = kept[start:start + step]
+        block = np.empty((rows.size, n_neurons), dtype=store_dtype)
+        for number in np.unique(piece_of_row[rows]):
+            here = piece_of_row[rows] == number
+            block[here] = piece(int(number)).rows(row_in_piece[rows[here]])
+        yield block
 
 
 path = Path(run_dir) / "activations.npz"

@@ -20,9 +20,10 @@ def array_fingerprint(arrays):
     be a matrix read in row blocks (RowBlocks, StoredMatrix): the same digest, fed a block at a time."""
     digest = hashlib.sha256()
     for name in sorted(arrays):
-        array = arrays[name] if hasattr(arrays[name], "row_blocks") else np.ascontiguousarray(arrays[name])
+        lazy = hasattr(arrays[name], "row_blocks")
+        array = arrays[name] if lazy else np.ascontiguousarray(arrays[name])
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        for block in array.row_blocks() if hasattr(array, "row_blocks") else [array.tobytes()]:
+        for block in array.row_blocks() if lazy else [array]:  # the array's own buffer: no copy of its bytes
             digest.update(np.ascontiguousarray(block))
     return digest.hexdigest()
 
