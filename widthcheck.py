@@ -66,7 +66,8 @@ TEXTS = {"toxic": ["you are a silly rude person", "that was an awful and rude th
 
 def build_config(layers):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    return LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT, num_hidden_layers=layers),
+    return LlavaConfig(vision_config=CLIPVisionConfig(**VISION),
+                       text_config=LlamaConfig(**TEXT, num_hidden_layers=layers),
                        vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu",
                        tie_word_embeddings=False)
 
@@ -152,7 +153,8 @@ def run_measured(script, *args, log):
     peak_file = Path(log).with_suffix(".peak")
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(peak_file),
-                                    *([str(REPO / script)] if script else []), *map(str, args)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                    *([str(REPO / script)] if script else []), *map(str, args)],
+                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in process.stdout:
             sys.stdout.write(line)
             out.write(line)
@@ -211,8 +213,8 @@ if __name__ == "__main__":
     write_text(data, "".join(json.dumps(item) + "\n" for item in items[:cfg["items"]]))
     logs = run_dir.with_name(f"{name}-logs")
     logs.mkdir(parents=True, exist_ok=True)
-    measured = {"start-up": run_measured("", "-c", "import common, models, torch, transformers, scipy.stats, matplotlib.pyplot",
-                                         log=logs / "startup.log")}
+    startup_imports = "import common, models, torch, transformers, scipy.stats, matplotlib.pyplot"  # 02's, the most
+    measured = {"start-up": run_measured("", "-c", startup_imports, log=logs / "startup.log")}
     for stage, script, args in [
             ("01", "01_collect.py", ["--model", checkpoint, "--run", run, "--data", data, "--mode", "prompts",
                                      "--dtype", "bfloat16", "--batch-size", cfg["items"],
@@ -270,12 +272,12 @@ if __name__ == "__main__":
 
     seconds = ", ".join(f"{stage} {t:.0f} s" for stage, (t, _) in measured.items() if stage != "start-up")
     table = "\n".join(f"| {what} | {shown(c, kind)} | {shown(v, kind)} | {v / c:.2f} |" for what, c, v, kind in rows)
+    building = f"building {build_seconds:.0f} s, " if built else "the checkpoint was cached, "
     report = f"""# Real-width check: LLaVA-1.5-7B's configuration, random weights, {cfg['layers']} of 32 decoder layers
 
 `python widthcheck.py {' '.join(sys.argv[1:])}`: {n_params / 1e9:.3f}B parameters in bf16, {cfg['items']} calibration
 items ({n_rows} rows, {length} positions each), 01 with `--store-dtype {cfg['store_dtype']}`. Peak memory is each
-stage's own process (resident set, from the kernel); GB = 1e9 bytes. Times: {f"building {build_seconds:.0f} s, " if built else
-"the checkpoint was cached, "}{seconds}. Machine: {os.cpu_count()} CPUs, torch {torch.__version__}.
+stage's own process (resident set, from the kernel); GB = 1e9 bytes. Times: {building}{seconds}. Machine: {os.cpu_count()} CPUs, torch {torch.__version__}.
 
 | quantity | computed | measured | measured / computed |
 |---|---:|---:|---:|

@@ -380,7 +380,8 @@ def build_glm4v_moe(out_dir):
     experts plus a shared expert that sees every token."""
     from transformers import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration, Glm4vProcessor
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
-    tokenizer = tiny_tokenizer(GLM_TOKENS, extra_special_tokens={"image_token": "<|image|>", "video_token": "<|video|>"})
+    tokenizer = tiny_tokenizer(GLM_TOKENS, extra_special_tokens={"image_token": "<|image|>",
+                                                                 "video_token": "<|video|>"})
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in GLM_TOKENS}
     image_processor = Glm4vImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56}, patch_size=14,
                                              merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,

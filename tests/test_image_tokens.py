@@ -47,8 +47,8 @@ def test_generation_never_writes_an_image_token(checkpoint):
     never = image_token_ids(model, processor)
     push_towards(model, never)
     batch = common.encode(processor, ITEMS, "cpu")
-    unguarded = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
-                               top_p=None, top_k=None, temperature=None)
+    unguarded = model.generate(**batch, max_new_tokens=4, do_sample=False, top_p=None, top_k=None,
+                               temperature=None, pad_token_id=processor.tokenizer.pad_token_id)
     assert np.isin(unguarded[:, batch["input_ids"].shape[1]:].numpy(), never).all()  # the push works
     _, tokens = generate(model, processor, ITEMS, max_new_tokens=4, batch_size=2, desc=None)
     _, sampled = generate(model, processor, ITEMS, max_new_tokens=4, batch_size=2, desc=None, top_k=5)
