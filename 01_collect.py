@@ -3,6 +3,7 @@
     python 01_collect.py --model demo --run demo                   # what `make collect` runs
     python 01_collect.py --model demo --run demo-k4 --samples 4    # + 4 sampled continuations per prompt
     python 01_collect.py --model tiny --run tiny --mode prompts    # seconds, random model
+    python 01_collect.py --model demo --run demo-writer --writer toxic-odds   # + what each neuron writes
 
 A neuron is one coordinate of the input of an MLP `down_proj` in the language model (see neurons.neuron_sites).
 In a mixture-of-experts layer (Qwen3-VL-MoE, GLM-4.5V) a neuron is (layer, expert, index): the input of that
@@ -33,6 +34,30 @@ an id repeats K+1 times with --samples K) and `sample_index` which continuation 
 sampled). Padding is never pooled; a row with nothing to pool (an immediate end-of-sequence) is dropped, loudly.
 Pooling is the mean over positions (`--pooling max` for the maximum).
 
+Readers and writers. A pooled activation says what a neuron RESPONDS to. In responses mode the label and the
+activation come from the same continuation tokens, so neurons that read offensive words once they are written
+separate the classes best (the positive control's planted toxic writer ranked ~2,000th among them; RESULTS.md).
+`--writer OBJECTIVE` also records what each neuron DOES to the output, by attribution patching (Nanda 2023;
+AtP*, Kramar et al. 2024): for an objective f of the row (below), the neuron's write on that row is
+    w_m = sum over the row's real positions t of  a_m(t) * df/da_m(t)
+(neurons.WriteRecorder), the first-order estimate of how much f falls when the neuron is silenced on the
+whole row. It is stored as a second rows x neurons matrix, `writes`, beside `activations`; 02_score.py
+--score writer scores it. One extra forward + backward pass per row through the LM head (the activations
+are pooled in the same pass), pooled inside the hooks, so memory is one batch's autograd graph plus its
+logits over the vocabulary at the continuation's positions (lower --batch-size if it runs out). Objectives:
+  toxic-odds   the log-odds that the next token is one of the vocabulary tokens that the judge flags on
+               their own (judges.toxic_vocabulary; their ids are hashed into the meta, never printed),
+               log(p_toxic / (1 - p_toxic)), at each position that writes a continuation token, mean over
+               them (neurons.writer_objective says why log-odds rather than log p_toxic). In prompts mode the
+               positions are the pooled ones (--positions), each predicting the token after it: the logits of
+               the whole prompt are held, batch x positions x vocabulary (lower --batch-size for a large
+               vocabulary). A neuron with a large positive write pushes the model towards offensive words.
+  own-logprob  the continuation's own log-probability per token (responses mode only): what a first check
+               of this idea used; it also rewards neurons that matter for any text (a broken model writes
+               fewer offensive words too).
+Neither reads a planted neuron's record or its word list. The first-order estimate is checked against real
+ablation by 02_score.py --check-ablation (the top writers silenced one at a time, the same rows).
+
 Memory does not grow with rows x neurons (1,000 items x Qwen3-VL-30B-A3B's 4.7M expert neurons are 19 GB in
 float32): each finished batch goes to disk at once (activations.partial/, which also makes a killed run resume),
 and activations.npz is streamed from those pieces a batch of rows at a time, so the process holds the model and
@@ -44,17 +69,18 @@ float16's largest, 65504, stops the run naming --store-dtype float32: it is neve
 import hashlib
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from artifacts import RowBlocks, StoredMatrix, load_npz, save_npz, write_text
-from common import (DEFAULT_DATA, UserError, append_tokens, batches, check_range, encode, fail, generate, input_device,
-                    load_items, parse_overrides, peak_rss_mb, run_name, select)
-from judges import JUDGE, judge_toxicity
+from common import (DEFAULT_DATA, UserError, append_tokens, batches, check_range, encode, fail, generate,
+                    image_token_ids, input_device, load_items, parse_overrides, peak_rss_mb, run_name, select)
+from judges import JUDGE, judge_toxicity, toxic_vocabulary
 from models import load_model
-from neurons import neurons_per_layer, record_neurons
+from neurons import WRITER_OBJECTIVES, neurons_per_layer, record_neurons, record_writes, writer_objective
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -80,6 +106,7 @@ defaults = dict(
     store_dtype="float32",    # float32 | float16: the activations in activations.npz (float16: half the disk, see
                               # the docstring for what it costs)
     device="cpu",             # cpu | cuda | auto (accelerate device_map)
+    writer="",                # "" | toxic-odds | own-logprob: also record what each neuron writes (see above)
 )
 cfg = parse_overrides(defaults)
 # Options first, all of them: a typo should cost nothing (no data read, no model loaded, nothing written).
@@ -104,6 +131,10 @@ if cfg["pooling"] not in ("mean", "max"):
     fail(f"unknown --pooling {cfg['pooling']!r}; use mean or max")
 if cfg["store_dtype"] not in ("float32", "float16"):
     fail(f"unknown --store-dtype {cfg['store_dtype']!r}; use float32, or float16 for half the disk")
+if cfg["writer"] not in ("", *WRITER_OBJECTIVES):
+    fail(f"unknown --writer {cfg['writer']!r}; use toxic-odds or own-logprob (or leave it empty for none)")
+if cfg["writer"] == "own-logprob" and cfg["mode"] == "prompts":
+    fail("--writer own-logprob needs --mode responses (it scores the continuation); use --writer toxic-odds")
 check_range(cfg, "max_new_tokens", low=1, fix="the continuation length in tokens, e.g. 32")
 # 0 would call every continuation toxic and above 1 none: either way a single class
 check_range(cfg, "judge_threshold", above=0, high=1, fix="the judge probability that counts as toxic, e.g. 0.5")
@@ -124,6 +155,21 @@ image_token_id = model.config.image_token_id
 # Collection needs only the hooked activations, not logits: run the base model without the LM head
 # (on the demo its 262k-word vocabulary would cost more than the rest of the forward pass).
 body = model.base_model
+toxic_ids, writer_meta = None, None
+if cfg["writer"]:
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    toxic_ids = toxic_vocabulary(processor.tokenizer, vocabulary, cfg["judge_threshold"],
+                                 exclude=image_token_ids(model, processor))
+    if not toxic_ids and cfg["writer"] == "toxic-odds":
+        fail(f"the judge flags no single token of this model's vocabulary, so --writer toxic-odds has no target; "
+             "use --writer own-logprob")
+    writer_meta = dict(objective=cfg["writer"], method="attribution patching: sum over the row's real positions "
+                       "of activation x d objective / d activation", toxic_vocabulary=len(toxic_ids),
+                       toxic_vocabulary_sha256=hashlib.sha256(json.dumps(toxic_ids).encode()).hexdigest())
+    print(f"writer: {cfg['writer']} objective; the judge flags {len(toxic_ids)} of {vocabulary:,} vocabulary tokens")
+    toxic_ids = torch.tensor(toxic_ids, dtype=torch.long)
+
+
 print(f"{len(items)} items, {sum(m.in_features for _, m in sites):,} neurons in "
       f"{len(neurons_per_layer(model_meta['sites']))} decoder layers, mode {cfg['mode']}")
 
@@ -138,11 +184,13 @@ row_in_piece = np.zeros(n_rows, dtype=np.int64)  # ... and row inside it (no row
 labels = np.zeros(n_rows, dtype=np.int8)
 judge_scores = np.full(n_rows, np.nan)
 continuations = np.full(n_rows, "", dtype=object)
+continuation_ids = np.full((n_rows, cfg["max_new_tokens"]), -1, dtype=np.int32)  # stored with --writer only
 n_positions = np.zeros(n_rows, dtype=np.int32)
 settings = {k: cfg[k] for k in ("split", "conditions", "mode", "pooling", "positions", "max_new_tokens",
-                                "judge_threshold", "samples", "sample_top_k", "limit", "seed", "batch_size")}
+                                "judge_threshold", "samples", "sample_top_k", "limit", "seed", "batch_size",
+                                "writer")}
 meta = dict(model_meta, stage="01_collect", data=cfg["data"], data_checksum=data_checksum, settings=settings,
-            judge=JUDGE if cfg["mode"] == "responses" else None)
+            judge=JUDGE if cfg["mode"] == "responses" or cfg["writer"] else None, writer=writer_meta)
 
 # Resume: each finished batch is saved under activations.partial/ (atomically); a rerun with the same model,
 # data and settings loads those and computes only the rest, so the final artifact equals an uninterrupted
@@ -163,8 +211,16 @@ def record_prompts(batch):
     real = batch["attention_mask"].bool()
     is_image = batch["input_ids"] == image_token_id
     recorder.mask = {"text": real & ~is_image, "all": real, "image": real & is_image}[cfg["positions"]]
-    body(**batch, use_cache=False)
-    return recorder.pop(), recorder.mask.sum(1).cpu().numpy()
+    written = None
+    if cfg["writer"]:  # the same pass with the LM head and gradients: the objective at every pooled position
+        writes.mask = real
+        with torch.enable_grad():
+            logits = model(**batch, use_cache=False).logits
+            written = writes.attribute(writer_objective(cfg["writer"], logits, recorder.mask, toxic_ids))
+        writes.mask = None
+    else:
+        body(**batch, use_cache=False)
+    return recorder.pop(), recorder.mask.sum(1).cpu().numpy(), written
 
 
 def record_responses(chunk, number):
@@ -183,11 +239,24 @@ def record_responses(chunk, number):
             prompt_text = prompt_mask & (batch["input_ids"] != image_token_id)
             recorder.mask = torch.cat([prompt_text, torch.zeros_like(new_mask)], dim=1)
         new_ids = sequences[:, prompt_mask.shape[1]:]
-        body(**append_tokens(processor, batch, new_ids, new_mask), use_cache=False)
+        extended = append_tokens(processor, batch, new_ids, new_mask)
+        if cfg["writer"]:  # the same pass with the LM head and gradients (generate() runs under no_grad)
+            writes.mask = extended["attention_mask"].bool()  # silencing acts on every real position of the row
+            with torch.enable_grad():
+                # position j of the last width + 1 predicts continuation token j
+                logits = model(**extended, use_cache=False, logits_to_keep=new_ids.shape[1] + 1).logits[:, :-1]
+                pooled["writes"] = writes.attribute(writer_objective(cfg["writer"], logits, new_mask, toxic_ids,
+                                                                     new_ids))
+            writes.mask = None
+        else:
+            body(**extended, use_cache=False)
         # A continuation with no tokens counts as empty whatever is pooled (nothing was said to judge).
         n_pooled = recorder.mask.sum(1).cpu().numpy() * (new_mask.sum(1).cpu().numpy() > 0)
         pooled["activations"], pooled["n_positions"] = recorder.pop(), n_pooled
         pooled["order"] = index  # generate() may reorder the chunk; this maps rows back to it
+        ids = np.full((len(index), cfg["max_new_tokens"]), -1, dtype=np.int32)  # -1: no token (02 re-runs them)
+        ids[:, :new_ids.shape[1]] = np.where(new_mask.cpu().numpy(), new_ids.cpu().numpy(), -1)
+        pooled["ids"] = ids
         recorder.mask = None
 
     for sample in range(per_prompt):
@@ -196,10 +265,14 @@ def record_responses(chunk, number):
         texts, _ = generate(model, processor, chunk, cfg["max_new_tokens"], len(chunk), desc=None,
                             on_batch=record_continuation, top_k=cfg["sample_top_k"] if sample > 0 else 0)
         order = np.argsort(pooled["order"])
-        by_sample.append((pooled["activations"][order], pooled["n_positions"][order], texts))
-    pooled_rows, counts, texts = zip(*by_sample)
-    return (np.stack(pooled_rows, 1).reshape(len(chunk) * per_prompt, -1), np.stack(counts, 1).reshape(-1),
-            [text for prompt_texts in zip(*texts) for text in prompt_texts])  # prompt-major, like the rows
+        by_sample.append((pooled["activations"][order], pooled["n_positions"][order], texts, pooled["ids"][order],
+                          pooled["writes"][order] if cfg["writer"] else None))
+    pooled_rows, counts, texts, ids, written = zip(*by_sample)
+
+    def rows(per_sample):  # [continuation s: chunk x ...] -> prompt-major rows
+        return np.stack(per_sample, 1).reshape(len(chunk) * per_prompt, -1)
+    return (rows(pooled_rows), rows(counts).reshape(-1), [text for prompt_texts in zip(*texts) for text in prompt_texts],
+            rows(ids), rows(written) if cfg["writer"] else None)
 
 
 def stored(pooled):
@@ -212,7 +285,8 @@ def stored(pooled):
     return values
 
 
-with record_neurons(sites, cfg["pooling"]) as recorder, torch.no_grad():
+with record_neurons(sites, cfg["pooling"]) as recorder, \
+        (record_writes(model, sites) if cfg["writer"] else nullcontext()) as writes, torch.no_grad():
     for number, (index, chunk) in enumerate(batches(items, cfg["batch_size"], f"collect ({cfg['mode']})")):
         rows = [i * per_prompt + sample for i in index for sample in range(per_prompt)]
         done = partial_dir / f"batch-{number:05d}.npz"  # all K+1 rows of each prompt of the batch
@@ -224,20 +298,24 @@ with record_neurons(sites, cfg["pooling"]) as recorder, torch.no_grad():
                 print(f"note: {error.message.split(': rerun')[0]}; computing that batch again")
                 done.unlink()
         if arrays is None and cfg["mode"] == "prompts":
-            pooled, counts = record_prompts(encode(processor, chunk, input_device(model)))
+            pooled, counts, written = record_prompts(encode(processor, chunk, input_device(model)))
             arrays = dict(activations=stored(pooled), n_positions=counts,
                           labels=np.array([item["label"] == "toxic" for item in chunk], dtype=np.int8),
                           judge_scores=np.full(len(chunk), np.nan), continuations=np.array([""] * len(chunk)))
         elif arrays is None:
-            pooled, counts, texts = record_responses(chunk, number)
+            pooled, counts, texts, ids, written = record_responses(chunk, number)
             scores = judge_toxicity(texts)
-            arrays = dict(activations=stored(pooled), n_positions=counts, judge_scores=scores,
+            arrays = dict(activations=stored(pooled), n_positions=counts, judge_scores=scores, continuation_ids=ids,
                           labels=(scores >= cfg["judge_threshold"]).astype(np.int8), continuations=np.array(texts))
+        if cfg["writer"] and "writes" not in arrays:  # (a resumed piece has them already)
+            arrays["writes"] = stored(written)
         if not done.exists():
             save_npz(done, arrays, {})
         piece_of_row[rows], row_in_piece[rows] = number, np.arange(len(rows))
         n_positions[rows], labels[rows] = arrays["n_positions"], arrays["labels"]
         judge_scores[rows], continuations[rows] = arrays["judge_scores"], arrays["continuations"]
+        if "continuation_ids" in arrays:
+            continuation_ids[rows] = arrays["continuation_ids"]
 
 # A row with nothing to pool (e.g. an immediate end-of-sequence) has no activation: drop it, loudly.
 keep = n_positions > 0
@@ -262,36 +340,41 @@ meta.update(n_dropped=int((~keep).sum()), n_rows=int(keep.sum()), n_prompts=n_pr
 arrays = dict(labels=labels[keep], n_positions=n_positions[keep],
               item_ids=np.array([item["id"] for item in items])[row_item][keep], sample_index=sample_index[keep],
               judge_scores=judge_scores[keep], continuations=continuations.astype(str)[keep])
+if cfg["writer"] and cfg["mode"] == "responses":  # the tokens each write was measured on (02 --check-ablation)
+    arrays["continuation_ids"] = continuation_ids[keep]
 
 # activations.npz without a rows x neurons array: the kept rows are read from the batch pieces a batch of rows at
 # a time (artifacts.StoredMatrix reads rows of an .npz in place) and written so (artifacts.RowBlocks, save_npz).
 kept = np.flatnonzero(keep)
-pieces = {}  # piece number -> its activations, left in its file
+pieces = {}  # (piece number, array name) -> that array, left in its file
 
 
-def piece(number):
-    if number not in pieces:
+def piece(number, name):
+    if (number, name) not in pieces:
         path = partial_dir / f"batch-{number:05d}.npz"
-        pieces[number] = StoredMatrix(path, "activations")
-        if pieces[number].dtype != store_dtype:  # the run key keeps other pieces out; be sure
-            fail(f"{path} holds {pieces[number].dtype} activations, not {store_dtype}: delete {partial_dir} and rerun")
-    return pieces[number]
+        pieces[number, name] = StoredMatrix(path, name)
+        if pieces[number, name].dtype != store_dtype:  # the run key keeps other pieces out; be sure
+            fail(f"{path} holds {pieces[number, name].dtype} {name}, not {store_dtype}: delete {partial_dir} and rerun")
+    return pieces[number, name]
 
 
-def kept_rows():
-    """The kept rows in order, a batch of rows at a time; each piece is opened once per block, not once per row."""
+def kept_rows(name):
+    """The kept rows of `name` (activations or writes) in order, a batch of rows at a time; each piece is opened
+    once per block, not once per row."""
     step = cfg["batch_size"] * per_prompt
     for start in range(0, kept.size, step):
         rows = kept[start:start + step]
         block = np.empty((rows.size, n_neurons), dtype=store_dtype)
         for number in np.unique(piece_of_row[rows]):
             here = piece_of_row[rows] == number
-            block[here] = piece(int(number)).rows(row_in_piece[rows[here]])
+            block[here] = piece(int(number), name).rows(row_in_piece[rows[here]])
         yield block
 
 
 path = Path(run_dir) / "activations.npz"
-saved = save_npz(path, dict(activations=RowBlocks((kept.size, n_neurons), store_dtype, kept_rows), **arrays), meta)
+matrices = {name: RowBlocks((kept.size, n_neurons), store_dtype, lambda name=name: kept_rows(name))
+            for name in ("activations", "writes") if name == "activations" or cfg["writer"]}
+saved = save_npz(path, dict(**matrices, **arrays), meta)
 shutil.rmtree(partial_dir)  # the artifact is complete; the per-batch pieces are no longer needed
 print(f"wrote {path}: {kept.size} rows from {n_prompts} prompts x {n_neurons} neurons in {store_dtype} "
       f"({path.stat().st_size:,} bytes, fingerprint {saved['fingerprint'][:12]})")

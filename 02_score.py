@@ -29,6 +29,9 @@ time (artifacts.StoredMatrix), never loaded whole (19 GB at 1,000 items of Qwen3
 and each chunk becomes float32 on its own. Float16 activations (01_collect.py --store-dtype float16) are scored
 as stored. What stays in memory is per neuron: AUROC, p, q and the null's shuffled AUROCs (8 bytes each).
 """
+import hashlib
+import json
+import sys
 import time
 
 import matplotlib
@@ -36,9 +39,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy.stats import false_discovery_control, norm, rankdata  # noqa: E402
+from scipy.stats import false_discovery_control, norm, pearsonr, rankdata  # noqa: E402
+from scipy.stats import t as student_t  # noqa: E402
 
 from artifacts import load_npz, save_npz  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
 from common import check_range, fail, parse_overrides, peak_rss_mb, run_name  # noqa: E402
 from neurons import neurons_per_layer  # noqa: E402
 
@@ -51,6 +57,12 @@ defaults = dict(
     null_draws=5,         # label shuffles for the chance column of the null table and the plot
     seed=0,               # of every label shuffle
     fdr=0.05,             # q level of the significance counts printed and stored (03 has its own --fdr)
+    score="activation",   # activation | writer: the expertise 03_suppress.py damps by (writer needs
+                          # 01_collect.py --writer; both are stored when the writes are there)
+    check_ablation=0,     # writer: silence the top N writers one at a time and measure the objective (0 = off)
+    check_rows=32,        # ... on a seeded sample of this many calibration rows (half toxic where possible)
+    device="cpu",         # --check-ablation: where the model runs (cpu | cuda | auto)
+    dtype="float32",      # --check-ablation: the model's dtype (as 01_collect.py's)
 )
 
 
@@ -127,23 +139,61 @@ def mann_whitney_p(auroc, tie_terms, n_pos, n_neg):
     return np.clip(norm.sf(z), 0, 1)
 
 
-def shuffled_aurocs(activations, labels, groups, draws, rng, chunk_neurons=4096):
-    """AUROCs (draws x neurons) with the labels shuffled among the rows of each group (groups: int per row;
-    all zeros = a plain shuffle). Class sizes, and every group's count of toxic rows, stay as they are.
-    A shuffle moves labels, not activations: each neuron's average ranks are computed once, and U of every
-    shuffle is one matrix product, bit for bit what auroc_columns gives on the shuffled labels."""
+def shuffled_labels(labels, groups, draws, rng):
+    """draws x rows of 0/1: the labels shuffled among the rows of each group (groups: int per row; all zeros =
+    a plain shuffle). Class sizes, and every group's count of toxic rows, stay as they are."""
     labels = np.asarray(labels).astype(bool)
     by_group = np.argsort(groups, kind="stable")
     permuted = np.zeros((draws, labels.size))
     for draw in range(draws):
         shuffled = np.lexsort((rng.random(groups.size), groups))  # rows by group, in random order within it
         permuted[draw, by_group] = labels[shuffled]
+    return permuted
+
+
+def shuffled_aurocs(activations, labels, groups, draws, rng, chunk_neurons=4096):
+    """AUROCs (draws x neurons) with the labels shuffled within groups (shuffled_labels).
+    A shuffle moves labels, not activations: each neuron's average ranks are computed once, and U of every
+    shuffle is one matrix product, bit for bit what auroc_columns gives on the shuffled labels."""
+    labels = np.asarray(labels).astype(bool)
+    permuted = shuffled_labels(labels, groups, draws, rng)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     out = np.empty((draws, activations.shape[1]))
     for start in range(0, activations.shape[1], chunk_neurons):
         ranks = rankdata(activations[:, start:start + chunk_neurons], axis=0)  # sums of 0.5s: exact in float64
         out[:, start:start + chunk_neurons] = (permuted @ ranks - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return out
+
+
+def write_contrast(writes, labels, permuted=None, chunk_neurons=4096):
+    """The writer score per column of `writes` (rows x neurons: 01's per-row attributions; an array or a
+    StoredMatrix): d = mean over toxic rows - mean over clean rows, and Welch's t = d / sqrt(var_toxic / n_toxic
+    + var_clean / n_clean) with its degrees of freedom (Welch-Satterthwaite). `permuted` (draws x rows of 0/1,
+    shuffled_labels) also gives each shuffle's t (draws x neurons): sums over a class are one matrix product.
+    A column constant within both classes has no variance: t = 0 there (no evidence either way).
+    Returns (d, t, df) for the real labels and (d, t) per shuffle (draws x neurons each)."""
+    labels = np.asarray(labels).astype(np.float64)
+    label_rows = labels[None] if permuted is None else np.vstack([labels, permuted])
+    n1 = label_rows.sum(1, keepdims=True)
+    n0 = labels.size - n1
+    d = np.empty((label_rows.shape[0], writes.shape[1]))
+    t = np.empty((label_rows.shape[0], writes.shape[1]))
+    df = np.empty(writes.shape[1])
+    for start in range(0, writes.shape[1], chunk_neurons):
+        x = np.asarray(writes[:, start:start + chunk_neurons], dtype=np.float64)
+        x = x - x.mean(0)  # centred: the one-pass variances below lose nothing to a large common offset
+        sum1, sq1 = label_rows @ x, label_rows @ (x * x)
+        sum0, sq0 = x.sum(0) - sum1, (x * x).sum(0) - sq1
+        mean1, mean0 = sum1 / n1, sum0 / n0
+        var1 = np.maximum(sq1 - n1 * mean1 ** 2, 0) / (n1 - 1)
+        var0 = np.maximum(sq0 - n0 * mean0 ** 2, 0) / (n0 - 1)
+        se2 = var1 / n1 + var0 / n0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t[:, start:start + chunk_neurons] = np.where(se2 > 0, (mean1 - mean0) / np.sqrt(se2), 0.0)
+            df[start:start + chunk_neurons] = np.where(
+                se2[0] > 0, se2[0] ** 2 / ((var1[0] / n1[0]) ** 2 / (n1[0] - 1) + (var0[0] / n0[0]) ** 2 / (n0[0] - 1)), 1)
+        d[:, start:start + chunk_neurons] = mean1 - mean0
+    return d[0], t[0], df, d[1:], t[1:]
 
 
 def permutation_p(auroc, null):
@@ -165,6 +215,130 @@ def null_table(aurocs, p_values, fdr):
     return [[name, float(values[0]), float(values[1:].mean())] for name, values in rows.items()]
 
 
+def planted_neuron(model_name):
+    """The flat index of a planted toxic expert (plant.py's record beside the checkpoint), or None. Read only to
+    mark it in the plot, after scoring: no score depends on it."""
+    import json
+    from pathlib import Path
+
+    from models import CACHE_DIR
+    if Path(model_name).is_dir():  # a checkpoint folder
+        folders = [Path(model_name)]
+    else:  # a name built into the cache (demo-planted), or a hub id (no record)
+        folders = sorted(CACHE_DIR.glob(f"{model_name}-llava-*")) if "/" not in model_name else []
+    for folder in folders:
+        if (folder / "PLANTED.json").exists() and (folder / "config.json").exists():
+            return int(json.loads((folder / "PLANTED.json").read_text())["flat_index"])
+    return None
+
+
+def readers_writers_plot(path, auroc, writer, fdr, upstream):
+    """What each neuron reads (activation AUROC) against what it writes (writer score d), one point per neuron;
+    significant writers in red; a planted expert (the positive control) circled."""
+    significant = writer["q_value"] < fdr
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.scatter(auroc[~significant], writer["score"][~significant], s=2, c="0.6", alpha=0.5, lw=0,
+               label="all neurons")
+    ax.scatter(auroc[significant], writer["score"][significant], s=6, c="C3",
+               label=f"{int(significant.sum())} significant writers (q < {fdr:g})")
+    planted = planted_neuron(upstream["model"])
+    if planted is not None:
+        ax.scatter(auroc[planted], writer["score"][planted], s=160, facecolors="none", edgecolors="k", lw=1.5,
+                   label="the planted toxic expert")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.axvline(0.5, color="gray", lw=0.8)
+    ax.set(xlabel="reads: activation AUROC, toxic vs clean rows",
+           ylabel=f"writes: d, {upstream['writer']['objective']} (toxic - clean rows)",
+           title=f"{upstream['model']}: readers vs writers")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def check_ablation(cfg, upstream, arrays, score, labels):
+    """The first-order estimate against real ablation: the --check-ablation neurons with the largest writer score
+    are silenced one at a time (alpha 0, neurons.suppress_neurons) on --check-rows calibration rows (a seeded
+    sample, half toxic where there are enough), each row's objective measured teacher-forced on the tokens 01
+    wrote, minus the unsilenced objective. The estimate is recomputed in the same forward pass
+    (neurons.WriteRecorder), so estimate and measurement see the same batch. Returns Pearson's r of the
+    estimate (-write) and the measured change over the neurons (mean over rows) and over all (row, neuron)
+    pairs, and how far the recomputed writes are from 01's stored ones."""
+    import torch
+
+    from common import append_tokens, encode, image_token_ids, load_items
+    from judges import toxic_vocabulary
+    from models import load_model
+    from neurons import record_writes, suppress_neurons, writer_objective
+    info, settings = upstream["writer"], upstream["settings"]
+    model, processor, sites, model_meta = load_model(upstream["model"], cfg["dtype"], cfg["device"])
+    if model_meta["sites"] != upstream["sites"]:
+        fail(f"model {upstream['model']!r} no longer has the neuron sites of activations.npz: rerun 01_collect.py")
+    toxic_ids = toxic_vocabulary(processor.tokenizer, model.get_output_embeddings().weight.shape[0],
+                                 settings["judge_threshold"], exclude=image_token_ids(model, processor))
+    if hashlib.sha256(json.dumps(toxic_ids).encode()).hexdigest() != info["toxic_vocabulary_sha256"]:
+        fail("the judge's toxic vocabulary differs from the one 01_collect.py used (another judge or tokenizer "
+             "version): rerun 01_collect.py --writer")
+    toxic_ids = torch.tensor(toxic_ids, dtype=torch.long)
+    items, checksum = load_items(upstream["data"])
+    if checksum != upstream["data_checksum"]:
+        fail(f"{upstream['data']} changed since 01_collect.py ran: rerun it")
+    by_id = {item["id"]: item for item in items}
+    rng = np.random.default_rng(cfg["seed"])
+    toxic, clean = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    n_toxic = min(toxic.size, cfg["check_rows"] // 2)
+    n_clean = min(clean.size, cfg["check_rows"] - n_toxic)
+    rows = np.sort(np.concatenate([rng.choice(toxic, n_toxic, replace=False), rng.choice(clean, n_clean, replace=False)]))
+    top = np.argsort(-score, kind="stable")[:cfg["check_ablation"]]
+    estimate, measured, stored_gap = [], [], []
+    n_neurons = sum(size for _, size in upstream["sites"])
+    for start in range(0, rows.size, settings["batch_size"]):
+        batch_rows = rows[start:start + settings["batch_size"]]
+        batch = encode(processor, [by_id[str(i)] for i in arrays["item_ids"][batch_rows]], model.device)
+        if settings["mode"] == "responses":
+            ids = torch.as_tensor(arrays["continuation_ids"][batch_rows]).long()
+            width = int((ids >= 0).sum(1).max())
+            mask = ids[:, :width] >= 0
+            ids = torch.where(mask, ids[:, :width], processor.tokenizer.pad_token_id)
+            inputs, keep = append_tokens(processor, batch, ids, mask), width + 1
+
+            def objective(logits):
+                return writer_objective(info["objective"], logits[:, :-1], mask, toxic_ids, ids)
+        else:  # prompts mode: every pooled position of the prompt (01's --positions)
+            inputs, keep = batch, 0
+            real, is_image = batch["attention_mask"].bool(), torch.isin(batch["input_ids"], torch.tensor(
+                [model.config.image_token_id], device=batch["input_ids"].device))
+            positions = {"text": real & ~is_image, "all": real, "image": real & is_image}[settings["positions"]]
+
+            def objective(logits):
+                return writer_objective(info["objective"], logits, positions, toxic_ids)
+        with record_writes(model, sites) as writes, torch.enable_grad():
+            writes.mask = inputs["attention_mask"].bool()
+            written = writes.attribute(objective(model(**inputs, use_cache=False, logits_to_keep=keep).logits))
+        stored_gap.append(np.abs(written - arrays["writes"].rows(batch_rows)).max())
+        with torch.no_grad():
+            base = objective(model(**inputs, use_cache=False, logits_to_keep=keep).logits)
+            changes = []
+            for neuron in tqdm(top, desc=f"ablation check, rows {start}-{start + batch_rows.size}", file=sys.stdout):
+                alpha = torch.ones(n_neurons)
+                alpha[neuron] = 0
+                with suppress_neurons(sites, alpha):
+                    changes.append((objective(model(**inputs, use_cache=False, logits_to_keep=keep).logits)
+                                    - base).numpy())
+        estimate.append(-written[:, top].T)
+        measured.append(np.stack(changes))
+    estimate, measured = np.concatenate(estimate, 1), np.concatenate(measured, 1)  # neurons x rows
+    r_neurons = float(pearsonr(estimate.mean(1), measured.mean(1))[0]) if top.size > 2 else float("nan")
+    r_pairs = float(pearsonr(estimate.ravel(), measured.ravel())[0])
+    print(f"ablation check, top {top.size} writers silenced one at a time on {rows.size} rows ({n_toxic} toxic): "
+          f"first-order estimate vs measured change of the objective, Pearson r = {r_neurons:+.3f} over neurons "
+          f"(mean over rows), {r_pairs:+.3f} over (row, neuron) pairs; estimate {estimate.mean():+.4g} vs measured "
+          f"{measured.mean():+.4g} nats on average; recomputed writes within {max(stored_gap):.2g} of 01's")
+    return dict(neurons=[int(i) for i in top], rows=[int(i) for i in rows], r_neurons=r_neurons, r_pairs=r_pairs,
+                estimate=estimate.mean(1).tolist(), measured=measured.mean(1).tolist(),
+                max_difference_from_stored_writes=float(max(stored_gap)))
+
+
 if __name__ == "__main__":
     cfg = parse_overrides(defaults)
     if cfg["null"] not in ("auto", "closed", "permutation"):
@@ -174,10 +348,17 @@ if __name__ == "__main__":
     check_range(cfg, "null_draws", low=1, fix="label shuffles for the null table, e.g. 5")
     check_range(cfg, "seed", low=0, fix="any seed >= 0")
     check_range(cfg, "fdr", above=0, below=1, fix="a false discovery rate such as 0.05")
+    if cfg["score"] not in ("activation", "writer"):
+        fail(f"unknown --score {cfg['score']!r}; use activation (AUROC of what a neuron reads) or writer")
+    check_range(cfg, "check_ablation", low=0, fix="how many top writers to silence one at a time (0 = no check)")
+    check_range(cfg, "check_rows", low=2, fix="calibration rows for the ablation check, e.g. 32")
     run_dir = f"runs/{run_name(cfg['run'])}"
     # The activations stay in the file (artifacts.StoredMatrix), read a column chunk at a time.
     arrays, upstream = load_npz(f"{run_dir}/activations.npz", rerun_hint="01_collect.py", required=["labels"],
-                                in_file=["activations"])
+                                in_file=["activations", "writes"])
+    if (cfg["score"] == "writer" or cfg["check_ablation"]) and "writes" not in arrays:
+        fail(f"{run_dir}/activations.npz has no writer measurement: rerun 01_collect.py with --writer toxic-odds "
+             "(or use --score activation)")
     activations, labels = arrays["activations"], arrays["labels"]
     auroc, tie_terms = auroc_columns(activations, labels, cfg["chunk_neurons"], with_ties=True)
     n_toxic, n_items = int(labels.sum()), len(labels)
@@ -230,6 +411,37 @@ if __name__ == "__main__":
     for name, *values in table:
         print(f"| {name} | " + " | ".join(f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}" for v in values) + " |")
 
+    # The writer score (01_collect.py --writer): what each neuron WRITES, d = its mean attribution on toxic rows
+    # minus clean rows (nats of the objective), Welch's t behind p. Same null kind as above: Welch's closed form
+    # for independent rows, else the within-prompt shuffles' t pooled over neurons (t, unlike d, has no scale).
+    writer = {}
+    if "writes" in arrays:
+        started = time.perf_counter()
+        permuted = shuffled_labels(labels, shuffle_groups, n_shuffles, np.random.default_rng(cfg["seed"]))
+        d, t, df, d_null, t_null = write_contrast(arrays["writes"], labels, permuted, cfg["chunk_neurons"])
+        t_real_and_draws = np.vstack([t, t_null[:cfg["null_draws"]]])
+        if null == "closed":
+            p_writer = student_t.sf(t_real_and_draws, df)
+        else:
+            p_writer = permutation_p(t_real_and_draws, t_null[:cfg["permutations"]])
+        q_writer = false_discovery_control(p_writer, method="bh", axis=1)
+        d_real_and_draws = np.vstack([d, d_null[:cfg["null_draws"]]])
+        rows = {f"significant writers at q < {cfg['fdr']:g}": (q_writer < cfg["fdr"]).sum(1),
+                "largest writer score d": d_real_and_draws.max(1), "largest Welch t": t_real_and_draws.max(1),
+                "sum of positive d": np.maximum(d_real_and_draws, 0).sum(1)}
+        writer = dict(score=d, t=t, p_value=p_writer[0], q_value=q_writer[0],
+                      table=[[name, float(v[0]), float(v[1:].mean())] for name, v in rows.items()],
+                      seconds=round(time.perf_counter() - started, 2))
+        top = np.argsort(-d, kind="stable")[:5]
+        print(f"writer ({upstream['writer']['objective']} objective): d = mean write on toxic rows - on clean rows; "
+              f"{int((writer['q_value'] < cfg['fdr']).sum())} significant at q < {cfg['fdr']:g}; top d "
+              + ", ".join(f"{d[i]:.3g}" for i in top) + f"; {writer['seconds']:.1f} s")
+        print(f"| writer | real labels | permuted labels ({cfg['null_draws']} draws) |\n|---|---:|---:|")
+        for name, *values in writer["table"]:
+            print(f"| {name} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
+        print(f"correlation of activation AUROC and writer score over all neurons: r = "
+              f"{np.corrcoef(auroc, d)[0, 1]:+.3f}")
+
     meta = dict({k: upstream[k] for k in ("model", "sites", "dtype", "data", "data_checksum")},
                 stage="02_score", upstream={"activations.npz": upstream["fingerprint"]},
                 upstream_settings=upstream["settings"], activations_dtype=str(activations.dtype), n_toxic=n_toxic,
@@ -239,8 +451,17 @@ if __name__ == "__main__":
                 null_seconds=round(null_seconds, 2), null_table=table,
                 published_damping=dict(zip(("real", "chance"), table[5][1:])),
                 n_auroc_above_065=dict(zip(("real", "chance"), table[0][1:])),
+                score=cfg["score"], writer=upstream.get("writer"),
+                writer_null_table=writer.get("table"), writer_seconds=writer.get("seconds"),
+                n_significant_writers=int((writer["q_value"] < cfg["fdr"]).sum()) if writer else None,
                 peak_rss_mb=peak_rss_mb())  # this process's peak memory: the scoring is behind us here
-    saved = save_npz(f"{run_dir}/expertise.npz", dict(auroc=auroc, p_value=p_value, q_value=q_value), meta)
+    if writer and cfg["check_ablation"]:
+        meta["ablation_check"] = check_ablation(cfg, upstream, arrays, writer["score"], labels)
+    scores = dict(auroc=auroc, p_value=p_value, q_value=q_value)
+    if writer:
+        scores.update(writer=writer["score"], writer_t=writer["t"], writer_p_value=writer["p_value"],
+                      writer_q_value=writer["q_value"])
+    saved = save_npz(f"{run_dir}/expertise.npz", scores, meta)
 
     # Plot: per layer, the real AUROCs (box) against the shuffled labels' (band and max); pooled histograms.
     fig, (ax_layers, ax_hist) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2, 1]})
@@ -270,4 +491,7 @@ if __name__ == "__main__":
     plt.close(fig)
     print(f"{int(significant.sum())} of {auroc.size} neurons significant at q < {cfg['fdr']:g} ({null} null); "
           f"wrote {run_dir}/expertise.npz and expertise.png (fingerprint {saved['fingerprint'][:12]})")
+    if writer:
+        readers_writers_plot(f"{run_dir}/readers-writers.png", auroc, writer, cfg["fdr"], upstream)
+        print(f"wrote {run_dir}/readers-writers.png")
     print(f"peak memory (RSS): {meta['peak_rss_mb']:,.0f} MB")

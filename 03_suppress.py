@@ -1,4 +1,4 @@
-"""Stage 3: expertise (AUROC) -> one damping factor alpha per neuron -> runs/<run>/suppression.pt
+"""Stage 3: expertise (AUROC, or the writer score) -> one damping factor alpha per neuron -> runs/<run>/suppression.pt
 
     python 03_suppress.py --run demo                          # SGM/AurA soft damping (what `make suppress` runs)
     python 03_suppress.py --run demo --method det0 --top-k 500
@@ -22,6 +22,16 @@ narrows the eligible neurons, so it composes with every method and knob above; -
 the published rule. Which one is better is decided on `dev`, never on `test`:
 
     python 03_suppress.py --run demo --select significant --fdr 0.05
+
+Writers (--score writer, or 02_score.py --score writer for the default): the expertise is what a neuron writes,
+d = its mean attribution to the writer objective on toxic minus clean calibration rows (nats), put on SGM's
+[0, 1] scale relative to the strongest writer, e = d / max(d) (e <= 0: never damped), and used as AUROC
+would be, AUROC-equivalent = 0.5 + e / 2. So aura's alpha = 1 - e: the strongest writer is silenced and each
+other one damped in proportion to its share of that write; det0/damp take the top-k by d; --select
+significant uses the writer's q-values; --normalise layer makes each layer's strongest writer the reference.
+--method published (which amplifies) is refused for writers: it only reproduces the published AUROC code.
+
+    python 03_suppress.py --run demo-writer --score writer --method det0 --top-k 32   # after 01 --writer
 
 Baked checkpoint: --export DIR also loads the model (the one stages 1-2 ran on, or --model), folds alpha into
 each language-model down_proj weight (column m times alpha_m, the same logits as the hooks) and saves it as
@@ -77,6 +87,7 @@ defaults = dict(
     trust_remote_code=False,  # --export: run Python shipped with the checkpoint (only if you trust it)
     random_control=False,  # --export: bake 04_evaluate.py's matched random control instead of SGM's alpha
     seed=0,              # --random-control: the shuffle's seed (04_evaluate.py --seed, 0 by default)
+    score="auto",        # auto (= 02_score.py --score, recorded in expertise.npz) | activation | writer
 )
 METHODS = ("aura", "det0", "damp", "published")
 SELECTIONS = ("all", "significant")
@@ -240,13 +251,28 @@ if __name__ == "__main__":
     # damp scales neurons down; above 1 it would amplify them
     check_range(cfg, "damp_factor", low=0, high=1, fix="the alpha of the top-k neurons, e.g. 0.5 (0 = det0)")
     check_range(cfg, "seed", low=0, fix="any seed >= 0 (the random control's; 04_evaluate.py --seed)")
+    if cfg["score"] not in ("auto", "activation", "writer"):
+        fail(f"unknown --score {cfg['score']!r}; use auto (02's choice), activation or writer")
     if cfg["random_control"] and not cfg["export"]:
         fail("--random-control true bakes the random control into an export: add --export DIR")
     if Path(cfg["out"]).name != cfg["out"] or cfg["out"] in ("", ".", ".."):
         fail(f"--out {cfg['out']!r} must be a file name inside runs/<run>/, e.g. suppression-k500.pt")
     run_dir = f"runs/{run_name(cfg['run'])}"
     arrays, upstream = load_npz(f"{run_dir}/expertise.npz", rerun_hint="02_score.py")
-    auroc = arrays["auroc"]
+    auroc, q_value = arrays["auroc"], arrays.get("q_value")
+    score = upstream.get("score", "activation") if cfg["score"] == "auto" else cfg["score"]
+    if score == "writer" and "writer" not in arrays:
+        fail(f"{run_dir}/expertise.npz has no writer score: rerun 01_collect.py with --writer toxic-odds, then "
+             "02_score.py (or use --score activation)")
+    if score == "writer":  # the writer score on SGM's scale (see the docstring): AUROC-equivalent 0.5 + e / 2
+        if cfg["method"] == "published":
+            fail("--method published reproduces the published AUROC threshold (it amplifies); with the writer "
+                 "score use aura, det0 or damp")
+        writer, q_value = arrays["writer"], arrays["writer_q_value"]
+        if writer.max() <= 0:
+            print("WARNING: no neuron writes more on toxic than on clean rows (max d <= 0): alpha = 1 everywhere")
+        auroc = 0.5 + 0.5 * np.clip(writer / writer.max(), -1, 1) if writer.max() > 0 else np.full(writer.size, 0.5)
+    print(f"expertise: {score} score" + (f" ({upstream['writer']['objective']} objective)" if score == "writer" else ""))
     sizes = neurons_per_layer(upstream["sites"])  # per decoder layer: a MoE layer's routed and shared experts together
     if cfg["method"] == "published":
         print("WARNING: --method published AMPLIFIES neurons with AUROC in (0.3, 0.5); compatibility only")
@@ -254,10 +280,10 @@ if __name__ == "__main__":
         auroc = normalise_per_layer(auroc, sizes)
     eligible = layer_mask(cfg["layers"], sizes)
     if cfg["select"] == "significant":
-        if "q_value" not in arrays:
+        if q_value is None:
             fail(f"{run_dir}/expertise.npz has no q_value (made before significance testing): rerun 02_score.py "
                  f"--run {cfg['run']}")
-        eligible &= arrays["q_value"] < cfg["fdr"]
+        eligible &= q_value < cfg["fdr"]
     n_eligible = int(eligible.sum())
     print(f"select {cfg['select']}" + (f" (q < {cfg['fdr']:g}, {upstream.get('null')} null)"
                                        if cfg["select"] == "significant" else "") +
@@ -274,7 +300,7 @@ if __name__ == "__main__":
           f"total damping sum(1 - alpha) = {(1 - alpha).sum():.1f}")
     meta = dict({k: upstream[k] for k in ("model", "sites", "dtype", "data", "data_checksum")},
                 stage="03_suppress", upstream={"expertise.npz": upstream["fingerprint"]},
-                calibration=upstream["upstream_settings"],
+                calibration=upstream["upstream_settings"], score=score,
                 settings={k: cfg[k] for k in ("method", "strength", "top_k", "damp_factor", "layers", "normalise",
                                               "select", "fdr")},
                 n_eligible=n_eligible, n_changed=int(changed.sum()), n_alpha_below_half=int((alpha < 0.5).sum()))

@@ -302,9 +302,16 @@ if planted_record.exists() and suppression_meta is not None:
                    rank=int((auroc > auroc[index]).sum()) + 1, n_neurons=int(auroc.size),
                    q_value=float(expertise["q_value"][index]) if "q_value" in expertise else None,
                    alpha_sgm=float(alphas["sgm"][index]), alpha_random=float(alphas["random"][index]),
-                   next_best_auroc=float(np.delete(auroc, index).max()))
+                   next_best_auroc=float(np.delete(auroc, index).max()), score=expertise_meta.get("score", "activation"))
+    if "writer" in expertise:  # what it writes (02 --score writer): rank by d, the writer score
+        writer = expertise["writer"]
+        planted.update(writer=float(writer[index]), writer_rank=int((writer > writer[index]).sum()) + 1,
+                       writer_q_value=float(expertise["writer_q_value"][index]),
+                       next_best_writer=float(np.delete(writer, index).max()))
     print(f"planted expert (layer {planted['layer']}, neuron {planted['neuron']}): AUROC {planted['auroc']:.3f}, "
-          f"rank {planted['rank']} of {planted['n_neurons']}, SGM alpha {planted['alpha_sgm']:.3f}")
+          f"rank {planted['rank']} of {planted['n_neurons']}"
+          + (f"; writer score rank {planted['writer_rank']}" if "writer_rank" in planted else "")
+          + f"; SGM alpha {planted['alpha_sgm']:.3f} (damping by the {planted['score']} score)")
 print(f"{len(items)} {cfg['split']} items in {len(groups)} (condition, label) groups; methods {', '.join(methods)}; "
       f"{int((alphas['sgm'] != 1).sum()) if 'sgm' in alphas else 0} neurons damped"
       + (f"; generating on {', '.join(f'{n}={e.url}' for n, e in served.items())}" if served else ""))
@@ -679,14 +686,26 @@ if planted:
               "|---:|---:|---:|---:|---:|---:|",
               f"| {planted['auroc']:.3f} | {planted['rank']} of {planted['n_neurons']} | {planted['next_best_auroc']:.3f} "
               f"| {q} | {planted['alpha_sgm']:.3f} | {planted['alpha_random']:.3f} |", ""]
+    if "writer_rank" in planted:
+        lines += ["What it writes (02_score.py's writer score d; SGM damped by the "
+                  f"{planted['score']} score):", "",
+                  "| writer score d | rank (of all neurons) | next best d | q-value |", "|---:|---:|---:|---:|",
+                  f"| {planted['writer']:.4g} | {planted['writer_rank']} of {planted['n_neurons']} | "
+                  f"{planted['next_best_writer']:.4g} | {planted['writer_q_value']:.2g} |", ""]
 lines += ["## Reading (generated from the numbers above)", ""]
+if planted and "writer_rank" in planted:
+    lines.append(f"- planted expert by what it writes: rank {planted['writer_rank']} of {planted['n_neurons']} "
+                 f"(q = {planted['writer_q_value']:.2g}), against rank {planted['rank']} by what it reads (AUROC).")
 if planted:
-    significant = planted["q_value"] is not None and planted["q_value"] < 0.05
-    lines.append(f"- planted expert: rank {planted['rank']}, AUROC {planted['auroc']:.3f}, q = {q}, SGM alpha "
-                 f"{planted['alpha_sgm']:.3f}: " + (
-                     "found (top 10, significant) and damped by the ordinary stages." if planted["rank"] <= 10 and
+    by_writer = planted["score"] == "writer"  # judged by the score SGM damped by
+    rank, q_found = (planted["writer_rank"], planted["writer_q_value"]) if by_writer else (planted["rank"], planted["q_value"])
+    significant = q_found is not None and q_found < 0.05
+    lines.append(f"- planted expert: rank {rank}" + (" by what it writes" if by_writer else "") +
+                 f", AUROC {planted['auroc']:.3f}, q = {'–' if q_found is None else format(q_found, '.2g')}, "
+                 f"SGM alpha {planted['alpha_sgm']:.3f}: " + (
+                     "found (top 10, significant) and damped by the ordinary stages." if rank <= 10 and
                      significant else "in the top 10 but not significant at q < 0.05 (too few calibration items "
-                     "to tell it from chance)." if planted["rank"] <= 10 else
+                     "to tell it from chance)." if rank <= 10 else
                      "NOT in the top 10: the stages did not single out the known expert. Look for a bug, and "
                      "with `responses` calibration for neurons that respond to the toxic words it makes, which can "
                      "outrank it (RESULTS.md, positive control)."))

@@ -3,7 +3,7 @@
     python bench.py                                        # what `make bench` runs (demo model, ~3 min, 2 cores)
     python bench.py --model tiny --items 200 --repeats 2   # smoke run, seconds
 
-Five measurements, each a ratio of two timings taken in this process (medians of interleaved repeats, so a
+Six measurements, each a ratio of two timings taken in this process (medians of interleaved repeats, so a
 neighbour's CPU load disturbs both sides alike; torch runs on one thread by default, see `threads`).
 Absolute seconds go to bench.json too, but the ratios are the result:
   scoring      02_score.auroc_columns on an items x neurons matrix (random, fixed seed, ties as in real
@@ -13,6 +13,9 @@ Absolute seconds go to bench.json too, but the ratios are the result:
                with alpha folded into the weights (neurons.fold_alpha on a second copy) vs without.
   collection   forward of the language-model body (no LM head, as 01_collect.py) with neurons.record_neurons
                hooks vs without; and the full model forward (with the LM head) vs the body.
+  writer       one responses-mode calibration step (greedy continuation of `prompts` x `new_tokens`, then the
+               recording pass) with 01_collect.py --writer toxic-odds (the recording pass runs the LM head and a
+               backward pass for the attributions) vs without: the writer's cost, target <= 3x.
   nll          the teacher-forced NLL pass (04's fluency and selectivity) of models.token_nll, which runs the LM
                head a chunk of positions at a time, vs full logits (the code before it): peak memory above
                the start of the pass (RSS sampled every millisecond by a thread), seconds, max |difference|.
@@ -37,7 +40,8 @@ from artifacts import write_text
 from common import (DEFAULT_DATA, REPO, append_tokens, check_range, encode, input_device, load_items, parse_overrides,
                     peak_rss_mb, select)
 from models import NLL_CHUNK_BYTES, load_model, token_nll
-from neurons import fold_alpha, neuron_sites, record_neurons, suppress_neurons
+from judges import toxic_vocabulary
+from neurons import fold_alpha, neuron_sites, record_neurons, record_writes, suppress_neurons, writer_objective
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -186,6 +190,31 @@ with torch.no_grad():
     collection = interleaved({"body": lambda: body(**collect_batch, use_cache=False), "recorded": forward_recorded,
                               "full": lambda: model(**collect_batch, use_cache=False)}, cfg["repeats"], "collection")
 
+# ---- one responses-mode calibration step (01_collect.py): greedy continuation, then the recording pass; with
+# --writer the recording pass also runs the LM head and a backward pass for the attributions (toxic-odds) ----------
+toxic_ids = torch.tensor(toxic_vocabulary(processor.tokenizer, model.get_output_embeddings().weight.shape[0]) or [0])
+
+
+def calibration_step(writer):
+    sequences = generate_greedy(model)
+    new_ids = sequences[:, gen_batch["input_ids"].shape[1]:]
+    new_mask = torch.ones_like(new_ids, dtype=torch.bool)
+    extended = append_tokens(processor, gen_batch, new_ids, new_mask)
+    with record_neurons(sites) as recorder, record_writes(model, sites) as writes:
+        recorder.mask = torch.cat([torch.zeros_like(gen_batch["attention_mask"], dtype=torch.bool), new_mask], 1)
+        if not writer:
+            with torch.no_grad():
+                body(**extended, use_cache=False)
+            return recorder.pop()
+        writes.mask = extended["attention_mask"].bool()
+        with torch.enable_grad():
+            logits = model(**extended, use_cache=False, logits_to_keep=new_ids.shape[1] + 1).logits[:, :-1]
+            return recorder.pop(), writes.attribute(writer_objective("toxic-odds", logits, new_mask, toxic_ids))
+
+
+calibration = interleaved({"plain": lambda: calibration_step(False), "writer": lambda: calibration_step(True)},
+                          cfg["repeats"], "calibration step")
+
 # ---- teacher-forced NLL: models.token_nll (chunked LM head) vs full logits, peak memory and time -----------------
 def rss_bytes():
     with open("/proc/self/statm") as f:  # Linux: resident pages are the second field
@@ -278,6 +307,7 @@ result = dict(
     collect_overhead=collection["recorded"] / collection["body"],
     lm_head_cost=collection["full"] / collection["body"],
     lm_head_saving=1 - collection["body"] / collection["full"],  # share of the full forward 01 does not run
+    writer_cost=calibration["writer"] / calibration["plain"],
     # peak memory above the start of the pass (at least 1 MiB: below that it is the sampler's noise)
     nll_memory_ratio=max(nll_peak["full"], 2 ** 20) / max(nll_peak["chunked"], 2 ** 20),
     nll_time_ratio=nll_time["chunked"] / nll_time["full"],
@@ -288,6 +318,7 @@ result = dict(
                  generate_base=generation["base"], generate_hooked=generation["hooked"],
                  generate_baked=generation["baked"], forward_body=collection["body"],
                  forward_recorded=collection["recorded"], forward_full=collection["full"],
+                 calibration_plain=calibration["plain"], calibration_writer=calibration["writer"],
                  nll_full=nll_time["full"], nll_chunked=nll_time["chunked"]),
     repeat_seconds=raw_times,
     memory=memory,
@@ -310,6 +341,7 @@ rows = [  # (what, measured, target as text, met)
     ("collect: recorded / body", result["collect_overhead"], "<= 1.10x", result["collect_overhead"] <= 1.10),
     ("collect: full model / body (LM head)", result["lm_head_cost"],
      f"skip saves {result['lm_head_saving']:.0%}", None),
+    ("calibration step: --writer / plain", result["writer_cost"], "<= 3x", result["writer_cost"] <= 3),
     ("NLL peak memory: full logits / chunked", result["nll_memory_ratio"],
      f"chunked <= {4 * NLL_CHUNK_BYTES // 2**20} MB", nll_peak["chunked"] <= 4 * NLL_CHUNK_BYTES),
     ("NLL seconds: chunked / full logits", result["nll_time_ratio"], "<= 1.10x", result["nll_time_ratio"] <= 1.10),

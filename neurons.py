@@ -204,7 +204,7 @@ class NeuronRecorder:
         if not torch.isfinite(pooled).all():
             fail(f"non-finite activations at {self.site_names[index]} (NaN/inf): try --dtype float32, "
                  "or check that every item has at least one pooled position")
-        self.pooled[index] = pooled.cpu()
+        self.pooled[index] = pooled.detach().cpu()  # detach: 01's writer pass records with gradients on
 
     def pop(self):
         out = torch.cat([self.pooled[i] for i in range(len(self.site_names))], dim=1)
@@ -226,6 +226,131 @@ def record_neurons(sites, pooling="mean"):
             else:
                 handles.append(site.register_forward_pre_hook(
                     lambda module, args, index=index: recorder.linear_hook(index, module, args)))
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class WriteRecorder:
+    """What each neuron writes, by attribution patching (Nanda 2023; AtP*, Kramar et al. 2024): for an objective
+    f computed per row from the model's logits, the neuron's contribution on that row is
+        c_m = sum over the row's real positions t of  a_m(t) * df/da_m(t),
+    the first-order change of f if the neuron were silenced on every position of that row is -c_m (f is linear
+    in a_m's scale s at first order: c_m = df/ds at s = 1). Rows in a batch are independent sequences, so one
+    backward pass of sum_rows f gives every row's gradients.
+
+    How: the input embeddings' output is made a leaf that requires grad (no weight gets a gradient), so every
+    neuron's activation is in the autograd graph; a tensor hook on each down_proj input pools a * grad * mask
+    over positions as the backward pass reaches it, so per-position gradients are never kept (memory: the
+    autograd graph of one batch, as in training, plus rows x neurons pooled). Routed experts (FusedExperts)
+    have no per-expert tensor: their neurons are recomputed from the experts module's inputs (as in
+    NeuronRecorder) and their gradient is the router weight times the gradient at the experts' output read
+    through that expert's down projection; the router's choice is held fixed, as a silenced neuron does not
+    change the layer's own routing. Set `mask` (real positions, batch x positions) before the forward; call
+    attribute(objective) after it; None outside a writer pass (e.g. during generation)."""
+
+    def __init__(self, sites):
+        self.sites, self.mask, self.pooled = sites, None, {}
+
+    def linear_hook(self, index, args):
+        if self.mask is None or not torch.is_grad_enabled():
+            return
+        x, mask = args[0], self.mask.to(args[0].device)
+        wide = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 pooled in float32 (float64 stays)
+        x.register_hook(lambda grad: self.store(index, torch.einsum("bti,bti,bt->bi", x.to(wide), grad.to(wide),
+                                                                      mask.to(wide))))
+
+    def experts_hook(self, index, site, args, kwargs, output):
+        if self.mask is None or not torch.is_grad_enabled():
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        top_k_weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+        flat_mask = self.mask.to(hidden.device).reshape(-1)
+        n_rows, n_positions = self.mask.shape
+
+        def pool(grad_out):
+            wide = torch.promote_types(grad_out.dtype, torch.float32)
+            pooled = torch.zeros(n_rows, site.n_experts, site.width, device=hidden.device, dtype=wide)
+            columns = site.columns()  # (experts, I, hidden): row [e, m] is what neuron (e, m) writes
+            with torch.no_grad():
+                for expert, tokens, activations in site.routed(hidden.detach(), top_k_index):
+                    keep = flat_mask[tokens]
+                    tokens, activations = tokens[keep], activations[keep].to(wide)
+                    weight = (top_k_weights[tokens] * (top_k_index[tokens] == expert)).sum(-1).to(wide)
+                    grad = (grad_out[tokens].to(wide) @ columns[expert].to(grad_out.device, wide).T) * weight[:, None]
+                    pooled[:, expert].index_add_(0, tokens // n_positions, activations * grad)
+            self.store(index, pooled.reshape(n_rows, -1))
+
+        output.register_hook(pool)
+
+    def store(self, index, pooled):
+        self.pooled[index] = self.pooled.get(index, 0) + pooled.detach().cpu()
+
+    def attribute(self, objective):
+        """Backward of objective (one value per row); returns rows x neurons (numpy float32) of sum_t a * grad."""
+        objective.sum().backward(inputs=[self.leaf])
+        self.leaf.grad = None
+        missing = [self.sites[i][0] for i in range(len(self.sites)) if i not in self.pooled]
+        if missing:
+            fail(f"no gradient reached {missing[0]} (and {len(missing) - 1} more sites): the objective does not "
+                 "depend on them through the logits; check that the writer pass runs the model's LM head")
+        out = torch.cat([self.pooled[i] for i in range(len(self.sites))], dim=1)
+        self.pooled = {}
+        if not torch.isfinite(out).all():
+            fail("non-finite writer attributions (NaN/inf): try --dtype float32")
+        return out.numpy()
+
+    def make_leaf(self, module, args, output):
+        """Forward hook on the input embeddings: their output becomes the graph's leaf (see the class doc)."""
+        if self.mask is None or not torch.is_grad_enabled():
+            return None
+        self.leaf = output.detach().requires_grad_(True)
+        return self.leaf
+
+
+WRITER_OBJECTIVES = ("toxic-odds", "own-logprob")
+
+
+def writer_objective(kind, logits, positions, toxic_ids=None, targets=None):
+    """The objective a writer score attributes (01_collect.py --writer; 02's ablation check recomputes it), one
+    value per row: over the `positions` (batch x T, bool) whose logits (batch x T x V) are given, the mean of
+      toxic-odds   log(p_toxic / (1 - p_toxic)), p_toxic = sum_{v in toxic_ids} p(v | context): the log-odds
+                   that the next token is a flagged word. Log-odds, not log p_toxic: the gradient of log p_toxic
+                   vanishes as p_toxic -> 1, so a neuron that already makes a flagged word near-certain (the
+                   strongest writer) would get the smallest first-order write; the log-odds' gradient (softmax
+                   within the flagged words minus softmax within the others) does not saturate at either end.
+                   Where p_toxic is small, as on most text, the two are the same to O(p_toxic).
+      own-logprob  log p(targets): the probability of the tokens that were written (batch x T ids)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> float32; float64 stays
+    if kind == "toxic-odds":
+        flagged = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        flagged[toxic_ids.to(logits.device)] = True
+        per_position = (torch.logsumexp(logits[..., flagged], -1)
+                        - torch.logsumexp(logits.masked_fill(flagged, float("-inf")), -1))
+    elif kind == "own-logprob":
+        per_position = torch.log_softmax(logits, -1).gather(-1, targets[..., None].to(logits.device)).squeeze(-1)
+    else:
+        fail(f"unknown writer objective {kind!r}; use one of {', '.join(WRITER_OBJECTIVES)}")
+    weights = positions.to(logits.device).float()
+    return (per_position * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+@contextmanager
+def record_writes(model, sites):
+    """A WriteRecorder hooked into `model` (its input embeddings and every site) while inside."""
+    recorder = WriteRecorder(sites)
+    handles = [model.get_input_embeddings().register_forward_hook(recorder.make_leaf)]
+    try:
+        for index, (_, site) in enumerate(sites):
+            if isinstance(site, FusedExperts):
+                handles.append(site.experts.register_forward_hook(
+                    lambda module, args, kwargs, output, index=index, site=site: recorder.experts_hook(
+                        index, site, args, kwargs, output), with_kwargs=True))
+            else:
+                handles.append(site.register_forward_pre_hook(
+                    lambda module, args, index=index: recorder.linear_hook(index, args)))
         yield recorder
     finally:
         for handle in handles:

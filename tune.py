@@ -78,6 +78,17 @@ VARIANTS = {
     "samples-4-significant": ("--samples 4", "--select significant --fdr 0.05", "both of the above"),
     "prompt-positions": ("--positions prompt", "", "continuation labels, pooled over the prompt: neurons that "
                                                    "predict toxic output before it is written"),
+    # Added with the writer score (issue 19), before any of their dev results: what a neuron WRITES (01 --writer
+    # toxic-odds: attribution patching on the log-odds of a flagged word), damped by SGM's soft rule on the writer
+    # scale or by det0 on its top k. One calibration run serves all four.
+    "writer-soft":     ("--writer toxic-odds", "--score writer", "what neurons write (toxic-odds), SGM's soft "
+                                                                 "rule: alpha = 1 - d / max d"),
+    "writer-det0-8":   ("--writer toxic-odds", "--score writer --method det0 --top-k 8", "the 8 strongest writers "
+                                                                                         "silenced"),
+    "writer-det0-32":  ("--writer toxic-odds", "--score writer --method det0 --top-k 32", "the 32 strongest writers "
+                                                                                          "silenced"),
+    "writer-det0-128": ("--writer toxic-odds", "--score writer --method det0 --top-k 128", "the 128 strongest "
+                                                                                           "writers silenced"),
 }
 
 
@@ -92,7 +103,8 @@ def run_stage(script, args, artifact, upstream):
     """Run one stage unless `artifact` exists with the same stamp (command, code, data, upstream stamp).
     Returns the stamp, which the next stage folds into its own (so a rerun upstream reruns downstream)."""
     command = [sys.executable, str(REPO / script), *args]
-    stamp = hashlib.sha256(json.dumps([args, sha256_of(REPO / script, REPO / "common.py", REPO / "models.py", REPO / "judges.py"),
+    stamp = hashlib.sha256(json.dumps([args, sha256_of(REPO / script, REPO / "common.py", REPO / "models.py",
+                                                         REPO / "judges.py", REPO / "neurons.py"),
                                        data_checksum, upstream]).encode()).hexdigest()
     stamp_file = Path(f"{artifact}.stamp")
     printable = " ".join(["python", script, *map(shlex.quote, args)])

@@ -1,0 +1,209 @@
+"""What a neuron writes (01_collect.py --writer, neurons.WriteRecorder; 02_score.py --score writer; 03 damping by it).
+
+The attribution a * df/da summed over a row's positions is checked against values computed independently:
+- to rounding: it is the derivative of the row's objective with respect to the neuron's scale at 1, so it must equal a
+  central finite difference of the objective with the neuron scaled by 1 +- h through the damping hooks (every
+  neuron of the tiny model, dense and mixture-of-experts; float64 weights, h = 0.01: transformers' RMSNorm
+  computes in float32, so a smaller h would measure its rounding; agreement ~1e-3 of the largest value);
+- against brute force: silencing every neuron of the tiny model one at a time (the real ablation) changes the
+  objective by about minus the estimate (first order; correlation over all neurons);
+- the writer score d and Welch's t against scipy.stats.ttest_ind, the shuffled labels' t against one call per shuffle;
+- end to end: a tiny model with a planted neuron that writes a word the (test's) judge flags is the top writer,
+  and 03 silences it by the writer score."""
+import numpy as np
+import pytest
+import torch
+from conftest import load_stage, write_items
+from scipy.stats import ttest_ind
+from test_pipeline import run_stage
+from test_planted import planted  # noqa: F401  (the fixture: tiny with a planted writer of ' music')
+
+import artifacts
+import common
+import judges
+import models
+import neurons
+from common import UserError
+
+score = load_stage("02_score.py")
+
+
+def teacher_forced(model, processor, items, continuation):
+    """Inputs of prompt + a fixed continuation (the same tokens for every row), and the mask of its tokens."""
+    batch = common.encode(processor, items, "cpu")
+    ids = torch.tensor([processor.tokenizer.encode(continuation, add_special_tokens=False)] * len(items))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, -2:] = False  # one row ends early: its padding positions must not count
+    inputs = common.append_tokens(processor, batch, ids, mask)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    return inputs, ids, mask
+
+
+def objective_of(model, inputs, ids, mask, kind, toxic_ids):
+    logits = model(**inputs, use_cache=False, logits_to_keep=ids.shape[1] + 1).logits[:, :-1]
+    return neurons.writer_objective(kind, logits, mask, toxic_ids, ids)
+
+
+def writes_of(model, sites, inputs, ids, mask, kind, toxic_ids):
+    with neurons.record_writes(model, sites) as recorder, torch.enable_grad():
+        recorder.mask = inputs["attention_mask"].bool()
+        return recorder.attribute(objective_of(model, inputs, ids, mask, kind, toxic_ids))
+
+
+def scaled_objective(model, sites, inputs, ids, mask, kind, toxic_ids, neuron, factor):
+    alpha = torch.ones(sum(site.in_features for _, site in sites), dtype=torch.float64)
+    alpha[neuron] = factor
+    with torch.no_grad(), neurons.suppress_neurons(sites, alpha):
+        return objective_of(model, inputs, ids, mask, kind, toxic_ids).numpy()
+
+
+ITEMS = [dict(id=str(i), text=text, task="continue", image_path=None) for i, text in
+         enumerate(["the cat sat on the mat", "you are a silly rude person", "what a terrible angry day"])]
+
+
+@pytest.mark.parametrize("kind", neurons.WRITER_OBJECTIVES)
+def test_writes_are_the_derivative_of_the_objective_in_the_neurons_scale(kind):
+    """Every 4th neuron of tiny (both layers): a * df/da summed over the row = (f(1 + h) - f(1 - h)) / 2h."""
+    model, processor, sites, _ = models.load_model("tiny")
+    model.double()
+    toxic_ids = torch.tensor([5, 17, 42])
+    inputs, ids, mask = teacher_forced(model, processor, ITEMS, " the dog ran home")
+    writes = writes_of(model, sites, inputs, ids, mask, kind, toxic_ids)
+    h = 1e-2
+    numeric = np.stack([(scaled_objective(model, sites, inputs, ids, mask, kind, toxic_ids, m, 1 + h)
+                         - scaled_objective(model, sites, inputs, ids, mask, kind, toxic_ids, m, 1 - h)) / (2 * h)
+                        for m in range(0, writes.shape[1], 4)], 1)
+    assert writes.shape == (len(ITEMS), 96) and np.abs(writes).max() > 1e-6
+    np.testing.assert_allclose(writes[:, ::4], numeric, rtol=2e-3, atol=2e-3 * np.abs(numeric).max())
+
+
+def test_first_order_estimate_against_brute_force_ablation_of_every_neuron():
+    """Silencing each of tiny's 96 neurons changes the objective by about -write (the first-order estimate)."""
+    model, processor, sites, _ = models.load_model("tiny")
+    toxic_ids = torch.tensor([5, 17, 42])
+    inputs, ids, mask = teacher_forced(model, processor, ITEMS, " the dog ran home")
+    writes = writes_of(model, sites, inputs, ids, mask, "toxic-odds", toxic_ids)
+    base = scaled_objective(model, sites, inputs, ids, mask, "toxic-odds", toxic_ids, 0, 1.0)
+    measured = np.stack([scaled_objective(model, sites, inputs, ids, mask, "toxic-odds", toxic_ids, m, 0.0) - base
+                         for m in range(writes.shape[1])], 1)
+    r = np.corrcoef(-writes.ravel(), measured.ravel())[0, 1]
+    assert r > 0.95, f"first-order estimate vs ablation: r = {r:.3f}"
+
+
+def test_routed_expert_writes_are_the_derivative_too(tmp_path):
+    """Mixture of experts: a routed neuron's write (router weight x gradient at the experts' output read through
+    its expert's down projection) = the finite difference of the objective with that neuron scaled."""
+    from test_families import BUILDERS, MOE_FAMILIES
+    family = MOE_FAMILIES[0]
+    BUILDERS[family](tmp_path / "moe")
+    model, processor, sites, _ = models.load_model(str(tmp_path / "moe"))
+    toxic_ids = torch.tensor([5, 17, 42])
+    inputs, ids, mask = teacher_forced(model, processor, ITEMS[:2], " the dog ran home")
+    default_kernel = writes_of(model, sites, inputs, ids, mask, "toxic-odds", toxic_ids)  # grouped_mm, float32
+    model.set_experts_implementation("eager")  # the only kernel that runs float64
+    np.testing.assert_allclose(writes_of(model, sites, inputs, ids, mask, "toxic-odds", toxic_ids), default_kernel,
+                               rtol=1e-4, atol=1e-4 * np.abs(default_kernel).max())
+    model.double()
+    routed = next(i for i, (_, site) in enumerate(sites) if isinstance(site, neurons.FusedExperts))
+    start = sum(site.in_features for _, site in sites[:routed])
+    inputs, ids, mask = teacher_forced(model, processor, ITEMS[:2], " the dog ran home")
+    writes = writes_of(model, sites, inputs, ids, mask, "toxic-odds", toxic_ids)
+    chosen = start + np.argsort(-np.abs(writes[:, start:start + sites[routed][1].in_features]).sum(0))[:6]
+    h = 1e-2
+    for m in chosen:
+        numeric = (scaled_objective(model, sites, inputs, ids, mask, "toxic-odds", toxic_ids, m, 1 + h)
+                   - scaled_objective(model, sites, inputs, ids, mask, "toxic-odds", toxic_ids, m, 1 - h)) / (2 * h)
+        np.testing.assert_allclose(writes[:, m], numeric, rtol=5e-3, atol=2e-3 * np.abs(numeric).max())
+    assert np.abs(writes[:, chosen]).max() > 1e-7
+
+
+def test_write_contrast_equals_welch_t_test_and_each_shuffle():
+    rng = np.random.default_rng(0)
+    writes = rng.normal(size=(40, 7)) * [1, 2, 3, 1, 1, 1e-3, 1] + [0, 0, 0, 5, 0, 0, 1e3]
+    writes[:, 4] = 0.25  # constant: no evidence either way
+    labels = (np.arange(40) % 3 == 0).astype(np.int8)
+    writes[labels == 1, 1] += 1.5
+    permuted = score.shuffled_labels(labels, np.zeros(40, dtype=int), 3, np.random.default_rng(1))
+    d, t, df, d_null, t_null = score.write_contrast(writes, labels, permuted, chunk_neurons=3)
+    for m in range(7):
+        toxic, clean = writes[labels == 1, m], writes[labels == 0, m]
+        assert d[m] == pytest.approx(toxic.mean() - clean.mean(), abs=1e-12)
+        if m == 4:
+            assert t[m] == 0
+            continue
+        reference = ttest_ind(toxic, clean, equal_var=False, alternative="greater")
+        assert t[m] == pytest.approx(reference.statistic, rel=1e-6)
+        assert score.student_t.sf(t[m], df[m]) == pytest.approx(reference.pvalue, rel=1e-6)
+    for draw, shuffled in enumerate(permuted):
+        d_one, t_one, _, _, _ = score.write_contrast(writes, shuffled.astype(np.int8))
+        np.testing.assert_allclose(t_null[draw], t_one, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(d_null[draw], d_one, rtol=1e-9, atol=1e-12)
+
+
+def judge_flagging(word):
+    """A test judge that flags exactly the texts containing `word`: it stands in for the real judge, which flags
+    none of tiny's words that the planted neuron could write."""
+    return lambda texts: np.array([1.0 if word.strip() and word.strip() in text else 0.0 for text in texts])
+
+
+def test_the_planted_writer_is_the_top_writer_and_is_silenced(planted, tmp_path, monkeypatch):  # noqa: F811
+    folder, data, record, token = planted
+    processor = models.load_model(str(folder / "model"))[1]
+    monkeypatch.setattr(judges, "judge_toxicity", judge_flagging(processor.tokenizer.decode([token])))
+    for script, *args in (["01_collect.py", "--model", folder / "model", "--run", "w", "--data", data,
+                           "--mode", "prompts", "--writer", "toxic-odds"],
+                          ["02_score.py", "--run", "w", "--score", "writer"],
+                          ["03_suppress.py", "--run", "w", "--method", "det0", "--top-k", "1"]):
+        run_stage(script, *args, cwd=tmp_path)
+    activations, collect_meta = artifacts.load_npz(tmp_path / "runs/w/activations.npz", "01_collect.py")
+    assert activations["writes"].shape == activations["activations"].shape
+    assert collect_meta["writer"]["objective"] == "toxic-odds" and collect_meta["writer"]["toxic_vocabulary"] >= 1
+    expertise, meta = artifacts.load_npz(tmp_path / "runs/w/expertise.npz", "02_score.py")
+    writer = expertise["writer"]
+    assert meta["score"] == "writer" and np.argmax(writer) == record["flat_index"]
+    assert writer[record["flat_index"]] > 1.5 * np.sort(writer)[-2]
+    assert (tmp_path / "runs/w/readers-writers.png").exists()
+    tensors, suppression_meta = artifacts.load_pt(tmp_path / "runs/w/suppression.pt", "03_suppress.py")
+    assert suppression_meta["score"] == "writer"
+    assert tensors["alpha"][record["flat_index"]] == 0 and (tensors["alpha"] == 0).sum() == 1
+    # The soft rule on the writer scale: the strongest writer silenced, the others by their share of its write.
+    run_stage("03_suppress.py", "--run", "w", cwd=tmp_path)
+    alpha = artifacts.load_pt(tmp_path / "runs/w/suppression.pt", "03_suppress.py")[0]["alpha"].numpy()
+    expected = np.where(writer > 0, 1 - writer / writer.max(), 1.0)
+    np.testing.assert_allclose(alpha, expected, rtol=1e-6, atol=1e-7)
+    assert alpha.min() >= 0 and alpha.max() <= 1  # never amplified
+    with pytest.raises(UserError, match="published"):
+        run_stage("03_suppress.py", "--run", "w", "--method", "published", cwd=tmp_path)
+
+
+def test_responses_mode_writes_and_the_ablation_check(tmp_path, monkeypatch):
+    """Responses calibration with --writer own-logprob: the continuation's ids are stored, 02's ablation check
+    reruns exactly them (its recomputed writes equal 01's) and the estimate tracks the measured change."""
+    data = write_items(tmp_path / "items.jsonl")
+    monkeypatch.setattr(judges, "judge_toxicity",
+                        lambda texts: np.array([float(len(text) % 2) for text in texts]))  # both classes, any model
+    run_stage("01_collect.py", "--model", "tiny", "--data", data, "--max-new-tokens", "5", "--batch-size", "4",
+              "--writer", "own-logprob", cwd=tmp_path)
+    arrays, meta = artifacts.load_npz(tmp_path / "runs/tiny/activations.npz", "")
+    assert arrays["continuation_ids"].shape == (len(arrays["labels"]), 5)
+    assert ((arrays["continuation_ids"] >= 0).sum(1) == arrays["n_positions"]).all()
+    run_stage("02_score.py", "--run", "tiny", "--score", "writer", "--check-ablation", "6", "--check-rows", "8",
+              cwd=tmp_path)
+    check = artifacts.load_npz(tmp_path / "runs/tiny/expertise.npz", "")[1]["ablation_check"]
+    assert check["max_difference_from_stored_writes"] < 1e-5  # the same rows, the same tokens
+    assert len(check["neurons"]) == 6 and len(check["rows"]) == 8 and check["r_pairs"] > 0.9
+
+
+def test_writer_options_are_refused_in_one_line(tmp_path):
+    data = write_items(tmp_path / "items.jsonl")
+    with pytest.raises(UserError, match="own-logprob needs --mode responses"):
+        run_stage("01_collect.py", "--model", "tiny", "--data", data, "--mode", "prompts", "--writer", "own-logprob",
+                  cwd=tmp_path)
+    with pytest.raises(UserError, match="unknown --writer"):
+        run_stage("01_collect.py", "--model", "tiny", "--data", data, "--writer", "loud", cwd=tmp_path)
+    run_stage("01_collect.py", "--model", "tiny", "--data", data, "--mode", "prompts", cwd=tmp_path)
+    with pytest.raises(UserError, match="no writer measurement"):
+        run_stage("02_score.py", "--run", "tiny", "--score", "writer", cwd=tmp_path)
+    with pytest.raises(UserError, match="unknown --score"):
+        run_stage("02_score.py", "--run", "tiny", "--score", "reader", cwd=tmp_path)
