@@ -80,7 +80,10 @@ VARIANTS = {
                                                    "predict toxic output before it is written"),
     # Added with the writer score (issue 19), before any of their dev results: what a neuron WRITES (01 --writer
     # toxic-odds: attribution patching on the log-odds of a flagged word), damped by SGM's soft rule on the writer
-    # scale or by det0 on its top k. One calibration run serves all four.
+    # scale or by det0 on its top k. One calibration run serves all five.
+    "writer-calibration-published": ("--writer toxic-odds", "--score activation", "the published rule (activation "
+                                                                                 "AUROC) on the writer variants' own "
+                                                                                 "calibration run: their reference"),
     "writer-soft":     ("--writer toxic-odds", "--score writer", "what neurons write (toxic-odds), SGM's soft "
                                                                  "rule: alpha = 1 - d / max d"),
     "writer-det0-8":   ("--writer toxic-odds", "--score writer --method det0 --top-k 8", "the 8 strongest writers "
