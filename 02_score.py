@@ -3,6 +3,7 @@
 
     python 02_score.py --run demo                           # what `make score` runs (--null auto)
     python 02_score.py --run demo --null permutation --permutations 200 --seed 1
+    python 02_score.py --run demo-writer --score writer --check-ablation 32   # after 01_collect.py --writer
 
 Expertise of neuron m = AUROC of its pooled activation at separating toxic (positive) from non-toxic items:
 the probability that a random toxic item activates m more than a random non-toxic one, ties counting one
@@ -24,6 +25,21 @@ gets a one-sided p-value (H1: toxic expert, AUROC > 0.5) and a Benjamini-Hochber
 against --null-draws shuffles of the same kind: AUROC counts, the published rule's total damping
 sum(1 - alpha) and the number of significant neurons, real vs chance.
 
+Writers. When 01_collect.py ran with --writer, activations.npz also holds `writes`: per row and neuron, the
+first-order estimate of how much the writer objective (e.g. the log-odds of a flagged word) falls when the neuron
+is silenced on that row. The writer score of a neuron is
+    d = mean write over toxic rows - mean write over clean rows        (nats of the objective)
+with Welch's t behind its p-value: closed form (Welch's t-test, one-sided) for independent rows, the
+within-prompt shuffles' t pooled over neurons when rows repeat a prompt (t has no scale, so pooling it over
+neurons is as fair as pooling AUROCs; d is not). Stored beside the activation AUROC as `writer`, `writer_t`,
+`writer_p_value`, `writer_q_value`; --score writer makes it the expertise 03 damps by. A magnitude, not a rank
+statistic, on purpose: a writer's attribution is large where it fires and ~0 elsewhere, so a rank statistic
+(AUROC of the writes) mostly repeats the activation AUROC, while d weighs each neuron by how much it moves the
+output. readers-writers.png plots the two scores against each other (a planted expert circled).
+--check-ablation N silences the N strongest writers one at a time on --check-rows calibration rows (the tokens
+01 wrote, teacher-forced) and prints the correlation of the estimate with the measured change; the numbers go to
+the meta (`ablation_check`). It loads the model (--device, --dtype).
+
 Memory does not grow with items x neurons: the activations are read from activations.npz one column chunk at a
 time (artifacts.StoredMatrix), never loaded whole (19 GB at 1,000 items of Qwen3-VL-30B-A3B's 4.7M neurons in float32),
 and each chunk becomes float32 on its own. Float16 activations (01_collect.py --store-dtype float16) are scored
@@ -42,9 +58,9 @@ import numpy as np  # noqa: E402
 from scipy.stats import false_discovery_control, norm, pearsonr, rankdata  # noqa: E402
 from scipy.stats import t as student_t  # noqa: E402
 
-from artifacts import load_npz, save_npz  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from artifacts import load_npz, save_npz  # noqa: E402
 from common import check_range, fail, parse_overrides, peak_rss_mb, run_name  # noqa: E402
 from neurons import neurons_per_layer  # noqa: E402
 
@@ -218,7 +234,6 @@ def null_table(aurocs, p_values, fdr):
 def planted_neuron(model_name):
     """The flat index of a planted toxic expert (plant.py's record beside the checkpoint), or None. Read only to
     mark it in the plot, after scoring: no score depends on it."""
-    import json
     from pathlib import Path
 
     from models import CACHE_DIR
