@@ -27,7 +27,9 @@ Two calibration modes decide what "toxic" means to the later stages:
              than the neurons that respond to toxic words once they are in the text (which a planted toxic
              generation expert showed to dominate the continuation contrast; RESULTS.md, positive control).
   prompts    (AurA's way) the items' own labels; neurons are pooled over the prompt's text tokens
-             (`--positions text`), over everything but padding (`all`), or over the image tokens (`image`).
+             (`--positions text`: never the image's placeholders nor the markers and tile tags around them,
+             such as Qwen's <|vision_start|> or Gemma 3's <start_of_image>; common.prompt_positions), over
+             everything but padding (`all`), or over the image placeholders (`image`).
 
 A row of the artifact is one item (prompts) or one continuation (responses): `item_ids` names its prompt (so
 an id repeats K+1 times with --samples K) and `sample_index` which continuation it is (0 = greedy, 1..K =
@@ -77,7 +79,8 @@ import torch
 
 from artifacts import RowBlocks, StoredMatrix, load_npz, save_npz, write_text
 from common import (DEFAULT_DATA, UserError, append_tokens, batches, check_range, encode, fail, generate,
-                    image_token_ids, input_device, load_items, parse_overrides, peak_rss_mb, run_name, select)
+                    image_token_ids, input_device, load_items, parse_overrides, peak_rss_mb, prompt_positions,
+                    run_name, select)
 from judges import JUDGE, judge_toxicity, toxic_vocabulary
 from models import load_model
 from neurons import WRITER_OBJECTIVES, neurons_per_layer, record_neurons, record_writes, writer_objective
@@ -152,6 +155,7 @@ if not items:
     fail(f"no items in split {cfg['split']!r} with conditions {cfg['conditions']!r} in {cfg['data']}")
 model, processor, sites, model_meta = load_model(cfg["model"], cfg["dtype"], cfg["device"])
 image_token_id = model.config.image_token_id
+image_ids = image_token_ids(model, processor)  # placeholders and their markers: never text (common.prompt_positions)
 # Collection needs only the hooked activations, not logits: run the base model without the LM head
 # (on the demo its 262k-word vocabulary would cost more than the rest of the forward pass).
 body = model.base_model
@@ -159,7 +163,7 @@ toxic_ids, writer_meta = None, None
 if cfg["writer"]:
     vocabulary = model.get_output_embeddings().weight.shape[0]
     toxic_ids = toxic_vocabulary(processor.tokenizer, vocabulary, cfg["judge_threshold"],
-                                 exclude=image_token_ids(model, processor))
+                                 exclude=image_ids)
     if not toxic_ids and cfg["writer"] == "toxic-odds":
         fail(f"the judge flags no single token of this model's vocabulary, so --writer toxic-odds has no target; "
              "use --writer own-logprob")
@@ -209,8 +213,7 @@ write_text(key_file, run_key)
 def record_prompts(batch):
     """prompts mode: one forward of the prompt, pooled over the chosen positions."""
     real = batch["attention_mask"].bool()
-    is_image = batch["input_ids"] == image_token_id
-    recorder.mask = {"text": real & ~is_image, "all": real, "image": real & is_image}[cfg["positions"]]
+    recorder.mask = prompt_positions(batch, cfg["positions"], image_ids, image_token_id)
     written = None
     if cfg["writer"]:  # the same pass with the LM head and gradients: the objective at every pooled position
         writes.mask = real
@@ -236,7 +239,7 @@ def record_responses(chunk, number):
             recorder.mask = torch.cat([torch.zeros_like(prompt_mask), new_mask], dim=1)
         else:  # the prompt's text tokens: what the model read before it wrote (causal, so the continuation
             # appended here does not change them)
-            prompt_text = prompt_mask & (batch["input_ids"] != image_token_id)
+            prompt_text = prompt_positions(batch, "text", image_ids, image_token_id)
             recorder.mask = torch.cat([prompt_text, torch.zeros_like(new_mask)], dim=1)
         new_ids = sequences[:, prompt_mask.shape[1]:]
         extended = append_tokens(processor, batch, new_ids, new_mask)

@@ -281,7 +281,7 @@ def check_ablation(cfg, upstream, arrays, score, labels):
     pairs, and how far the recomputed writes are from 01's stored ones."""
     import torch
 
-    from common import append_tokens, encode, image_token_ids, load_items
+    from common import append_tokens, encode, image_token_ids, load_items, prompt_positions
     from judges import toxic_vocabulary
     from models import load_model
     from neurons import record_writes, suppress_neurons, writer_objective
@@ -290,7 +290,7 @@ def check_ablation(cfg, upstream, arrays, score, labels):
     if model_meta["sites"] != upstream["sites"]:
         fail(f"model {upstream['model']!r} no longer has the neuron sites of activations.npz: rerun 01_collect.py")
     toxic_ids = toxic_vocabulary(processor.tokenizer, model.get_output_embeddings().weight.shape[0],
-                                 settings["judge_threshold"], exclude=image_token_ids(model, processor))
+                                 settings["judge_threshold"], exclude=(image_ids := image_token_ids(model, processor)))
     if hashlib.sha256(json.dumps(toxic_ids).encode()).hexdigest() != info["toxic_vocabulary_sha256"]:
         fail("the judge's toxic vocabulary differs from the one 01_collect.py used (another judge or tokenizer "
              "version): rerun 01_collect.py --writer")
@@ -321,9 +321,7 @@ def check_ablation(cfg, upstream, arrays, score, labels):
                 return writer_objective(info["objective"], logits[:, :-1], mask, toxic_ids, ids)
         else:  # prompts mode: every pooled position of the prompt (01's --positions)
             inputs, keep = batch, 0
-            real, is_image = batch["attention_mask"].bool(), torch.isin(batch["input_ids"], torch.tensor(
-                [model.config.image_token_id], device=batch["input_ids"].device))
-            positions = {"text": real & ~is_image, "all": real, "image": real & is_image}[settings["positions"]]
+            positions = prompt_positions(batch, settings["positions"], image_ids, model.config.image_token_id)
 
             def objective(logits):
                 return writer_objective(info["objective"], logits, positions, toxic_ids)

@@ -335,6 +335,19 @@ def image_token_ids(model, processor):
     return sorted(i for i in ids if isinstance(i, int) and 0 <= i < vocabulary)
 
 
+def prompt_positions(batch, which, image_ids, placeholder_id):
+    """The positions of an encoded prompt batch that 01_collect.py pools (batch x positions, bool):
+      text   every real token that is not one of the image's tokens: neither the placeholders nor the markers
+             and tile tags around them (`image_ids`, from image_token_ids: Qwen's <|vision_start|>, Gemma 3's
+             <start_of_image>, Idefics3's <fake_token_around_image>, ...), which are not the prompt's words;
+      all    every real token;
+      image  the placeholders only (`placeholder_id`, the config's image_token_id)."""
+    real, ids = batch["attention_mask"].bool(), batch["input_ids"]
+    if which == "text":
+        return real & ~torch.isin(ids, torch.as_tensor(image_ids, dtype=ids.dtype, device=ids.device))
+    return real if which == "all" else real & (ids == placeholder_id)
+
+
 @torch.no_grad()
 def generate(model, processor, items, max_new_tokens, batch_size, desc="generate", on_batch=None, top_k=0):
     """Greedy continuations (top_k > 0: sampling from the k likeliest tokens instead), left-padded batches,

@@ -483,6 +483,33 @@ def test_fallback_prompt_places_the_image(family):
     assert counts[0].min() > 0 and torch.equal(counts[0], counts[1])
 
 
+# The image markers each family's processor writes around its placeholders (as the tokenizer spells them); a
+# family missing here writes none. --positions text must pool none of them.
+IMAGE_MARKERS = {"qwen2_vl": {"<|vision_start|>", "<|vision_end|>"}, "qwen2_5_vl": {"<|vision_start|>", "<|vision_end|>"},
+                 "qwen3_vl": {"<|vision_start|>", "<|vision_end|>"}, "qwen3_vl_moe": {"<|vision_start|>", "<|vision_end|>"},
+                 "gemma3": {"<start_of_image>", "<end_of_image>"}}
+
+
+def test_text_positions_hold_no_image_token_or_marker(family):
+    """common.prompt_positions("text") on each family's real processor output: no placeholder and no marker of
+    the image (common.image_token_ids) is a text position, every other real token is; `image` is the
+    placeholders only. The markers checked are named per family (IMAGE_MARKERS) and must be in the prompt."""
+    name, path = family
+    model, processor, _, _ = load_model(str(path))
+    batch = encode(processor, ITEMS, "cpu")
+    image_ids = common.image_token_ids(model, processor)
+    placeholder = model.config.image_token_id
+    text = common.prompt_positions(batch, "text", image_ids, placeholder)
+    real, ids = batch["attention_mask"].bool(), batch["input_ids"]
+    is_image_token = torch.isin(ids, torch.tensor(image_ids))
+    assert torch.equal(text, real & ~is_image_token) and text.any(1).all()
+    present = set(processor.tokenizer.convert_ids_to_tokens(ids[real & is_image_token].unique().tolist()))
+    present.discard(processor.tokenizer.convert_ids_to_tokens(placeholder))
+    assert IMAGE_MARKERS.get(name, set()) <= present, f"{name}: markers {IMAGE_MARKERS.get(name)} not found"
+    assert torch.equal(common.prompt_positions(batch, "image", image_ids, placeholder), real & (ids == placeholder))
+    assert torch.equal(common.prompt_positions(batch, "all", image_ids, placeholder), real)
+
+
 def test_hooked_logits_equal_folded_weights(family):
     _, path = family
     model, processor, sites, _ = load_model(str(path))
