@@ -44,16 +44,16 @@ AtP*, Kramar et al. 2024): for an objective f of the row (below), the neuron's w
     w_m = sum over the row's real positions t of  a_m(t) * df/da_m(t)
 (neurons.WriteRecorder), the first-order estimate of how much f falls when the neuron is silenced on the
 whole row. It is stored as a second rows x neurons matrix, `writes`, beside `activations`; 02_score.py
---score writer scores it. One extra forward + backward pass per row through the LM head (the activations
-are pooled in the same pass), pooled inside the hooks, so memory is one batch's autograd graph plus its
-logits over the vocabulary at the continuation's positions (lower --batch-size if it runs out). Objectives:
+--score writer scores it. It costs a backward pass and the LM head at every continuation position
+(models.writer_pass; the activations are pooled in the same forward); the attributions are pooled inside the
+hooks and the LM head runs a chunk of positions at a time, so memory is one batch's autograd graph through the
+decoder, as in training, and never batch x positions x vocabulary. Objectives:
   toxic-odds   the log-odds that the next token is one of the vocabulary tokens that the judge flags on
                their own (judges.toxic_vocabulary; their ids are hashed into the meta, never printed),
                log(p_toxic / (1 - p_toxic)), at each position that writes a continuation token, mean over
-               them (neurons.writer_objective says why log-odds rather than log p_toxic). In prompts mode the
-               positions are the pooled ones (--positions), each predicting the token after it: the logits of
-               the whole prompt are held, batch x positions x vocabulary (lower --batch-size for a large
-               vocabulary). A neuron with a large positive write pushes the model towards offensive words.
+               them (neurons.writer_per_position says why log-odds, not log p_toxic). In prompts mode the
+               positions are the pooled ones (--positions), each predicting the token after it. A neuron with
+               a large positive write pushes the model towards offensive words.
   own-logprob  the continuation's own log-probability per token (responses mode only): what a first check
                of this idea used; it also rewards neurons that matter for any text (a broken model writes
                fewer offensive words too).
@@ -82,8 +82,8 @@ from common import (DEFAULT_DATA, UserError, append_tokens, batches, check_range
                     image_token_ids, input_device, load_items, parse_overrides, peak_rss_mb, prompt_positions,
                     run_name, select)
 from judges import JUDGE, judge_toxicity, toxic_vocabulary
-from models import load_model
-from neurons import WRITER_OBJECTIVES, neurons_per_layer, record_neurons, record_writes, writer_objective
+from models import load_model, writer_pass
+from neurons import WRITER_OBJECTIVES, neurons_per_layer, record_neurons, record_writes
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -218,8 +218,7 @@ def record_prompts(batch):
     if cfg["writer"]:  # the same pass with the LM head and gradients: the objective at every pooled position
         writes.mask = real
         with torch.enable_grad():
-            logits = model(**batch, use_cache=False).logits
-            written = writes.attribute(writer_objective(cfg["writer"], logits, recorder.mask, toxic_ids))
+            written = writer_pass(model, batch, recorder.mask, writes, cfg["writer"], toxic_ids)[1]
         writes.mask = None
     else:
         body(**batch, use_cache=False)
@@ -245,11 +244,11 @@ def record_responses(chunk, number):
         extended = append_tokens(processor, batch, new_ids, new_mask)
         if cfg["writer"]:  # the same pass with the LM head and gradients (generate() runs under no_grad)
             writes.mask = extended["attention_mask"].bool()  # silencing acts on every real position of the row
+            # position j of the last width + 1 predicts continuation token j (the last one predicts nothing here)
+            predicts = torch.cat([new_mask, torch.zeros_like(new_mask[:, :1])], 1)
+            targets = torch.cat([new_ids, torch.zeros_like(new_ids[:, :1])], 1)
             with torch.enable_grad():
-                # position j of the last width + 1 predicts continuation token j
-                logits = model(**extended, use_cache=False, logits_to_keep=new_ids.shape[1] + 1).logits[:, :-1]
-                pooled["writes"] = writes.attribute(writer_objective(cfg["writer"], logits, new_mask, toxic_ids,
-                                                                     new_ids))
+                pooled["writes"] = writer_pass(model, extended, predicts, writes, cfg["writer"], toxic_ids, targets)[1]
             writes.mask = None
         else:
             body(**extended, use_cache=False)

@@ -283,7 +283,7 @@ def check_ablation(cfg, upstream, arrays, score, labels):
 
     from common import append_tokens, encode, image_token_ids, load_items, prompt_positions
     from judges import toxic_vocabulary
-    from models import load_model
+    from models import load_model, writer_pass
     from neurons import record_writes, suppress_neurons, writer_objective
     info, settings = upstream["writer"], upstream["settings"]
     model, processor, sites, model_meta = load_model(upstream["model"], cfg["dtype"], cfg["device"])
@@ -315,29 +315,28 @@ def check_ablation(cfg, upstream, arrays, score, labels):
             width = int((ids >= 0).sum(1).max())
             mask = ids[:, :width] >= 0
             ids = torch.where(mask, ids[:, :width], processor.tokenizer.pad_token_id)
-            inputs, keep = append_tokens(processor, batch, ids, mask), width + 1
-
-            def objective(logits):
-                return writer_objective(info["objective"], logits[:, :-1], mask, toxic_ids, ids)
+            inputs = append_tokens(processor, batch, ids, mask)
+            # as in 01: position j of the last width + 1 predicts continuation token j
+            predicts = torch.cat([mask, torch.zeros_like(mask[:, :1])], 1)
+            targets = torch.cat([ids, torch.zeros_like(ids[:, :1])], 1)
         else:  # prompts mode: every pooled position of the prompt (01's --positions)
-            inputs, keep = batch, 0
-            positions = prompt_positions(batch, settings["positions"], image_ids, model.config.image_token_id)
+            inputs, targets = batch, None
+            predicts = prompt_positions(batch, settings["positions"], image_ids, model.config.image_token_id)
 
-            def objective(logits):
-                return writer_objective(info["objective"], logits, positions, toxic_ids)
+        def objective():
+            logits = model(**inputs, use_cache=False, logits_to_keep=predicts.shape[1]).logits
+            return writer_objective(info["objective"], logits, predicts, toxic_ids, targets).numpy()
         with record_writes(model, sites) as writes, torch.enable_grad():
             writes.mask = inputs["attention_mask"].bool()
-            written = writes.attribute(objective(model(**inputs, use_cache=False, logits_to_keep=keep).logits))
+            written = writer_pass(model, inputs, predicts, writes, info["objective"], toxic_ids, targets)[1]
         stored_gap.append(np.abs(written - arrays["writes"].rows(batch_rows)).max())
         with torch.no_grad():
-            base = objective(model(**inputs, use_cache=False, logits_to_keep=keep).logits)
-            changes = []
+            base, changes = objective(), []  # measured the way the silenced ones are (full logits)
             for neuron in tqdm(top, desc=f"ablation check, rows {start}-{start + batch_rows.size}", file=sys.stdout):
                 alpha = torch.ones(n_neurons)
                 alpha[neuron] = 0
                 with suppress_neurons(sites, alpha):
-                    changes.append((objective(model(**inputs, use_cache=False, logits_to_keep=keep).logits)
-                                    - base).numpy())
+                    changes.append(objective() - base)
         estimate.append(-written[:, top].T)
         measured.append(np.stack(changes))
     estimate, measured = np.concatenate(estimate, 1), np.concatenate(measured, 1)  # neurons x rows

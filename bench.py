@@ -39,9 +39,9 @@ from tqdm import tqdm
 from artifacts import write_text
 from common import (DEFAULT_DATA, REPO, append_tokens, check_range, encode, input_device, load_items, parse_overrides,
                     peak_rss_mb, select)
-from models import NLL_CHUNK_BYTES, load_model, token_nll
+from models import NLL_CHUNK_BYTES, load_model, token_nll, writer_pass
 from judges import toxic_vocabulary
-from neurons import fold_alpha, neuron_sites, record_neurons, record_writes, suppress_neurons, writer_objective
+from neurons import fold_alpha, neuron_sites, record_neurons, record_writes, suppress_neurons
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -207,9 +207,9 @@ def calibration_step(writer):
                 body(**extended, use_cache=False)
             return recorder.pop()
         writes.mask = extended["attention_mask"].bool()
+        predicts = torch.cat([new_mask, torch.zeros_like(new_mask[:, :1])], 1)  # as 01_collect.py
         with torch.enable_grad():
-            logits = model(**extended, use_cache=False, logits_to_keep=new_ids.shape[1] + 1).logits[:, :-1]
-            return recorder.pop(), writes.attribute(writer_objective("toxic-odds", logits, new_mask, toxic_ids))
+            return recorder.pop(), writer_pass(model, extended, predicts, writes, "toxic-odds", toxic_ids)[1]
 
 
 calibration = interleaved({"plain": lambda: calibration_step(False), "writer": lambda: calibration_step(True)},

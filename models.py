@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common import REPO, fail
-from neurons import neuron_sites
+from neurons import neuron_sites, writer_objective, writer_per_position
 
 # Converted demo weights live outside the repo (built once, ~1 GB); SGM_CACHE moves them.
 CACHE_DIR = Path(os.environ.get("SGM_CACHE", Path.home() / ".cache" / "sgm-repro"))
@@ -397,3 +397,47 @@ def token_nll(model, inputs, counted, chunk_tokens=0):
                                                    reduction="none")
         total.index_add_(0, rows[start:start + step].cpu(), losses.double().cpu())
     return (total / counted.sum(1).clamp(min=1).cpu()).float().numpy()
+
+
+def writer_pass(model, inputs, positions, recorder, kind, toxic_ids=None, targets=None, chunk_tokens=0):
+    """01_collect.py --writer's pass (and 02's ablation check): the writer objective per row (numpy) and each
+    neuron's attribution to it, rows x neurons (neurons.WriteRecorder `recorder`, set up by the caller with
+    gradients enabled). `positions` (batch x T, bool) marks which of the last T positions' logits the objective
+    averages; `targets` (batch x T) are the next tokens there (own-logprob).
+
+    Memory does not grow with batch x positions x vocabulary (a batch of 64 x 33 positions of the demo's 262k
+    words is 2.2 GB per copy of the logits, and the objective's backward needs several): the decoder runs once
+    with gradients (_final_hidden), the LM head then runs a chunk of the marked positions at a time, each chunk's
+    gradient with respect to its final hidden states is taken at once, and one backward pass carries them all
+    through the decoder to the neurons. The same numbers as writer_objective on full logits, to rounding. A model
+    whose head cannot be split from its forward gets full logits, with a printed note."""
+    width = positions.shape[1]
+    reason = getattr(model, "_sgm_full_logits", None)
+    if reason is None:
+        hidden, finish = _final_hidden(model, inputs, width)
+        if hidden is None:
+            reason = model._sgm_full_logits = finish
+            print(f"note: cannot split {type(model).__name__}'s LM head from its forward ({reason}); the writer pass "
+                  "uses full logits, so its memory grows with batch x positions x vocabulary")
+    if reason is not None:
+        objective = writer_objective(kind, model(**inputs, use_cache=False, logits_to_keep=width).logits, positions,
+                                     toxic_ids, targets)
+        return objective.detach().cpu().numpy(), recorder.attribute(objective)
+    rows, cols = positions.to(hidden.device).nonzero(as_tuple=True)
+    picked = hidden[rows, cols].detach().requires_grad_(True)  # (marked positions, hidden size): small
+    weight = 1 / positions.sum(1).clamp(min=1).to(hidden.device, torch.float32)[rows]  # a mean per row
+    chosen = None if targets is None else targets.to(hidden.device)[rows, cols]
+    head = model.get_output_embeddings()
+    step = chunk_tokens or max(1, NLL_CHUNK_BYTES // (4 * model.config.get_text_config().vocab_size))
+    values = torch.zeros(len(rows), dtype=torch.float64)
+    for start in range(0, len(rows), step):
+        stop = start + step
+        per_position = writer_per_position(kind, finish(head(picked[start:stop])), toxic_ids,
+                                           None if chosen is None else chosen[start:stop])
+        (per_position * weight[start:stop]).sum().backward()  # the chunk's graph only: picked.grad accumulates
+        values[start:stop] = per_position.detach().double().cpu()
+    objective = torch.zeros(positions.shape[0], dtype=torch.float64).index_add_(
+        0, rows.cpu(), values * weight.detach().double().cpu())
+    grad = torch.zeros_like(hidden)
+    grad[rows, cols] = picked.grad.to(grad.dtype)
+    return objective.numpy(), recorder.attribute(hidden, grad)

@@ -288,9 +288,12 @@ class WriteRecorder:
     def store(self, index, pooled):
         self.pooled[index] = self.pooled.get(index, 0) + pooled.detach().cpu()
 
-    def attribute(self, objective):
-        """Backward of objective (one value per row); returns rows x neurons (numpy float32) of sum_t a * grad."""
-        objective.sum().backward(inputs=[self.leaf])
+    def attribute(self, objective, grad=None):
+        """Backward of `objective` (one value per row; or any tensor of the graph with its `grad`, as
+        models.writer_pass gives the final hidden states); returns rows x neurons (numpy) of sum_t a * grad."""
+        if grad is None:
+            objective = objective.sum()
+        torch.autograd.backward(objective, grad, inputs=[self.leaf])
         self.leaf.grad = None
         missing = [self.sites[i][0] for i in range(len(self.sites)) if i not in self.pooled]
         if missing:
@@ -313,27 +316,32 @@ class WriteRecorder:
 WRITER_OBJECTIVES = ("toxic-odds", "own-logprob")
 
 
-def writer_objective(kind, logits, positions, toxic_ids=None, targets=None):
-    """The objective a writer score attributes (01_collect.py --writer; 02's ablation check recomputes it), one
-    value per row: over the `positions` (batch x T, bool) whose logits (batch x T x V) are given, the mean of
+def writer_per_position(kind, logits, toxic_ids=None, targets=None):
+    """The writer objective at each position whose logits (... x V) are given (same leading shape out):
       toxic-odds   log(p_toxic / (1 - p_toxic)), p_toxic = sum_{v in toxic_ids} p(v | context): the log-odds
                    that the next token is a flagged word. Log-odds, not log p_toxic: the gradient of log p_toxic
                    vanishes as p_toxic -> 1, so a neuron that already makes a flagged word near-certain (the
                    strongest writer) would get the smallest first-order write; the log-odds' gradient (softmax
                    within the flagged words minus softmax within the others) does not saturate at either end.
                    Where p_toxic is small, as on most text, the two are the same to O(p_toxic).
-      own-logprob  log p(targets): the probability of the tokens that were written (batch x T ids)."""
+      own-logprob  log p(targets): the probability of the tokens that were written (ids, the leading shape)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> float32; float64 stays
     if kind == "toxic-odds":
         flagged = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         flagged[toxic_ids.to(logits.device)] = True
-        per_position = (torch.logsumexp(logits[..., flagged], -1)
-                        - torch.logsumexp(logits.masked_fill(flagged, float("-inf")), -1))
-    elif kind == "own-logprob":
-        per_position = torch.log_softmax(logits, -1).gather(-1, targets[..., None].to(logits.device)).squeeze(-1)
-    else:
-        fail(f"unknown writer objective {kind!r}; use one of {', '.join(WRITER_OBJECTIVES)}")
-    weights = positions.to(logits.device).float()
+        return (torch.logsumexp(logits[..., flagged], -1)
+                - torch.logsumexp(logits.masked_fill(flagged, float("-inf")), -1))
+    if kind == "own-logprob":
+        return torch.log_softmax(logits, -1).gather(-1, targets[..., None].to(logits.device)).squeeze(-1)
+    fail(f"unknown writer objective {kind!r}; use one of {', '.join(WRITER_OBJECTIVES)}")
+
+
+def writer_objective(kind, logits, positions, toxic_ids=None, targets=None):
+    """The writer objective per row (01_collect.py --writer; 02's ablation check): the mean of
+    writer_per_position over the row's `positions` (batch x T, bool), from full logits batch x T x V.
+    (models.writer_pass computes the same with the LM head a chunk of positions at a time.)"""
+    per_position = writer_per_position(kind, logits, toxic_ids, targets)
+    weights = positions.to(per_position.device).to(per_position.dtype)
     return (per_position * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 

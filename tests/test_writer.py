@@ -78,6 +78,26 @@ def test_writes_are_the_derivative_of_the_objective_in_the_neurons_scale(kind):
     np.testing.assert_allclose(writes[:, ::4], numeric, rtol=2e-3, atol=2e-3 * np.abs(numeric).max())
 
 
+@pytest.mark.parametrize("kind", neurons.WRITER_OBJECTIVES)
+def test_writer_pass_with_the_lm_head_in_chunks_equals_full_logits(kind):
+    """models.writer_pass (the LM head 3 positions at a time, one backward through the decoder) gives the
+    objective and the writes of the plain full-logits computation."""
+    model, processor, sites, _ = models.load_model("tiny")
+    toxic_ids = torch.tensor([5, 17, 42])
+    inputs, ids, mask = teacher_forced(model, processor, ITEMS, " the dog ran home")
+    full = writes_of(model, sites, inputs, ids, mask, kind, toxic_ids)
+    predicts = torch.cat([mask, torch.zeros_like(mask[:, :1])], 1)  # as 01_collect.py: the last T + 1 positions
+    targets = torch.cat([ids, torch.zeros_like(ids[:, :1])], 1)
+    with neurons.record_writes(model, sites) as recorder, torch.enable_grad():
+        recorder.mask = inputs["attention_mask"].bool()
+        objective, chunked = models.writer_pass(model, inputs, predicts, recorder, kind, toxic_ids, targets,
+                                                chunk_tokens=3)
+    with torch.no_grad():
+        reference = objective_of(model, inputs, ids, mask, kind, toxic_ids).numpy()
+    np.testing.assert_allclose(objective, reference, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(chunked, full, rtol=1e-4, atol=1e-5 * np.abs(full).max())
+
+
 def test_first_order_estimate_against_brute_force_ablation_of_every_neuron():
     """Silencing each of tiny's 96 neurons changes the objective by about -write (the first-order estimate)."""
     model, processor, sites, _ = models.load_model("tiny")
