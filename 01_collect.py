@@ -8,7 +8,7 @@ A neuron is one coordinate of the input of an MLP `down_proj` in the language mo
 In a mixture-of-experts layer (Qwen3-VL-MoE, GLM-4.5V) a neuron is (layer, expert, index): the input of that
 expert's down projection, 0 on tokens the router did not send to the expert, pooled over the same positions as
 a dense neuron, so how often an expert is chosen is part of its signal; a shared expert is an ordinary MLP.
-The alternatives (pool only over routed tokens; score the router's choice instead) and the reasons: MODELS.md
+The alternatives (pool only over routed tokens; score the router's choice instead) and the reasons: docs/MODELS.md
 and neurons.FusedExperts.
 Two calibration modes decide what "toxic" means to the later stages:
 
@@ -24,7 +24,7 @@ Two calibration modes decide what "toxic" means to the later stages:
              `--positions prompt` pools the same rows over the prompt's text tokens instead: the neurons
              that predict, before a word is written, whether the model's continuation will be toxic — rather
              than the neurons that respond to toxic words once they are in the text (which a planted toxic
-             generation expert showed to dominate the continuation contrast; RESULTS.md, positive control).
+             generation expert showed to dominate the continuation contrast; docs/RESULTS.md, positive control).
   prompts    (AurA's way) the items' own labels; neurons are pooled over the prompt's text tokens
              (`--positions text`), over everything but padding (`all`), or over the image tokens (`image`).
 
@@ -49,12 +49,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from artifacts import RowBlocks, StoredMatrix, load_npz, save_npz, write_text
 from common import (DEFAULT_DATA, UserError, append_tokens, batches, check_range, encode, fail, generate, input_device,
                     load_items, parse_overrides, peak_rss_mb, run_name, select)
-from judges import JUDGE, judge_toxicity
-from models import load_model
-from neurons import neurons_per_layer, record_neurons
+from sgm.artifacts import RowBlocks, StoredMatrix, load_npz, save_npz, write_text
+from sgm.judges import JUDGE, judge_toxicity
+from sgm.models import load_model
+from sgm.neurons import neurons_per_layer, record_neurons
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(

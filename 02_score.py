@@ -38,9 +38,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import false_discovery_control, norm, rankdata  # noqa: E402
 
-from artifacts import load_npz, save_npz  # noqa: E402
 from common import check_range, fail, parse_overrides, peak_rss_mb, run_name  # noqa: E402
-from neurons import neurons_per_layer  # noqa: E402
+from sgm.artifacts import load_npz, save_npz  # noqa: E402
+from sgm.neurons import neurons_per_layer  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(

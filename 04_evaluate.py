@@ -24,12 +24,12 @@ Methods (all on the same items, greedy decoding, so every comparison is paired):
               value of --strengths; with it the report adds a toxicity-vs-fluency trade-off plot (<report>-tradeoff.png)
 `make all` runs base, sgm and random; name others with --methods (each generating method costs as much as base).
 --base-from runs/<run>/<report>.json takes base's answers and fluency from an earlier report of the same model,
-data, items and settings instead of generating them again (tune.py: one base pass shared by every variant).
+data, items and settings instead of generating them again (tools/tune.py: one base pass shared by every variant).
 The judge (alt-profanity-check, threshold 0.5) scores the generated tokens only, never the prompt. It measures
 offensive language — the AurA / RealToxicityPrompts "toxicity" — not the paper's "harmful answer" verdict,
 so `harmful_rate` here is a toxic-language rate. For the paper's verdict add judges (`--judges`), reported
 side by side in each row's `judges` and in answers.jsonl, their verdicts cached in runs/judge-cache/
-(every judge, what it needs and its cache: judges.py; each requested one is checked before any generation):
+(every judge, what it needs and its cache: sgm/judges.py; each requested one is checked before any generation):
   llm       any OpenAI-compatible chat endpoint with an MM-SafetyBench-style safe/unsafe prompt; URL, model
             and key from the environment only (SGM_JUDGE_URL, SGM_JUDGE_MODEL, SGM_JUDGE_API_KEY)
   guard     a local guard model by id or path (--guard-model, e.g. Llama Guard), through its chat template
@@ -40,7 +40,7 @@ may not control) or not ("novel").
 Fluency: perplexity of reference prose (MM-TOXIC-QA's `book` items, which are not generated on) under each
 method, teacher-forced, text tokens only; and perplexity of each method's answers to the benign standard
 items under the unmodified model (are the answers still language?).
-Served models (--endpoint NAME=URL,...; endpoint.py): each generating method comes from an OpenAI-compatible
+Served models (--endpoint NAME=URL,...; sgm/endpoint.py): each generating method comes from an OpenAI-compatible
 server (vLLM, TGI, ...) serving a checkpoint with its alpha baked in (03_suppress.py --export, --random-control
 for random), keyed by the neurons it runs with: base, sgm, random, det0, damp, sgm@s (prompt and sgm+prompt use
 base's and sgm's server). The model is then not loaded here, only --model's processor (prompt text, chat
@@ -69,14 +69,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 
-import endpoint as served_models  # noqa: E402
-from artifacts import check_same_model, load_npz, load_pt, write_text  # noqa: E402
 from common import (DEFAULT_DATA, append_tokens, batches, check_range, encode, fail, generate,  # noqa: E402
                     input_device, load_items, parse_limits, parse_overrides, peak_rss_mb, run_name, select)
-from judges import (JUDGE, REFUSAL, REFUSAL_PHRASES, check_judges, detoxify_judge, guard_judge,  # noqa: E402
-                    judge_toxicity, llm_judge)
-from models import load_model, resolve_model_path, token_nll  # noqa: E402
-from neurons import matched_random_control, split_by_site, suppress_neurons  # noqa: E402
+from sgm import endpoint as served_models  # noqa: E402
+from sgm.artifacts import check_same_model, load_npz, load_pt, write_text  # noqa: E402
+from sgm.judges import (JUDGE, REFUSAL, REFUSAL_PHRASES, check_judges, detoxify_judge, guard_judge,  # noqa: E402
+                        judge_toxicity, llm_judge)
+from sgm.models import load_model, resolve_model_path, token_nll  # noqa: E402
+from sgm.neurons import matched_random_control, split_by_site, suppress_neurons  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -105,7 +105,7 @@ defaults = dict(
     report="results",           # output names: <report>.json, <report>.md, <report>.png, <report>-answers.jsonl
     base_from="",               # path of an earlier <report>.json: take base's answers and fluency from it (and its
                                 # -answers.jsonl) instead of generating them again; it must be of the same model,
-                                # data, items and settings (tune.py runs one base pass for all its variants)
+                                # data, items and settings (tools/tune.py runs one base pass for all its variants)
     max_new_tokens=32,
     judge_threshold=0.5,        # toxicity probability at or above which an answer counts as toxic
     batch_size=64,              # large batches amortise the demo's 262k-word LM head
@@ -165,7 +165,7 @@ if cfg["endpoint"]:
     endpoint_urls = served_models.parse_endpoints(cfg["endpoint"], {neurons_of(m) for m in methods
                                                                     if not m.endswith("filter")})
 # Then the judges, before anything is generated: a dead endpoint or a missing guard model fails now, not after
-# hours of generation (judges.py: the endpoint answers one tiny request, the guard model loads, once, for the run).
+# hours of generation (sgm/judges.py: the endpoint answers one tiny request, the guard model loads, once, for the run).
 guard_device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 ready_judges = check_judges(cfg["judges"].split(","), cfg["guard_model"], cfg["judge_cache"], guard_device)
 extra_judges = list(ready_judges)  # reported side by side with profanity
@@ -283,7 +283,7 @@ if any(neurons_of(method) != "base" for method in methods):
         alphas[f"sgm@{strength:g}"] = (1 - strength * (1 - alphas["sgm"])).clamp(min=0)
     if {"det0", "damp"} & set(methods):
         print(f"det0/damp change the top {k} neurons")
-# The positive control: a model built with a planted toxic expert (plant.py, `make planted`) carries a record of
+# The positive control: a model built with a planted toxic expert (tools/plant.py, `make planted`) carries a record of
 # which neuron it is. No stage before this one reads it; here we check whether 02 found it and 03 damped it.
 planted = None
 planted_record = Path(resolve_model_path(cfg["model"])) / "PLANTED.json"
@@ -293,7 +293,7 @@ if planted_record.exists() and suppression_meta is not None:
         record["flat_index"], record["layer"], record["neuron"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         fail(f"{planted_record} is damaged ({type(e).__name__}): delete the folder {planted_record.parent} and rerun "
-             "(plant.py rebuilds it)")
+             "(tools/plant.py rebuilds it)")
     expertise, expertise_meta = load_npz(f"{run_dir}/expertise.npz", rerun_hint="02_score.py")
     if expertise_meta["fingerprint"] != suppression_meta["upstream"]["expertise.npz"]:
         fail(f"{run_dir}/expertise.npz is not the one {cfg['suppression']} was made from: rerun 03_suppress.py")
@@ -672,7 +672,7 @@ if selectivity:
     lines.append("")
 if planted:
     q = "–" if planted["q_value"] is None else f"{planted['q_value']:.2g}"
-    lines += ["## Positive control: the planted toxic expert (plant.py)", "",
+    lines += ["## Positive control: the planted toxic expert (tools/plant.py)", "",
               f"This model has one neuron rewritten into a toxic expert (layer {planted['layer']}, neuron "
               f"{planted['neuron']}; recorded in PLANTED.json, read by no stage before this report).", "",
               "| AUROC | rank (of all neurons) | next best AUROC | q-value | SGM alpha | random control's alpha there |",
@@ -689,7 +689,7 @@ if planted:
                      "to tell it from chance)." if planted["rank"] <= 10 else
                      "NOT in the top 10: the stages did not single out the known expert. Look for a bug, and "
                      "with `responses` calibration for neurons that respond to the toxic words it makes, which can "
-                     "outrank it (RESULTS.md, positive control)."))
+                     "outrank it (docs/RESULTS.md, positive control)."))
 by_key = {(r["method"], r["condition"], r["label"]): r for r in rows}
 for (condition, label) in groups:
     if label != "toxic":

@@ -33,9 +33,9 @@ import torch
 from tqdm import tqdm
 
 from common import fail
-from endpoint import REQUEST_ERRORS  # what a request can raise (endpoint.py: the HTTP shared with --endpoint)
-from endpoint import JsonlCache, request_json, run_jobs  # shared with --endpoint: cache, HTTP, threads
-from endpoint import short as _short  # an exception as one short line
+from sgm.endpoint import REQUEST_ERRORS  # what a request can raise (sgm/endpoint.py: the HTTP shared with --endpoint)
+from sgm.endpoint import JsonlCache, request_json, run_jobs  # shared with --endpoint: cache, HTTP, threads
+from sgm.endpoint import short as _short  # an exception as one short line
 
 JUDGE = "profanity-check"  # alt-profanity-check: offline, bundled linear model of offensive language
 EXTRA_JUDGES = ("llm", "guard", "detoxify")

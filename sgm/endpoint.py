@@ -1,7 +1,7 @@
 """Generation and prompt log-probabilities from served models: 04_evaluate.py --endpoint, for models that do not
 fit one machine (vLLM or TGI serving an SGM export tensor-parallel, or any OpenAI-compatible chat server).
 
-    vllm serve exports/llava15-sgm --tensor-parallel-size 4 --port 8001 --chat-template ...   (MODELS.md)
+    vllm serve exports/llava15-sgm --tensor-parallel-size 4 --port 8001 --chat-template ...   (docs/MODELS.md)
     python 04_evaluate.py --model llava-hf/llava-1.5-7b-hf --run llava15 \
         --endpoint base=http://gpu1:8000/v1,sgm=http://gpu1:8001/v1,random=http://gpu1:8002/v1
 
@@ -149,7 +149,7 @@ def env_name(name):
 def load_served_processor(name):
     """The processor of the model the servers serve (its tokenizer, image token and chat template): the prompt
     text is built with it, as in process. No weights are loaded."""
-    from models import load_processor, resolve_model_path
+    from sgm.models import load_processor, resolve_model_path
     try:
         return load_processor(resolve_model_path(name))
     except Exception as e:  # not found offline, damaged
