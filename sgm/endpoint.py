@@ -157,6 +157,19 @@ def load_served_processor(name):
              "served checkpoint (a local folder or a cached hub id) for its tokenizer and chat template")
 
 
+def connect(urls, model, cache_dir, workers, timeout, retries, probe_item):
+    """04_evaluate.py --endpoint: the processor of --model and one Endpoint per neurons -> URL, each probed with
+    `probe_item` (it answers; its model name; whether it gives log-probabilities). Answers are cached in
+    <cache_dir>/answers.jsonl."""
+    processor = load_served_processor(model)
+    cache = AnswerCache(Path(cache_dir) / "answers.jsonl")
+    served = {}
+    for neurons, url in urls.items():
+        served[neurons] = Endpoint(neurons, url, processor, cache, workers, timeout, retries)
+        served[neurons].probe(probe_item)
+    return processor, served
+
+
 def run_jobs(jobs, workers, desc):
     """Run `jobs` (callables) on up to `workers` threads, results in order. The first failure (or Ctrl-C)
     cancels the jobs not yet started, lets those in flight finish (their replies are cached) and is raised."""
@@ -187,7 +200,7 @@ class Endpoint:
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.model = os.environ.get(f"SGM_ENDPOINT_MODEL_{env_name(name)}") or os.environ.get("SGM_ENDPOINT_MODEL")
         self.prompt_logprobs = None  # known after probe()
-        # Image placeholders are left out of text perplexity, as 04's text_perplexity leaves out the model's
+        # Image placeholders are left out of text perplexity, as sgm/models.py's text_nll leaves out the model's
         # config.image_token_id (the processor's image token in every family here).
         image_token = getattr(processor, "image_token", None)
         self.image_token_id = getattr(processor, "image_token_id", None) or (
@@ -282,7 +295,7 @@ class Endpoint:
         return run_jobs([lambda i=i, c=c: ask(i, c) for i, c in zip(items, continuations)], self.workers, desc)
 
     def text_nll(self, items, desc):
-        """Per item, the mean NLL of its prompt's tokens except image placeholders (as 04's text_perplexity), or
+        """Per item, the mean NLL of its prompt's tokens except image placeholders (as sgm/models.py's text_nll), or
         None for all when the server returns no prompt log-probabilities."""
         if not self.prompt_logprobs:
             return None

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import fail
+from common import append_tokens, batches, encode, fail, input_device
 from sgm.neurons import neuron_sites
 
 # Converted demo weights live outside the repo (built once, ~1 GB); SGM_CACHE moves them.
@@ -302,7 +302,8 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
             fix = (f"the SGM export {path} is damaged or incomplete: rerun 03_suppress.py --export "
                    + (f"(`{made.group(1)}`, as its SGM_EXPORT.md records)" if made else path))
         elif path != name:  # tiny, demo, demo-planted: built into the cache
-            fix = f"the cached build {path} is damaged: delete that folder and rerun (it is built again)"
+            fix = f"the cached build {path} is damaged: delete that folder and " + (
+                BUILT_ELSEWHERE[name] if name in BUILT_ELSEWHERE else "rerun (it is built again)")
         elif folder.exists():
             fix = f"the checkpoint folder {path} is damaged or incomplete: copy or download it again"
         else:
@@ -317,7 +318,8 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# teacher-forced NLL (04_evaluate.py's fluency and selectivity passes; tools/bench.py measures its memory)
+# teacher-forced NLL (04_evaluate.py's fluency and selectivity passes; tools/bench.py measures its memory):
+# text_nll and continuation_nll per item, token_nll under both
 
 # Float32 logits of at most this many bytes exist at once (128 positions of the demo's
 # 262k-word vocabulary, ~1,000 of a 32k one), whatever the batch and its length.
@@ -410,3 +412,39 @@ def token_nll(model, inputs, counted, chunk_tokens=0):
                                                    reduction="none")
         total.index_add_(0, rows[start:start + step].cpu(), losses.double().cpu())
     return (total / counted.sum(1).clamp(min=1).cpu()).float().numpy()
+
+
+@torch.no_grad()
+def text_nll(model, processor, items):
+    """Per-item mean negative log-likelihood of the item's text tokens (image and padding excluded): 04's text
+    perplexity is exp of its mean."""
+    nll = np.zeros(len(items))
+    for index, chunk in batches(items, 8, "perplexity"):
+        batch = encode(processor, chunk, input_device(model))
+        targets = batch["input_ids"][:, 1:]
+        counted = batch["attention_mask"][:, 1:].bool() & (targets != model.config.image_token_id)
+        # Counted: every real token that is not an image placeholder (the fallback prompt is the item's text;
+        # with a chat template its few template tokens count too, identically for every method).
+        nll[index] = token_nll(model, batch, counted)  # the LM head on counted positions only, in chunks
+    return nll
+
+
+@torch.no_grad()
+def continuation_nll(model, processor, items, continuations, batch_size, desc):
+    """Per-item mean NLL (nats/token) of given continuation token ids after each item's prompt."""
+    nll = np.full(len(items), np.nan)
+    pad_id = processor.tokenizer.pad_token_id
+    for index, chunk in batches(items, batch_size, desc):
+        batch = encode(processor, chunk, input_device(model))
+        width = max(len(continuations[i]) for i in index)
+        if width == 0:
+            continue
+        targets = torch.full((len(index), width), pad_id, dtype=torch.long)
+        counted = torch.zeros((len(index), width), dtype=torch.bool)
+        for row, i in enumerate(index):
+            targets[row, :len(continuations[i])] = torch.tensor(continuations[i], dtype=torch.long)
+            counted[row, :len(continuations[i])] = True
+        # Logits only where they predict a continuation token, a chunk of positions at a time (the LM head is
+        # the demo's biggest cost, and its full logits over a batch would take gigabytes).
+        nll[index] = token_nll(model, append_tokens(processor, batch, targets, counted), counted)
+    return nll

@@ -34,7 +34,7 @@ def reference_nll(model, inputs, counted):
 
 
 def forced_batch(model, processor, lengths=(5, 0, 9, 2), seed=0):
-    """Prompts (left-padded) + continuations of the given lengths (right-padded): 04's continuation_nll input."""
+    """Prompts (left-padded) + continuations of the given lengths (right-padded): sgm/models.py's continuation_nll input."""
     generator = torch.Generator().manual_seed(seed)
     width = max(lengths)
     tokenizer = processor.tokenizer  # ordinary tokens only: an image token outside an image fails the forward
