@@ -50,7 +50,7 @@ data/mm_toxic_qa/items.jsonl: data/build.py $(VENV)/.installed
 # Each stage reruns when its script, the shared modules or its input changed. The planted model is built by its
 # recipe, tools/plant.py, into the model cache (a no-op when the cached one is the recipe's), before 01 loads it
 # by name: an edited recipe builds a new model and reruns the stages.
-SHARED := common.py sgm/artifacts.py sgm/neurons.py sgm/models.py sgm/judges.py sgm/endpoint.py
+SHARED := common.py sgm/artifacts.py sgm/neurons.py sgm/models.py sgm/judges.py sgm/endpoint.py sgm/report.py
 MODEL_RECIPE := $(if $(filter demo-planted,$(MODEL)),tools/plant.py)
 collect: $(R)/activations.npz
 $(R)/activations.npz: 01_collect.py $(SHARED) $(DATA) $(VENV)/.installed $(MODEL_RECIPE)
@@ -80,7 +80,9 @@ sweep: $(R)/suppression.pt
 		--strengths $(STRENGTHS) --report sweep $(EVALUATE_ARGS)
 
 # Choose the configuration on dev (tools/tune.py): calibration and suppression variants through all four stages,
-# one rule picks the best -> runs/tune/tune.md (runs/tune-<RUN>/ for another run). The first nine variants took 54 min on the demo (2 cores); the four added on 2026-11-30 took 19 min (significant, prompt-positions) and 30 min (the two samples-4 ones, with a rerun of published).
+# one rule picks the best -> runs/tune/tune.md (runs/tune-<RUN>/ for another run). The first nine variants took
+# 54 min on the demo (2 cores); the four added on 2026-11-30 took 19 min (significant, prompt-positions) and 30 min
+# (the two samples-4 ones, with a rerun of published).
 tune: $(VENV)/.installed $(DATA)
 	$(PY) -m tools.tune --model $(MODEL) --data $(DATA) --out $(if $(filter demo,$(RUN)),tune,tune-$(RUN)) $(TUNE_ARGS)
 

@@ -204,13 +204,17 @@ def test_makefile_names_the_run_as_the_stages_do(model):
     stages = [line for line in done.stdout.splitlines() if re.match(r"\S*python\S* 0[1-4]_\w+\.py ", line)]
     assert len(stages) == 4 and all(f"--run {run} " in line + " " for line in stages), stages
     assert f"--model {model} " in stages[0] + " "
+    # the planted model is built by its program (python -m tools.plant) before 01 loads it; no other model is
+    builds = [line for line in done.stdout.splitlines() if re.match(r"\S*python\S* -m tools\.plant$", line)]
+    assert len(builds) == (model == "demo-planted")
     # the rules: each artifact under runs/<run>/ depends on its script, the shared modules and the one before it
     rules = dict(line.split(": ", 1) for line in done.stdout.splitlines() if line.startswith("runs/") and ": " in line)
-    # every repository module a stage imports, directly or through another (tools/plant.py only for the planted model)
-    shared = local_modules(["01_collect.py", "02_score.py", "03_suppress.py", "04_evaluate.py"]) - {"tools/plant.py"}
+    # every repository module a stage imports, directly or through another; for the planted model also its recipe,
+    # tools/plant.py, which no stage imports (make runs it before 01 to build the model)
+    shared = local_modules(["01_collect.py", "02_score.py", "03_suppress.py", "04_evaluate.py"])
     collect = rules[f"runs/{run}/activations.npz"].split()
-    assert collect[0] == "01_collect.py" and collect[-2:] == ["data/mm_toxic_qa/items.jsonl", ".venv/.installed"] \
-        if model != "demo-planted" else collect[-3:] == ["data/mm_toxic_qa/items.jsonl", ".venv/.installed", "tools/plant.py"]
+    inputs = ["data/mm_toxic_qa/items.jsonl", ".venv/.installed"] + (["tools/plant.py"] if model == "demo-planted" else [])
+    assert collect[0] == "01_collect.py" and collect[-len(inputs):] == inputs
     assert {p for p in collect[1:] if p.endswith(".py")} - {"tools/plant.py"} == shared
     for stage, artifact, before in [("02_score.py", "expertise.npz", "activations.npz"),
                                     ("03_suppress.py", "suppression.pt", "expertise.npz"),
