@@ -140,7 +140,7 @@ def test_two_runs_building_tiny_at_once_both_succeed(tmp_path):
     """Two processes started together on an empty cache (two terminals, make -j): one builds, the other waits
     on the lock and uses what the first built. No temp folder is left."""
     env = dict(os.environ, SGM_CACHE=str(tmp_path))
-    code = "import models; print(models.resolve_model_path('tiny'))"
+    code = "from sgm import models; print(models.resolve_model_path('tiny'))"
     runs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=300) for run in runs]
