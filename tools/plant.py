@@ -39,7 +39,7 @@ not use, and a public word list — never a dev or test text):
            "general" (swearing; no slurs against groups) that is one token with a leading space and that the
            judge flags on its own. They are never printed here; the record keeps their token ids.
 Record: PLANTED.json in the checkpoint folder: layer, neuron, its flat index among all neurons (the order of
-neurons.neuron_sites), the target token ids, the knobs, the data checksum.
+sgm.neurons.neuron_sites), the target token ids, the knobs, the data checksum.
 """
 import hashlib
 import json
