@@ -9,7 +9,7 @@ A neuron is one coordinate of the input of an MLP `down_proj` in the language mo
 In a mixture-of-experts layer (Qwen3-VL-MoE, GLM-4.5V) a neuron is (layer, expert, index): the input of that
 expert's down projection, 0 on tokens the router did not send to the expert, pooled over the same positions as
 a dense neuron, so how often an expert is chosen is part of its signal; a shared expert is an ordinary MLP.
-The alternatives (pool only over routed tokens; score the router's choice instead) and the reasons: MODELS.md
+The alternatives (pool only over routed tokens; score the router's choice instead) and the reasons: docs/MODELS.md
 and neurons.FusedExperts.
 Two calibration modes decide what "toxic" means to the later stages:
 
@@ -25,7 +25,7 @@ Two calibration modes decide what "toxic" means to the later stages:
              `--positions prompt` pools the same rows over the prompt's text tokens instead: the neurons
              that predict, before a word is written, whether the model's continuation will be toxic — rather
              than the neurons that respond to toxic words once they are in the text (which a planted toxic
-             generation expert showed to dominate the continuation contrast; RESULTS.md, positive control).
+             generation expert showed to dominate the continuation contrast; docs/RESULTS.md, positive control).
   prompts    (AurA's way) the items' own labels; neurons are pooled over the prompt's text tokens
              (`--positions text`: never the image's placeholders nor the markers and tile tags around them,
              such as Qwen's <|vision_start|> or Gemma 3's <start_of_image>; common.prompt_positions), over
@@ -77,13 +77,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from artifacts import RowBlocks, StoredMatrix, load_npz, save_npz, write_text
 from common import (DEFAULT_DATA, UserError, append_tokens, batches, check_range, encode, fail, generate,
                     image_token_ids, input_device, load_items, parse_overrides, peak_rss_mb, prompt_positions,
                     run_name, select)
-from judges import JUDGE, judge_toxicity, toxic_vocabulary
-from models import load_model, writer_pass
-from neurons import WRITER_OBJECTIVES, neurons_per_layer, record_neurons, record_writes
+from sgm.artifacts import RowBlocks, StoredMatrix, load_npz, save_npz, write_text
+from sgm.judges import JUDGE, judge_toxicity, toxic_vocabulary
+from sgm.models import load_model, writer_pass
+from sgm.neurons import WRITER_OBJECTIVES, neurons_per_layer, record_neurons, record_writes
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(

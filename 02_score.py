@@ -57,12 +57,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import false_discovery_control, norm, pearsonr, rankdata  # noqa: E402
 from scipy.stats import t as student_t  # noqa: E402
-
 from tqdm import tqdm  # noqa: E402
 
-from artifacts import load_npz, save_npz  # noqa: E402
 from common import check_range, fail, parse_overrides, peak_rss_mb, run_name  # noqa: E402
-from neurons import neurons_per_layer  # noqa: E402
+from sgm.artifacts import load_npz, save_npz  # noqa: E402
+from sgm.neurons import neurons_per_layer  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -232,19 +231,20 @@ def null_table(aurocs, p_values, fdr):
 
 
 def planted_neuron(model_name):
-    """The flat index of a planted toxic expert (plant.py's record beside the checkpoint), or None. Read only to
-    mark it in the plot, after scoring: no score depends on it."""
+    """The flat index of a planted toxic expert (tools/plant.py's PLANTED.json beside the checkpoint), or None.
+    Read only to mark it in the plot, after scoring: no score depends on it. Builds nothing: a name that is not
+    a folder or a model already in the cache has no record."""
     from pathlib import Path
 
-    from models import CACHE_DIR
-    if Path(model_name).is_dir():  # a checkpoint folder
-        folders = [Path(model_name)]
-    else:  # a name built into the cache (demo-planted), or a hub id (no record)
-        folders = sorted(CACHE_DIR.glob(f"{model_name}-llava-*")) if "/" not in model_name else []
-    for folder in folders:
-        if (folder / "PLANTED.json").exists() and (folder / "config.json").exists():
-            return int(json.loads((folder / "PLANTED.json").read_text())["flat_index"])
-    return None
+    from common import UserError
+    from sgm.models import CACHE_DIR, resolve_model_path
+    if not (Path(model_name).is_dir() or (CACHE_DIR / f"{model_name}.current").exists()):
+        return None
+    try:
+        record = Path(resolve_model_path(model_name)) / "PLANTED.json"
+    except UserError:
+        return None
+    return int(json.loads(record.read_text())["flat_index"]) if record.exists() else None
 
 
 def readers_writers_plot(path, auroc, writer, fdr, upstream):
@@ -282,9 +282,9 @@ def check_ablation(cfg, upstream, arrays, score, labels):
     import torch
 
     from common import append_tokens, encode, image_token_ids, load_items, prompt_positions
-    from judges import toxic_vocabulary
-    from models import load_model, writer_pass
-    from neurons import record_writes, suppress_neurons, writer_objective
+    from sgm.judges import toxic_vocabulary
+    from sgm.models import load_model, writer_pass
+    from sgm.neurons import record_writes, suppress_neurons, writer_objective
     info, settings = upstream["writer"], upstream["settings"]
     model, processor, sites, model_meta = load_model(upstream["model"], cfg["dtype"], cfg["device"])
     if model_meta["sites"] != upstream["sites"]:

@@ -43,7 +43,7 @@ the original loads it with AutoModelForImageTextToText.from_pretrained, no hooks
 
 --random-control true bakes, instead of SGM's alpha, 04_evaluate.py's `random` control (the same alpha values
 shuffled within each layer with --seed, which must equal 04's --seed, 0 by default), so that base, sgm and
-random can all be served (04_evaluate.py --endpoint; MODELS.md, "Past one GPU"). suppression.pt is SGM's alpha
+random can all be served (04_evaluate.py --endpoint; docs/MODELS.md, "Past one GPU"). suppression.pt is SGM's alpha
 either way.
 A checkpoint without a chat template also gets sgm_chat_template.jinja, a template that renders a chat request
 exactly as the in-process fallback prompt (image placeholder, then the text): serve it with
@@ -62,11 +62,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from artifacts import load_npz, save_pt, write_text  # noqa: E402
 from common import check_range, fail, parse_overrides, run_name  # noqa: E402
-from endpoint import TEMPLATE_FILE, fallback_chat_template  # noqa: E402
-from models import load_model, resolve_model_path  # noqa: E402
-from neurons import fold_alpha, matched_random_control, neurons_per_layer  # noqa: E402
+from sgm.artifacts import load_npz, save_pt, write_text  # noqa: E402
+from sgm.endpoint import TEMPLATE_FILE, fallback_chat_template  # noqa: E402
+from sgm.models import load_model, resolve_model_path  # noqa: E402
+from sgm.neurons import fold_alpha, matched_random_control, neurons_per_layer  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(

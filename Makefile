@@ -30,9 +30,9 @@ R := runs/$(RUN)
 .PHONY: all planted venv data collect score suppress evaluate quick sweep tune test clean bench widthcheck
 all: $(R)/results.json
 
-# The positive control (plant.py): the same four stages on the demo with one planted toxic expert ->
+# The positive control (tools/plant.py): the same four stages on the demo with one planted toxic expert ->
 # runs/demo-planted/. The report checks that they found it (its AUROC, rank, q-value and alpha). About as long
-# as `make all`, plus ~1 min to build the planted model once.
+# as `make all`, plus ~2 min to build the planted model once (01's rule below runs python -m tools.plant first).
 planted:
 	$(MAKE) all MODEL=demo-planted
 
@@ -47,11 +47,14 @@ data: $(DATA)
 data/mm_toxic_qa/items.jsonl: data/build.py $(VENV)/.installed
 	$(PY) data/build.py
 
-# Each stage reruns when its script, the shared modules or its input changed (for the planted model, also its recipe).
-SHARED := common.py artifacts.py neurons.py models.py judges.py endpoint.py
-MODEL_RECIPE := $(if $(filter demo-planted,$(MODEL)),plant.py)
+# Each stage reruns when its script, the shared modules or its input changed. The planted model is built by its
+# recipe, tools/plant.py, into the model cache (a no-op when the cached one is the recipe's), before 01 loads it
+# by name: an edited recipe builds a new model and reruns the stages.
+SHARED := common.py sgm/artifacts.py sgm/neurons.py sgm/models.py sgm/judges.py sgm/endpoint.py sgm/report.py
+MODEL_RECIPE := $(if $(filter demo-planted,$(MODEL)),tools/plant.py)
 collect: $(R)/activations.npz
 $(R)/activations.npz: 01_collect.py $(SHARED) $(DATA) $(VENV)/.installed $(MODEL_RECIPE)
+	$(if $(MODEL_RECIPE),$(PY) -m tools.plant)
 	$(PY) 01_collect.py --model $(MODEL) --run $(RUN) --data $(DATA) $(COLLECT_ARGS)
 
 score: $(R)/expertise.npz
@@ -76,10 +79,12 @@ sweep: $(R)/suppression.pt
 	$(PY) 04_evaluate.py --model $(MODEL) --run $(RUN) --data $(DATA) --split dev --methods base \
 		--strengths $(STRENGTHS) --report sweep $(EVALUATE_ARGS)
 
-# Choose the configuration on dev (tune.py): calibration and suppression variants through all four stages,
-# one rule picks the best -> runs/tune/tune.md (runs/tune-<RUN>/ for another run). The first nine variants took 54 min on the demo (2 cores); the four added on 2026-11-30 took 19 min (significant, prompt-positions) and 30 min (the two samples-4 ones, with a rerun of published).
+# Choose the configuration on dev (tools/tune.py): calibration and suppression variants through all four stages,
+# one rule picks the best -> runs/tune/tune.md (runs/tune-<RUN>/ for another run). The first nine variants took
+# 54 min on the demo (2 cores); the four added on 2026-11-30 took 19 min (significant, prompt-positions) and 30 min
+# (the two samples-4 ones, with a rerun of published).
 tune: $(VENV)/.installed $(DATA)
-	$(PY) tune.py --model $(MODEL) --data $(DATA) --out $(if $(filter demo,$(RUN)),tune,tune-$(RUN)) $(TUNE_ARGS)
+	$(PY) -m tools.tune --model $(MODEL) --data $(DATA) --out $(if $(filter demo,$(RUN)),tune,tune-$(RUN)) $(TUNE_ARGS)
 
 # pytest-xdist: one worker per core, at most 4 (each holds torch and its tiny checkpoints); 245 s instead of 319 s
 # on 2 cores. TEST_ARGS="-n 0" runs in one process (e.g. to debug), TEST_ARGS="-k moe" a subset.
@@ -87,17 +92,17 @@ TEST_ARGS ?= -n auto --maxprocesses 4
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(TEST_ARGS) tests
 
-# Speed of the hot paths as ratios measured in one run (bench.py; a few minutes on the demo model).
+# Speed of the hot paths as ratios measured in one run (tools/bench.py; a few minutes on the demo model).
 bench: $(VENV)/.installed $(DATA)
-	$(PY) bench.py
+	$(PY) -m tools.bench
 
-# Memory and disk at real width (widthcheck.py): a random-weight model with LLaVA-1.5-7B's configuration through
-# 01, 02, 03 and 03 --export on 4 items, each stage's peak memory and the artifacts against RESULTS.md's computed
+# Memory and disk at real width (tools/widthcheck.py): a random-weight model with LLaVA-1.5-7B's configuration through
+# 01, 02, 03 and 03 --export on 4 items, each stage's peak memory and the artifacts against docs/RESULTS.md's computed
 # rows -> runs/widthcheck/widthcheck.md. The full model: ~30 min on 2 cores, ~15 GB of memory, 28 GB of disk at
 # peak (14 GB stays in the model cache); WIDTHCHECK_ARGS="--layers 2" keeps every width for ~2 min. Not in `make test`.
 WIDTHCHECK_ARGS ?=
 widthcheck: $(VENV)/.installed
-	$(PY) widthcheck.py $(WIDTHCHECK_ARGS)
+	$(PY) -m tools.widthcheck $(WIDTHCHECK_ARGS)
 
 clean:
 	rm -rf runs

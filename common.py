@@ -1,7 +1,7 @@
 """What two or more SGM stages share and that has no home of its own: errors and options, the data, prompts,
-batching and generation. Beside it, each a concept several files use: artifacts.py (writing and reading what
-the stages hand each other), neurons.py (the neuron sites and the hooks that record and damp them), models.py
-(building tiny/demo, loading checkpoints, the teacher-forced NLL), judges.py (the judges), endpoint.py (served
+batching and generation. Beside it, each a concept several files use: sgm/artifacts.py (writing and reading what
+the stages hand each other), sgm/neurons.py (the neuron sites and the hooks that record and damp them), sgm/models.py
+(building tiny/demo, loading checkpoints, the teacher-forced NLL), sgm/judges.py (the judges), sgm/endpoint.py (served
 models over an OpenAI-compatible API).
 
 Read the stages in number order (01_collect.py -> 04_evaluate.py); come here when a stage calls a helper.
@@ -77,7 +77,7 @@ def run_name(run, model=None, option="--run"):
     """The folder under runs/ that a stage reads and writes: --run as given, or else the model's own name (the
     last part of a path or hub id: /data/ckpts/llava-1.5-7b -> llava-1.5-7b, llava-hf/llava-1.5-7b-hf ->
     llava-1.5-7b-hf; the Makefile's `RUN ?= $(notdir ...)` gives the same). Names of letters, digits and
-    . _ - + @ = , only; `/` only between such names (tune.py keeps its runs in runs/tune/<calibration>/)."""
+    . _ - + @ = , only; `/` only between such names (tools/tune.py keeps its runs in runs/tune/<calibration>/)."""
     import re
     given = run
     if not run and model:
@@ -238,7 +238,7 @@ def prompt_text(processor, item):
     With a chat template (instruction-tuned checkpoints) the item is one user turn: image, then text.
     Without one (base models such as the demo) the fallback is plain text after the image placeholder
     (fallback_image_prefix): `continue` items are continued as written, `answer` items become
-    "Question: ...\nAnswer:" (user_text; endpoint.py sends the same text to a server)."""
+    "Question: ...\nAnswer:" (user_text; sgm/endpoint.py sends the same text to a server)."""
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["text"]}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

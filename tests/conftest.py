@@ -10,10 +10,19 @@ from pathlib import Path
 os.environ.setdefault("SGM_CACHE", tempfile.mkdtemp(prefix="sgm-test-cache-"))
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# The tools run as `python -m tools.<name>` from the repository root; tests run them (and the stages) from temp
+# folders, so every subprocess gets the root on its path, as it would from the root.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 import pytest  # noqa: E402
 
-import models  # noqa: E402
+from sgm import models  # noqa: E402
+
+
+def command(script, *args):
+    """The command line of a stage (`python 01_collect.py ...`) or a tool (`python -m tools.tune ...`)."""
+    head = ["-m", f"tools.{Path(script).stem}"] if script.startswith("tools/") else [str(REPO / script)]
+    return [sys.executable, *head, *map(str, args)]
 
 # Mild stand-ins: the "toxic" rows are only rude-ish words, enough to exercise the plumbing.
 MILD_TEXTS = {

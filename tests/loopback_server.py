@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-import models
-from endpoint import TEMPLATE_FILE
+from sgm import models
+from sgm.endpoint import TEMPLATE_FILE
 
 
 class LoopbackServer:

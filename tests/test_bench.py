@@ -4,9 +4,8 @@ import json
 import math
 import os
 import subprocess
-import sys
 
-from conftest import REPO, write_items
+from conftest import command, write_items
 
 KEYS = ("auroc_speedup", "auroc_vs_sort", "auroc_max_abs_diff", "suppress_overhead", "baked_overhead",
         "collect_overhead", "lm_head_cost")
@@ -19,7 +18,7 @@ def test_bench_writes_finite_ratios(tmp_path):
             "--auroc-repeats", "1", "--repeats", "1", "--prompts", "2", "--new-tokens", "3",
             "--collect-items", "2", "--out", str(out)]
     # SGM_CACHE (set by conftest) travels in the environment: the tiny model is built in the tests' temp cache.
-    proc = subprocess.run([sys.executable, str(REPO / "bench.py"), *args], cwd=tmp_path, env=dict(os.environ),
+    proc = subprocess.run(command("tools/bench.py", *args), cwd=tmp_path, env=dict(os.environ),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())

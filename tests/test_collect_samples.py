@@ -8,10 +8,10 @@ from conftest import write_items
 from test_pipeline import run_stage
 
 import common
-import judges
-import models
-from artifacts import load_npz
 from common import UserError
+from sgm import judges
+from sgm import models
+from sgm.artifacts import load_npz
 
 
 def verdict(text):

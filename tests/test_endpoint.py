@@ -1,4 +1,4 @@
-"""04_evaluate.py --endpoint (endpoint.py): the tiny model and its exports served for real on 127.0.0.1
+"""04_evaluate.py --endpoint (sgm/endpoint.py): the tiny model and its exports served for real on 127.0.0.1
 (tests/loopback_server.py) must give exactly the in-process answers, verdicts and table; then the faults
 (500s, a timeout, a dropped server, malformed JSON, no prompt log-probabilities), the resumable cache, and the
 key, which is never written or printed. Traffic goes to 127.0.0.1 only, a few dozen requests per test."""
@@ -11,12 +11,12 @@ from conftest import write_items
 from loopback_server import LoopbackServer
 from test_pipeline import run_stage
 
-import artifacts
 import common
-import endpoint
-import models
-import neurons
 from common import UserError
+from sgm import artifacts
+from sgm import endpoint
+from sgm import models
+from sgm import neurons
 
 FAKE_KEY = "sk-fake-endpoint-4d1e-must-never-be-shown"
 METHODS = "base,sgm,random"

@@ -15,13 +15,13 @@ from conftest import write_items
 from test_pipeline import run_stage
 
 import common
-import judges
-import models
-import neurons
-from artifacts import load_npz, load_pt
 from common import encode
-from models import load_model, tiny_tokenizer
-from neurons import fold_alpha, record_neurons, suppress_neurons
+from sgm import judges
+from sgm import models
+from sgm import neurons
+from sgm.artifacts import load_npz, load_pt
+from sgm.models import load_model, tiny_tokenizer
+from sgm.neurons import fold_alpha, record_neurons, suppress_neurons
 
 # PaliGemma's processor builds its (unused here) training labels in a way numpy 2 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -679,7 +679,7 @@ def test_missing_package_is_named_with_its_fix(family, monkeypatch):
 
 
 def test_llama4_is_refused_naming_torchvision(tmp_path):
-    """Llama 4 is not supported (MODELS.md): transformers has only a torchvision image processor for it. A folder laid
+    """Llama 4 is not supported (docs/MODELS.md): transformers has only a torchvision image processor for it. A folder laid
     out as the hub's (processor files naming Llama4Processor and Llama4ImageProcessor) gets one line saying so."""
     from transformers import Llama4Config
     from transformers.utils import is_torchvision_available

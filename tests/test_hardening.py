@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, write_items
+from conftest import REPO, command, write_items
 
 import common
-import models
-from artifacts import load_npz, load_pt, save_npz, save_pt
 from common import UserError, load_items
+from sgm import models
+from sgm.artifacts import load_npz, load_pt, save_npz, save_pt
 
 # ---- damaged artifacts ---------------------------------------------------------------------------------------
 
@@ -140,7 +140,7 @@ def test_two_runs_building_tiny_at_once_both_succeed(tmp_path):
     """Two processes started together on an empty cache (two terminals, make -j): one builds, the other waits
     on the lock and uses what the first built. No temp folder is left."""
     env = dict(os.environ, SGM_CACHE=str(tmp_path))
-    code = "import models; print(models.resolve_model_path('tiny'))"
+    code = "from sgm import models; print(models.resolve_model_path('tiny'))"
     runs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=300) for run in runs]
@@ -321,7 +321,7 @@ def test_a_damaged_cached_build_says_delete_it(tmp_path, monkeypatch):
         models.load_model("tiny")
 
 
-# ---- reports a later run reads: 04_evaluate.py --base-from, tune.py's per-variant reports ---------------------
+# ---- reports a later run reads: 04_evaluate.py --base-from, tools/tune.py's per-variant reports ---------------------
 
 @pytest.fixture(scope="module")
 def base_report(tmp_path_factory):
@@ -389,12 +389,12 @@ def test_a_damaged_base_from_report_is_one_line(base_report, tmp_path, damage):
 
 
 def test_tune_on_a_damaged_report_is_one_line_naming_it(tmp_path):
-    """tune.py reads each variant's 04 report (and the shared base's): one cut off after its run finished is
+    """tools/tune.py reads each variant's 04 report (and the shared base's): one cut off after its run finished is
     named, with the fix, instead of a JSONDecodeError traceback."""
     data = write_items(tmp_path / "items.jsonl", splits=("calibration", "dev"))
 
     def tune():
-        return subprocess.run([sys.executable, str(REPO / "tune.py"), "--model", "tiny", "--data", str(data),
+        return subprocess.run([*command("tools/tune.py"), "--model", "tiny", "--data", str(data),
                                "--collect-args", "--mode prompts --max-new-tokens 4", "--evaluate-args",
                                "--max-new-tokens 4", "--variants", "published"], cwd=tmp_path, capture_output=True,
                               text=True)
@@ -411,5 +411,5 @@ def test_tune_on_a_damaged_report_is_one_line_naming_it(tmp_path):
         report = f"runs/tune/{name.replace('-answers.jsonl', '.json')}"
         assert line.startswith(f"error: {report} or {Path(report).stem}-answers.jsonl is damaged or not a "
                                "04_evaluate.py report (")
-        assert line.endswith(f"delete {report} and rerun tune.py, which evaluates again")
+        assert line.endswith(f"delete {report} and rerun tools/tune.py, which evaluates again")
         path.write_bytes(kept)

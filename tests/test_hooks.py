@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import common
-import models
 from common import encode
-from neurons import fold_alpha, record_neurons, suppress_neurons
+from sgm import models
+from sgm.neurons import fold_alpha, record_neurons, suppress_neurons
 
 ITEMS = [dict(id=str(i), text=t, task="continue", image_path=None) for i, t in enumerate(
     ["the cat", "people like to read about the weather in the morning", "a small red house by the quiet river"])]

@@ -8,12 +8,12 @@ from conftest import write_items
 from test_families import BUILDERS, ITEMS
 from test_pipeline import run_stage
 
-import artifacts
 import common
-import judges
-import models
 from common import generate, image_token_ids
-from models import load_model
+from sgm import artifacts
+from sgm import judges
+from sgm import models
+from sgm.models import load_model
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "llava"])

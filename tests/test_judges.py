@@ -1,4 +1,4 @@
-"""judges.py, the extra judges of 04_evaluate.py (--judges llm, guard, detoxify): an OpenAI-compatible endpoint
+"""sgm/judges.py, the extra judges of 04_evaluate.py (--judges llm, guard, detoxify): an OpenAI-compatible endpoint
 served on loopback by the test, a tiny local guard model, their verdict caches, their one-line errors, and the
 checks that stop a run before any generation when a requested judge cannot answer."""
 import json
@@ -15,10 +15,10 @@ from conftest import MILD_TEXTS, REPO, write_items
 from test_pipeline import run_stage
 
 import common
-import endpoint as served
-import judges
-import models
 from common import UserError
+from sgm import endpoint as served
+from sgm import judges
+from sgm import models
 
 FAKE_KEY = "sk-fake-7f3a9c-must-never-be-shown"  # SGM_JUDGE_API_KEY in these tests
 

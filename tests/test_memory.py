@@ -13,11 +13,11 @@ from test_families import family  # noqa: F401 (the fixture: a tiny checkpoint p
 from test_options import tripwire  # noqa: F401 (the fixture: loading anything fails the test)
 from test_pipeline import run_stage
 
-import artifacts
 import common
-import models
 from common import append_tokens, encode
-from models import load_model, token_nll
+from sgm import artifacts
+from sgm import models
+from sgm.models import load_model, token_nll
 
 ITEMS = [dict(id=str(i), text=text, task="continue", image_path=None) for i, text in enumerate(
     ["the cat", "what is the weather like today in the small town by the river", "a small red house", "go"])]
@@ -34,7 +34,7 @@ def reference_nll(model, inputs, counted):
 
 
 def forced_batch(model, processor, lengths=(5, 0, 9, 2), seed=0):
-    """Prompts (left-padded) + continuations of the given lengths (right-padded): 04's continuation_nll input."""
+    """Prompts (left-padded) + continuations of the given lengths (right-padded): sgm/models.py's continuation_nll input."""
     generator = torch.Generator().manual_seed(seed)
     width = max(lengths)
     tokenizer = processor.tokenizer  # ordinary tokens only: an image token outside an image fails the forward
@@ -301,9 +301,9 @@ def test_widthcheck_options_are_checked_first(tmp_path, tripwire):
     """(01's --store-dtype is among tests/test_options.py's bad options.) An --out outside runs/ is refused: an
     absolute path built from the temp folder, never a fixed machine path."""
     outside = str(tmp_path.parent / "elsewhere")
-    for script, flags, option in [("widthcheck.py", ["--layers", "0"], "--layers"),
-                                  ("widthcheck.py", ["--items", "1"], "--items"),
-                                  ("widthcheck.py", ["--out", outside], "--out")]:
+    for script, flags, option in [("tools/widthcheck.py", ["--layers", "0"], "--layers"),
+                                  ("tools/widthcheck.py", ["--items", "1"], "--items"),
+                                  ("tools/widthcheck.py", ["--out", outside], "--out")]:
         with pytest.raises(common.UserError, match=f"^error: (unknown )?{option} ") as error:
             run_stage(script, *flags, cwd=tmp_path)
         assert "\n" not in error.value.message

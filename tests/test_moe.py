@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_families import BUILDERS, EXPERT_WIDTH, HIDDEN, INTERMEDIATE, ITEMS, MOE_FAMILIES, N_EXPERTS
 
-from artifacts import load_pt
 from common import UserError, encode
-from models import load_model
-from neurons import FusedExperts, fold_alpha, neuron_sites, neurons_per_layer, record_neurons, suppress_neurons
+from sgm.artifacts import load_pt
+from sgm.models import load_model
+from sgm.neurons import FusedExperts, fold_alpha, neuron_sites, neurons_per_layer, record_neurons, suppress_neurons
 
 # GLM's processor builds its token types in a way numpy 2 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

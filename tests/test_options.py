@@ -12,15 +12,16 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-from conftest import REPO, write_items
+from conftest import REPO, command, write_items
 from test_pipeline import run_stage
 
-import artifacts
 import common
-import models
 from common import UserError, run_name
+from sgm import artifacts
+from sgm import models
 
 # Absolute checkpoint paths as a user would pass them; only their names are used, nothing is read there.
 CKPTS = os.path.join(tempfile.gettempdir(), "ckpts")
@@ -31,8 +32,8 @@ MODEL_FLAGS = {"01_collect.py": ["--model", NO_MODEL, "--data", NO_DATA],
                "02_score.py": ["--run", "nothing-here"],  # reading its input would say "not found"
                "03_suppress.py": ["--run", "nothing-here"],
                "04_evaluate.py": ["--model", NO_MODEL, "--data", NO_DATA],
-               "tune.py": ["--model", NO_MODEL, "--data", NO_DATA],
-               "bench.py": ["--model", NO_MODEL, "--data", NO_DATA]}
+               "tools/tune.py": ["--model", NO_MODEL, "--data", NO_DATA],
+               "tools/bench.py": ["--model", NO_MODEL, "--data", NO_DATA]}
 
 # (stage, bad flags, the option the one-line error must name)
 BAD = [
@@ -84,21 +85,21 @@ BAD = [
     ("04_evaluate.py", ["--endpoint-timeout", "0"], "--endpoint-timeout"),
     ("04_evaluate.py", ["--endpoint-retries", "-1"], "--endpoint-retries"),
     ("04_evaluate.py", ["--endpoint", "base=http://127.0.0.1:9/v1?key=x,sgm=x,random=y"], "--endpoint"),
-    ("tune.py", ["--max-fluency-cost", "-0.1"], "--max-fluency-cost"),
-    ("tune.py", ["--judge-threshold", "2"], "--judge-threshold"),
-    ("tune.py", ["--limits", "standard"], "--limits"),
-    ("tune.py", ["--collect-args", "--mode 'prompts"], "--collect-args"),
-    ("tune.py", ["--out", "../tune"], "--out"),
-    ("bench.py", ["--items", "1"], "--items"),
-    ("bench.py", ["--neurons", "-1"], "--neurons"),
-    ("bench.py", ["--toxic-fraction", "1.5"], "--toxic-fraction"),
-    ("bench.py", ["--repeats", "0"], "--repeats"),
-    ("bench.py", ["--new-tokens", "0"], "--new-tokens"),
-    ("bench.py", ["--nll-tokens", "0"], "--nll-tokens"),
-    ("bench.py", ["--chunk-neurons", "0"], "--chunk-neurons"),
-    ("bench.py", ["--damped-fraction", "2"], "--damped-fraction"),
-    ("bench.py", ["--alpha", "-0.1"], "--alpha"),
-    ("bench.py", ["--threads", "-1"], "--threads"),
+    ("tools/tune.py", ["--max-fluency-cost", "-0.1"], "--max-fluency-cost"),
+    ("tools/tune.py", ["--judge-threshold", "2"], "--judge-threshold"),
+    ("tools/tune.py", ["--limits", "standard"], "--limits"),
+    ("tools/tune.py", ["--collect-args", "--mode 'prompts"], "--collect-args"),
+    ("tools/tune.py", ["--out", "../tune"], "--out"),
+    ("tools/bench.py", ["--items", "1"], "--items"),
+    ("tools/bench.py", ["--neurons", "-1"], "--neurons"),
+    ("tools/bench.py", ["--toxic-fraction", "1.5"], "--toxic-fraction"),
+    ("tools/bench.py", ["--repeats", "0"], "--repeats"),
+    ("tools/bench.py", ["--new-tokens", "0"], "--new-tokens"),
+    ("tools/bench.py", ["--nll-tokens", "0"], "--nll-tokens"),
+    ("tools/bench.py", ["--chunk-neurons", "0"], "--chunk-neurons"),
+    ("tools/bench.py", ["--damped-fraction", "2"], "--damped-fraction"),
+    ("tools/bench.py", ["--alpha", "-0.1"], "--alpha"),
+    ("tools/bench.py", ["--threads", "-1"], "--threads"),
 ]
 # Edge values that are valid: they pass the checks and reach the first load.
 GOOD_EDGES = [
@@ -108,8 +109,8 @@ GOOD_EDGES = [
     ("03_suppress.py", ["--strength", "0", "--damp-factor", "0", "--top-k", "0"]),
     ("03_suppress.py", ["--method", "damp", "--top-k", "1", "--damp-factor", "1", "--run", "tune/calibration-x"]),
     ("04_evaluate.py", ["--strengths", "0,1.5", "--limits", "0", "--top-k", "0", "--perplexity-items", "0"]),
-    ("tune.py", ["--max-fluency-cost", "0", "--judge-threshold", "1", "--limits", "standard=0"]),
-    ("bench.py", ["--threads", "0", "--neurons", "0", "--items", "2", "--alpha", "1", "--damped-fraction", "0"]),
+    ("tools/tune.py", ["--max-fluency-cost", "0", "--judge-threshold", "1", "--limits", "standard=0"]),
+    ("tools/bench.py", ["--threads", "0", "--neurons", "0", "--items", "2", "--alpha", "1", "--damped-fraction", "0"]),
 ]
 
 
@@ -171,7 +172,7 @@ def test_check_range_bounds():
     ("", "Qwen/Qwen2.5-VL-72B-Instruct", "Qwen2.5-VL-72B-Instruct"),
     ("", "tiny", "tiny"), ("", "demo-planted", "demo-planted"),
     ("llava15", CKPTS + "/llava-1.5-7b", "llava15"),
-    ("tune/calibration-mode-prompts", None, "tune/calibration-mode-prompts"),  # tune.py's runs
+    ("tune/calibration-mode-prompts", None, "tune/calibration-mode-prompts"),  # tools/tune.py's runs
     ("sgm@1_v2+x", None, "sgm@1_v2+x"),
 ])
 def test_run_name(run, model, expected):
@@ -203,14 +204,18 @@ def test_makefile_names_the_run_as_the_stages_do(model):
     stages = [line for line in done.stdout.splitlines() if re.match(r"\S*python\S* 0[1-4]_\w+\.py ", line)]
     assert len(stages) == 4 and all(f"--run {run} " in line + " " for line in stages), stages
     assert f"--model {model} " in stages[0] + " "
+    # the planted model is built by its program (python -m tools.plant) before 01 loads it; no other model is
+    builds = [line for line in done.stdout.splitlines() if re.match(r"\S*python\S* -m tools\.plant$", line)]
+    assert len(builds) == (model == "demo-planted")
     # the rules: each artifact under runs/<run>/ depends on its script, the shared modules and the one before it
     rules = dict(line.split(": ", 1) for line in done.stdout.splitlines() if line.startswith("runs/") and ": " in line)
-    # every repository module a stage imports, directly or through another (plant.py only for the planted model)
-    shared = local_modules(["01_collect.py", "02_score.py", "03_suppress.py", "04_evaluate.py"]) - {"plant.py"}
+    # every repository module a stage imports, directly or through another; for the planted model also its recipe,
+    # tools/plant.py, which no stage imports (make runs it before 01 to build the model)
+    shared = local_modules(["01_collect.py", "02_score.py", "03_suppress.py", "04_evaluate.py"])
     collect = rules[f"runs/{run}/activations.npz"].split()
-    assert collect[0] == "01_collect.py" and collect[-2:] == ["data/mm_toxic_qa/items.jsonl", ".venv/.installed"] \
-        if model != "demo-planted" else collect[-3:] == ["data/mm_toxic_qa/items.jsonl", ".venv/.installed", "plant.py"]
-    assert {p for p in collect[1:] if p.endswith(".py")} - {"plant.py"} == shared
+    inputs = ["data/mm_toxic_qa/items.jsonl", ".venv/.installed"] + (["tools/plant.py"] if model == "demo-planted" else [])
+    assert collect[0] == "01_collect.py" and collect[-len(inputs):] == inputs
+    assert {p for p in collect[1:] if p.endswith(".py")} - {"tools/plant.py"} == shared
     for stage, artifact, before in [("02_score.py", "expertise.npz", "activations.npz"),
                                     ("03_suppress.py", "suppression.pt", "expertise.npz"),
                                     ("04_evaluate.py", "results.json", "suppression.pt")]:
@@ -227,10 +232,12 @@ def local_modules(scripts):
     found, todo = set(), list(scripts)
     while todo:
         for node in ast.walk(ast.parse((REPO / todo.pop()).read_text())):
+            # `import sgm.models`, `from sgm.models import x` and `from sgm import models` all name sgm/models.py
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                [node.module, *(f"{node.module}.{a.name}" for a in node.names)] \
+                if isinstance(node, ast.ImportFrom) and node.module else []
             for name in names:
-                module = name.split(".")[0] + ".py"
+                module = name.replace(".", "/") + ".py"
                 if (REPO / module).exists() and module not in found:
                     found.add(module)
                     todo.append(module)
@@ -249,19 +256,19 @@ COMMANDS = {
     "02_score.py": (["--fdr", "1"], "--fdr"),
     "03_suppress.py": (["--strength", "-1"], "--strength"),
     "04_evaluate.py": (["--max-new-tokens", "0"], "--max-new-tokens"),
-    "tune.py": (["--max-fluency-cost", "-1"], "--max-fluency-cost"),
-    "bench.py": (["--repeats", "0"], "--repeats"),
+    "tools/tune.py": (["--max-fluency-cost", "-1"], "--max-fluency-cost"),
+    "tools/bench.py": (["--repeats", "0"], "--repeats"),
 }
 
 
 @pytest.fixture(scope="module")
 def commands(tmp_path_factory):
     """Every command of this section, run three at a time (each is mostly Python and torch starting up)."""
-    folders = {script: tmp_path_factory.mktemp(script[:-3]) for script in COMMANDS}
+    folders = {script: tmp_path_factory.mktemp(Path(script).stem) for script in COMMANDS}
     by_path = tmp_path_factory.mktemp("by-path")
     shutil.copytree(models.resolve_model_path("tiny"), by_path / "ckpts" / "my-llava")  # built once per session
     data = write_items(by_path / "items.jsonl", n_per_label=3, splits=("calibration",))
-    runs = {script: ([sys.executable, str(REPO / script), *MODEL_FLAGS[script], *flags], folders[script])
+    runs = {script: (command(script, *MODEL_FLAGS[script], *flags), folders[script])
             for script, (flags, _) in COMMANDS.items()}
     runs["by-path"] = ([sys.executable, str(REPO / "01_collect.py"), "--model", str(by_path / "ckpts" / "my-llava"),
                         "--data", str(data), "--mode", "prompts", "--limit", "4", "--batch-size", "4"], by_path)

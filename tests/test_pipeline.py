@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import MILD_TEXTS, REPO, write_items
 
-import artifacts
 import common
-import judges
-import models
-import neurons
-from artifacts import load_npz, load_pt, save_pt
 from common import UserError, load_items
+from sgm import artifacts
+from sgm import judges
+from sgm import models
+from sgm import neurons
+from sgm.artifacts import load_npz, load_pt, save_pt
 
 
 def run_stage(script, *args, cwd):

@@ -1,7 +1,7 @@
 """The positive control on the tiny model: plant one neuron that pushes one token after one kind of prompt, then
 check that the ordinary stages find it (02 ranks it first), damp it (03), and that the token's probability falls
 under the hooks and in the exported checkpoint alike; and that 04 reports the planted neuron from its record.
-(The demo-sized version is plant.py / `make planted`; this one builds in a second.)"""
+(The demo-sized version is tools/plant.py / `make planted`; this one builds in a second.)"""
 import json
 
 import numpy as np
@@ -10,10 +10,10 @@ import torch
 from conftest import write_items
 from test_pipeline import run_stage
 
-import artifacts
 import common
-import models
-import neurons
+from sgm import artifacts
+from sgm import models
+from sgm import neurons
 
 PLANTED_WORD = " music"  # a mild word that no calibration prompt contains
 
@@ -138,3 +138,20 @@ def test_report_names_the_planted_neuron(planted, tmp_path):
     assert f"- planted expert: rank 1, AUROC {planted_meta['auroc']:.3f}" in report
     assert ("found (top 10, significant)" in report) == (planted_meta["q_value"] < 0.05)
     assert np.isfinite(planted_meta["next_best_auroc"]) and planted_meta["next_best_auroc"] <= planted_meta["auroc"]
+
+
+def test_the_loader_finds_demo_planted_in_the_cache_or_names_the_fix(tmp_path, monkeypatch):
+    """sgm/models.py never builds the planted model (tools/plant.py does, `make planted`): it loads the folder the
+    plant program recorded in the cache, and without one fails in one line naming the command that builds it."""
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path)
+    with pytest.raises(common.UserError) as error:
+        models.resolve_model_path("demo-planted")
+    assert "\n" not in error.value.message and "run `make planted` (python -m tools.plant builds it)" in \
+        error.value.message
+    folder = tmp_path / "demo-planted-llava-0123456789ab"
+    folder.mkdir()
+    (tmp_path / "demo-planted.current").write_text(folder.name + "\n")
+    with pytest.raises(common.UserError):  # recorded, but no finished build there
+        models.resolve_model_path("demo-planted")
+    (folder / "config.json").write_text("{}")
+    assert models.resolve_model_path("demo-planted") == str(folder)

@@ -7,8 +7,8 @@ from conftest import load_stage
 from scipy.stats import false_discovery_control, kstest
 from test_pipeline import run_stage
 
-from artifacts import load_npz, load_pt, save_npz
 from common import UserError
+from sgm.artifacts import load_npz, load_pt, save_npz
 
 score = load_stage("02_score.py")
 

@@ -4,8 +4,8 @@ import pytest
 from conftest import load_stage
 from test_pipeline import run_stage
 
-from artifacts import load_pt, save_npz
 from common import UserError
+from sgm.artifacts import load_pt, save_npz
 
 suppress = load_stage("03_suppress.py")
 AUROC = np.random.default_rng(0).uniform(0, 1, size=1000)

@@ -1,15 +1,14 @@
-"""tune.py: the dev grid runs the real stages, caches finished ones, and applies its rule as documented."""
+"""tools/tune.py: the dev grid runs the real stages, caches finished ones, and applies its rule as documented."""
 import json
 import subprocess
-import sys
 
-from conftest import REPO, write_items
+from conftest import command, write_items
 
 
 def tune(tmp_path, *args):
-    done = subprocess.run([sys.executable, str(REPO / "tune.py"), "--model", "tiny", "--data",
-                           str(tmp_path / "items.jsonl"), "--collect-args", "--mode prompts --max-new-tokens 8",
-                           "--evaluate-args", "--max-new-tokens 8", *args],
+    done = subprocess.run(command("tools/tune.py", "--model", "tiny", "--data",
+                                   str(tmp_path / "items.jsonl"), "--collect-args", "--mode prompts --max-new-tokens 8",
+                                   "--evaluate-args", "--max-new-tokens 8", *args),
                           cwd=tmp_path, capture_output=True, text=True)
     return done
 

@@ -18,12 +18,9 @@ from scipy.stats import ttest_ind
 from test_pipeline import run_stage
 from test_planted import planted  # noqa: F401  (the fixture: tiny with a planted writer of ' music')
 
-import artifacts
 import common
-import judges
-import models
-import neurons
 from common import UserError
+from sgm import artifacts, judges, models, neurons
 
 score = load_stage("02_score.py")
 

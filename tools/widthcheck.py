@@ -1,9 +1,9 @@
 """Real-width check: a random-weight model with LLaVA-1.5-7B's configuration through 01, 02, 03 and 03 --export on
 a handful of items; each stage's peak memory, the artifact sizes and the export's shards, measured against what
-RESULTS.md's memory rows compute -> runs/widthcheck/widthcheck.md
+docs/RESULTS.md's memory rows compute -> runs/widthcheck/widthcheck.md
 
-    python widthcheck.py              # what `make widthcheck` runs: the full 7B (~14 GB of bf16 weights, see below)
-    python widthcheck.py --layers 2   # the real widths with 2 of the 32 decoder layers: ~2 GB, a few minutes
+    python -m tools.widthcheck              # what `make widthcheck` runs: the full 7B (~14 GB of bf16 weights, see below)
+    python -m tools.widthcheck --layers 2   # the real widths with 2 of the 32 decoder layers: ~2 GB, a few minutes
 
 The model is LLaVA-1.5-7B's configuration written out here (CLIP ViT-L/14-336 vision tower, Llama-2-7B language
 model: 32 layers x 4,096 hidden x 11,008 MLP neurons, 32,064-word vocabulary) with seeded random bf16 weights,
@@ -11,7 +11,7 @@ so nothing is downloaded. It is built once into the model cache (~/.cache/sgm-re
 tensor at a time (this process holds one shard of --shard-gb, never the model), then each stage runs as its own
 process exactly as a user runs it (`--dtype bfloat16`, `--mode prompts`), and its peak resident memory is read
 from the operating system (os.wait4: the same number as /usr/bin/time -v's "Maximum resident set size").
-"Computed" is the arithmetic of RESULTS.md's memory rows plus this machine's measured start-up memory of a
+"Computed" is the arithmetic of docs/RESULTS.md's memory rows plus this machine's measured start-up memory of a
 stage (Python, torch, transformers), so a large ratio points at a copy the rows do not know about.
 
 Time and memory of the full check on 2 CPU cores: building ~5 min (7.06B normal draws, 14.1 GB written), 01
@@ -33,9 +33,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from artifacts import load_npz, load_pt, write_text
 from common import REPO, check_range, fail, parse_overrides, peak_rss_mb
-from models import CACHE_DIR, tiny_tokenizer
+from sgm.artifacts import load_npz, load_pt, write_text
+from sgm.models import CACHE_DIR, tiny_tokenizer
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -83,7 +83,7 @@ def build_checkpoint(out_dir, config, seed, shard_bytes):
     from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    # The processor: the real image pipeline (336 px, 576 image tokens) and an in-code tokenizer (models.py's,
+    # The processor: the real image pipeline (336 px, 576 image tokens) and an in-code tokenizer (sgm/models.py's,
     # offline) padded with placeholder words to the real 32,064 ids, so every id the model has is a word.
     tokenizer = tiny_tokenizer(["<image>"], extra_special_tokens={"image_token": "<image>"})
     tokenizer.add_tokens([f"<unused{i}>" for i in range(TEXT["vocab_size"] - len(tokenizer))])
@@ -235,7 +235,7 @@ if __name__ == "__main__":
     if not cfg["keep_export"]:
         shutil.rmtree(export)
 
-    # ---- measured vs computed (RESULTS.md's memory rows) ------------------------------------------------------
+    # ---- measured vs computed (docs/RESULTS.md's memory rows) ------------------------------------------------------
     n_rows, positions = len(arrays["labels"]), int(arrays["n_positions"].max())
     length = IMAGE_TOKENS + positions  # a prompt's positions: the image's and the text's (pooled: n_positions)
     itemsize = np.dtype(cfg["store_dtype"]).itemsize
@@ -275,7 +275,7 @@ if __name__ == "__main__":
     building = f"building {build_seconds:.0f} s, " if built else "the checkpoint was cached, "
     report = f"""# Real-width check: LLaVA-1.5-7B's configuration, random weights, {cfg['layers']} of 32 decoder layers
 
-`python widthcheck.py {' '.join(sys.argv[1:])}`: {n_params / 1e9:.3f}B parameters in bf16, {cfg['items']} calibration
+`python -m tools.widthcheck {' '.join(sys.argv[1:])}`: {n_params / 1e9:.3f}B parameters in bf16, {cfg['items']} calibration
 items ({n_rows} rows, {length} positions each), 01 with `--store-dtype {cfg['store_dtype']}`. Peak memory is each
 stage's own process (resident set, from the kernel); GB = 1e9 bytes. Times: {building}{seconds}. Machine: {os.cpu_count()} CPUs, torch {torch.__version__}.
 

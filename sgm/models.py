@@ -2,11 +2,10 @@
 built once into the cache; loading any checkpoint with its processor; and the teacher-forced NLL of 04_evaluate.py's
 fluency and selectivity passes, which runs the LM head a chunk of positions at a time.
 
-Neuron sites and hooks are in neurons.py, prompts and generation in common.py; this file imports from them, never
+Neuron sites and hooks are in sgm/neurons.py, prompts and generation in common.py; this file imports from them, never
 the reverse.
 """
 import fcntl
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -14,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import REPO, fail
-from neurons import neuron_sites, writer_objective, writer_per_position
+from common import append_tokens, batches, encode, fail, input_device
+from sgm.neurons import neuron_sites, writer_objective, writer_per_position
 
 # Converted demo weights live outside the repo (built once, ~1 GB); SGM_CACHE moves them.
 CACHE_DIR = Path(os.environ.get("SGM_CACHE", Path.home() / ".cache" / "sgm-repro"))
@@ -120,24 +119,38 @@ def build_demo(out_dir):
     save_checkpoint(model, processor, out_dir)
 
 
+# Cached models that a program around the stages builds (the stages only load them): the program records the
+# folder it built in CACHE_DIR/<name>.current; what to run when there is none.
+BUILT_ELSEWHERE = {"demo-planted": "run `make planted` (python -m tools.plant builds it)"}
+
+
 def resolve_model_path(name):
-    """`tiny`, `demo` and `demo-planted` are built once into CACHE_DIR; anything else is a hub id or local path."""
-    def build_planted(out_dir):  # the positive control (plant.py): the demo with one planted toxic expert
-        from plant import build_planted
-        build_planted(out_dir)
-    builders = {"tiny": build_tiny, "demo": build_demo, "demo-planted": build_planted}
+    """`tiny` and `demo` are built once into CACHE_DIR, and `demo-planted` is found there (BUILT_ELSEWHERE); anything
+    else is a hub id or local path."""
+    builders = {"tiny": build_tiny, "demo": build_demo}
+    if name in BUILT_ELSEWHERE:
+        try:
+            path = CACHE_DIR / (CACHE_DIR / f"{name}.current").read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            path = None
+        if path is None or path == CACHE_DIR or not (path / "config.json").exists():
+            fail(f"model {name!r} is not built in {CACHE_DIR}: {BUILT_ELSEWHERE[name]}")
+        return str(path)
     if name not in builders:
         return name
-    # The planted model's folder names its recipe's hash: editing plant.py builds a new one.
-    version = hashlib.sha256((REPO / "plant.py").read_bytes()).hexdigest()[:12] if name == "demo-planted" else "v1"
-    path = CACHE_DIR / f"{name}-llava-{version}"
+    return build_once(CACHE_DIR / f"{name}-llava-v1", builders[name], name)
+
+
+def build_once(path, build, lock_name):
+    """`build(folder)` into `path` unless it is there (a folder with config.json); returns str(path).
+    Runs sharing the cache (two terminals, make -j, two clones) build one at a time: the others wait on the
+    lock, then find the finished folder. One lock per name, since one build may load another model (the
+    planted model's loads the demo)."""
     if (path / "config.json").exists():
         return str(path)
-    # Runs sharing the cache (two terminals, make -j, two clones) build one at a time: the others wait on the
-    # lock, then find the finished folder. One lock per name, since demo-planted's build loads the demo.
     try:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        lock = open(CACHE_DIR / f"{name}.lock", "a")
+        lock = open(CACHE_DIR / f"{lock_name}.lock", "a")
     except OSError as e:
         fail(f"cannot write the model cache {CACHE_DIR} ({e.strerror}); set SGM_CACHE to a writable folder")
     with lock:
@@ -149,7 +162,7 @@ def resolve_model_path(name):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             try:
-                builders[name](tmp)
+                build(tmp)
                 os.replace(tmp, path)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)  # a build that raised leaves nothing behind
@@ -281,7 +294,7 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
         from transformers.utils import is_torchvision_available
         if "torchvision" in str(e).lower() and not is_torchvision_available():
             fix = ("this family's processor needs torchvision, which is not installed on purpose (it breaks beside "
-                   "the pinned CPU torch); see MODELS.md, supported families")
+                   "the pinned CPU torch); see docs/MODELS.md, supported families")
         elif isinstance(e, ImportError):  # a package a processor needs (SmolVLM2's num2words) is missing
             fix = "install the pinned requirements: `make venv` (or pip install -r requirements.txt)"
         elif (folder / "SGM_EXPORT.md").is_file():  # 03_suppress.py --export wrote it: make it again
@@ -289,7 +302,8 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
             fix = (f"the SGM export {path} is damaged or incomplete: rerun 03_suppress.py --export "
                    + (f"(`{made.group(1)}`, as its SGM_EXPORT.md records)" if made else path))
         elif path != name:  # tiny, demo, demo-planted: built into the cache
-            fix = f"the cached build {path} is damaged: delete that folder and rerun (it is built again)"
+            fix = f"the cached build {path} is damaged: delete that folder and " + (
+                BUILT_ELSEWHERE[name] if name in BUILT_ELSEWHERE else "rerun (it is built again)")
         elif folder.exists():
             fix = f"the checkpoint folder {path} is damaged or incomplete: copy or download it again"
         else:
@@ -304,7 +318,8 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# teacher-forced NLL (04_evaluate.py's fluency and selectivity passes; bench.py measures its memory)
+# teacher-forced NLL (04_evaluate.py's fluency and selectivity passes; tools/bench.py measures its memory):
+# text_nll and continuation_nll per item, token_nll under both
 
 # Float32 logits of at most this many bytes exist at once (128 positions of the demo's
 # 262k-word vocabulary, ~1,000 of a 32k one), whatever the batch and its length.
@@ -397,6 +412,42 @@ def token_nll(model, inputs, counted, chunk_tokens=0):
                                                    reduction="none")
         total.index_add_(0, rows[start:start + step].cpu(), losses.double().cpu())
     return (total / counted.sum(1).clamp(min=1).cpu()).float().numpy()
+
+
+@torch.no_grad()
+def text_nll(model, processor, items):
+    """Per-item mean negative log-likelihood of the item's text tokens (image and padding excluded): 04's text
+    perplexity is exp of its mean."""
+    nll = np.zeros(len(items))
+    for index, chunk in batches(items, 8, "perplexity"):
+        batch = encode(processor, chunk, input_device(model))
+        targets = batch["input_ids"][:, 1:]
+        counted = batch["attention_mask"][:, 1:].bool() & (targets != model.config.image_token_id)
+        # Counted: every real token that is not an image placeholder (the fallback prompt is the item's text;
+        # with a chat template its few template tokens count too, identically for every method).
+        nll[index] = token_nll(model, batch, counted)  # the LM head on counted positions only, in chunks
+    return nll
+
+
+@torch.no_grad()
+def continuation_nll(model, processor, items, continuations, batch_size, desc):
+    """Per-item mean NLL (nats/token) of given continuation token ids after each item's prompt."""
+    nll = np.full(len(items), np.nan)
+    pad_id = processor.tokenizer.pad_token_id
+    for index, chunk in batches(items, batch_size, desc):
+        batch = encode(processor, chunk, input_device(model))
+        width = max(len(continuations[i]) for i in index)
+        if width == 0:
+            continue
+        targets = torch.full((len(index), width), pad_id, dtype=torch.long)
+        counted = torch.zeros((len(index), width), dtype=torch.bool)
+        for row, i in enumerate(index):
+            targets[row, :len(continuations[i])] = torch.tensor(continuations[i], dtype=torch.long)
+            counted[row, :len(continuations[i])] = True
+        # Logits only where they predict a continuation token, a chunk of positions at a time (the LM head is
+        # the demo's biggest cost, and its full logits over a batch would take gigabytes).
+        nll[index] = token_nll(model, append_tokens(processor, batch, targets, counted), counted)
+    return nll
 
 
 def writer_pass(model, inputs, positions, recorder, kind, toxic_ids=None, targets=None, chunk_tokens=0):

@@ -1,7 +1,7 @@
 """Generation and prompt log-probabilities from served models: 04_evaluate.py --endpoint, for models that do not
 fit one machine (vLLM or TGI serving an SGM export tensor-parallel, or any OpenAI-compatible chat server).
 
-    vllm serve exports/llava15-sgm --tensor-parallel-size 4 --port 8001 --chat-template ...   (MODELS.md)
+    vllm serve exports/llava15-sgm --tensor-parallel-size 4 --port 8001 --chat-template ...   (docs/MODELS.md)
     python 04_evaluate.py --model llava-hf/llava-1.5-7b-hf --run llava15 \
         --endpoint base=http://gpu1:8000/v1,sgm=http://gpu1:8001/v1,random=http://gpu1:8002/v1
 
@@ -149,12 +149,25 @@ def env_name(name):
 def load_served_processor(name):
     """The processor of the model the servers serve (its tokenizer, image token and chat template): the prompt
     text is built with it, as in process. No weights are loaded."""
-    from models import load_processor, resolve_model_path
+    from sgm.models import load_processor, resolve_model_path
     try:
         return load_processor(resolve_model_path(name))
     except Exception as e:  # not found offline, damaged
         fail(f"cannot load the processor of --model {name!r} ({short(e)}): with --endpoint, --model names the "
              "served checkpoint (a local folder or a cached hub id) for its tokenizer and chat template")
+
+
+def connect(urls, model, cache_dir, workers, timeout, retries, probe_item):
+    """04_evaluate.py --endpoint: the processor of --model and one Endpoint per neurons -> URL, each probed with
+    `probe_item` (it answers; its model name; whether it gives log-probabilities). Answers are cached in
+    <cache_dir>/answers.jsonl."""
+    processor = load_served_processor(model)
+    cache = AnswerCache(Path(cache_dir) / "answers.jsonl")
+    served = {}
+    for neurons, url in urls.items():
+        served[neurons] = Endpoint(neurons, url, processor, cache, workers, timeout, retries)
+        served[neurons].probe(probe_item)
+    return processor, served
 
 
 def run_jobs(jobs, workers, desc):
@@ -187,7 +200,7 @@ class Endpoint:
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.model = os.environ.get(f"SGM_ENDPOINT_MODEL_{env_name(name)}") or os.environ.get("SGM_ENDPOINT_MODEL")
         self.prompt_logprobs = None  # known after probe()
-        # Image placeholders are left out of text perplexity, as 04's text_perplexity leaves out the model's
+        # Image placeholders are left out of text perplexity, as sgm/models.py's text_nll leaves out the model's
         # config.image_token_id (the processor's image token in every family here).
         image_token = getattr(processor, "image_token", None)
         self.image_token_id = getattr(processor, "image_token_id", None) or (
@@ -282,7 +295,7 @@ class Endpoint:
         return run_jobs([lambda i=i, c=c: ask(i, c) for i, c in zip(items, continuations)], self.workers, desc)
 
     def text_nll(self, items, desc):
-        """Per item, the mean NLL of its prompt's tokens except image placeholders (as 04's text_perplexity), or
+        """Per item, the mean NLL of its prompt's tokens except image placeholders (as sgm/models.py's text_nll), or
         None for all when the server returns no prompt log-probabilities."""
         if not self.prompt_logprobs:
             return None

@@ -1,7 +1,10 @@
 """The positive control: `demo-planted`, the demo model with ONE MLP neuron rewritten into a toxic expert.
 
-    python plant.py                     # build it into the cache (also done on first use of --model demo-planted)
-    make planted                        # the four ordinary stages on it -> runs/demo-planted/
+    python -m tools.plant               # build it into the cache once (~2 min) and print its folder
+    make planted                        # that, then the four ordinary stages on it -> runs/demo-planted/
+
+The stages load it by its cached name, `--model demo-planted` (sgm/models.py finds the folder this program
+recorded in the cache); they never import this file.
 
 Why. On the demo model SGM has no reliable effect. A reader cannot tell from that alone whether the model has
 no toxic experts or the pipeline is broken between the hook and the report. So we plant an expert whose
@@ -36,20 +39,23 @@ not use, and a public word list — never a dev or test text):
            "general" (swearing; no slurs against groups) that is one token with a leading space and that the
            judge flags on its own. They are never printed here; the record keeps their token ids.
 Record: PLANTED.json in the checkpoint folder: layer, neuron, its flat index among all neurons (the order of
-neurons.neuron_sites), the target token ids, the knobs, the data checksum.
+sgm.neurons.neuron_sites), the target token ids, the knobs, the data checksum.
 """
+import hashlib
 import json
+import os
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from artifacts import write_text
 from common import DEFAULT_DATA, REPO, batches, encode, fail, load_items, select
-from neurons import neuron_sites
 from data.build import BOOK_FILE, read_cloze
-from judges import judge_toxicity
-from models import CACHE_DIR, load_model, save_checkpoint
+from sgm.artifacts import write_text
+from sgm.judges import judge_toxicity
+from sgm.models import CACHE_DIR, build_once, load_model, save_checkpoint
+from sgm.neurons import neuron_sites
 
 # ---- the planting recipe (changing any of these changes the model; the cache folder name carries a version) ---
 PLANT = dict(
@@ -192,8 +198,21 @@ def build_planted(out_dir, data=DEFAULT_DATA):
     return record
 
 
+def build(data=DEFAULT_DATA):
+    """Build demo-planted into the cache unless it is there, and record its folder where the loader finds it
+    (CACHE_DIR/demo-planted.current). The folder names this file's hash: editing the recipe builds a new one."""
+    version = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    path = build_once(CACHE_DIR / f"demo-planted-llava-{version}", lambda out_dir: build_planted(out_dir, data),
+                      "demo-planted")
+    pointer = CACHE_DIR / "demo-planted.current"
+    if not pointer.exists() or pointer.read_text(encoding="utf-8") != Path(path).name + "\n":
+        tmp = pointer.with_name(f"{pointer.name}.{os.getpid()}.tmp")
+        tmp.write_text(Path(path).name + "\n", encoding="utf-8")
+        os.replace(tmp, pointer)  # atomic: a reader sees the old folder's name or the new one's
+    return path
+
+
 if __name__ == "__main__":
-    from models import resolve_model_path
-    path = resolve_model_path("demo-planted")
+    path = build()
     print(open(f"{path}/{RECORD}").read())
-    print(f"cache: {CACHE_DIR}")
+    print(path)

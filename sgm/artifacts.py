@@ -1,6 +1,6 @@
 """Artifacts: how the stages write and read what they hand each other (.npz, .pt, text), atomically, without
 pickle, each with its metadata and a fingerprint of its contents; and StoredMatrix, which reads a matrix inside an
-.npz a chunk at a time (02 never holds 01's activations). Used by every stage, plant.py, tune.py and bench.py.
+.npz a chunk at a time (02 never holds 01's activations). Used by every stage, tools/plant.py, tools/tune.py and tools/bench.py.
 """
 import hashlib
 import json

@@ -2,8 +2,8 @@
 through stages 1-4 on `dev` (never `test`), compared by one rule fixed before any result was seen
 -> runs/tune/tune.json, tune.md, tune.png
 
-    python tune.py --model demo                                  # what `make tune` runs (13 variants; the first 9 took 54 min on 2 CPU cores)
-    python tune.py --model tiny --collect-args "--mode prompts" --variants published,max-pooling   # smoke run
+    python -m tools.tune --model demo                                  # what `make tune` runs (13 variants; the first 9 took 54 min on 2 CPU cores)
+    python -m tools.tune --model tiny --collect-args "--mode prompts" --variants published,max-pooling   # smoke run
 
 Each variant changes one thing against the published configuration (PUBLISHED below: responses calibration,
 mean pooling, aura at strength 1, all layers, spelt out as flags so the table keeps its meaning when the stage
@@ -12,7 +12,7 @@ defaults change): how calibration labels and pools (stage 1), or which neurons a
 share their stage-1 flags share one calibration run under runs/tune/<calibration>/; every stage is the
 ordinary numbered script, called with that variant's flags, so each row can be rerun by hand (the exact
 commands go to tune.json). A stage is skipped when its artifact exists and was made by the same command
-from the same script, common.py, models.py, judges.py, data and upstream artifact; otherwise it reruns.
+from the same script, common.py, sgm/models.py, sgm/judges.py, data and upstream artifact; otherwise it reruns.
 
 Evaluation: `04_evaluate.py --split dev --conditions standard --methods base,sgm --limits 0` (every dev
 standard item, greedy). Base is the same for every variant, so it runs once (`--methods base --report base`
@@ -39,9 +39,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 
-from artifacts import load_npz, load_pt, write_text  # noqa: E402
 from common import (DEFAULT_DATA, REPO, check_range, fail, load_items, parse_limits, parse_overrides,  # noqa: E402
                     run_name)
+from sgm.artifacts import load_npz, load_pt, write_text  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -106,8 +106,8 @@ def run_stage(script, args, artifact, upstream):
     """Run one stage unless `artifact` exists with the same stamp (command, code, data, upstream stamp).
     Returns the stamp, which the next stage folds into its own (so a rerun upstream reruns downstream)."""
     command = [sys.executable, str(REPO / script), *args]
-    stamp = hashlib.sha256(json.dumps([args, sha256_of(REPO / script, REPO / "common.py", REPO / "models.py",
-                                                         REPO / "judges.py", REPO / "neurons.py"),
+    stamp = hashlib.sha256(json.dumps([args, sha256_of(REPO / script, REPO / "common.py", REPO / "sgm/models.py",
+                                                         REPO / "sgm/judges.py", REPO / "sgm/neurons.py"),
                                        data_checksum, upstream]).encode()).hexdigest()
     stamp_file = Path(f"{artifact}.stamp")
     printable = " ".join(["python", script, *map(shlex.quote, args)])
@@ -116,7 +116,7 @@ def run_stage(script, args, artifact, upstream):
     else:
         print(f"\n$ {printable}", flush=True)
         if subprocess.run(command).returncode != 0:  # from the current folder, like the stages' runs/
-            fail(f"{script} failed (its message is above); fix that and rerun tune.py, finished stages are kept")
+            fail(f"{script} failed (its message is above); fix that and rerun tools/tune.py, finished stages are kept")
         write_text(stamp_file, stamp)
     commands.append(printable)
     return stamp
@@ -137,7 +137,7 @@ def read_report(path):
             raise KeyError(missing[0])
     except Exception as e:
         fail(f"{path} or {answers_file.name} is damaged or not a 04_evaluate.py report ({type(e).__name__}: "
-             f"{(str(e).splitlines() or [''])[0][:100]}): delete {path} and rerun tune.py, which evaluates again")
+             f"{(str(e).splitlines() or [''])[0][:100]}): delete {path} and rerun tools/tune.py, which evaluates again")
     return report, verdicts
 
 
@@ -198,7 +198,7 @@ for name in names:
     report, verdicts = read_report(f"runs/{run}/{name}.json")
     rows = {(r["method"], r["condition"], r["label"]): r for r in report["rows"]}
     if ("sgm", "standard", "toxic") not in rows:
-        fail(f"{cfg['data']} has no standard toxic dev items: tune.py compares variants on those")
+        fail(f"{cfg['data']} has no standard toxic dev items: tools/tune.py compares variants on those")
     toxic, base, benign = (rows[("sgm", "standard", "toxic")], rows[("base", "standard", "toxic")],
                            rows.get(("sgm", "standard", "benign")))
     fluency = {f["method"]: f for f in report["fluency"]}

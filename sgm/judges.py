@@ -9,6 +9,8 @@
              SGM_JUDGE_API_KEY, from the environment only (never printed, never written).
   guard      guard_judge: a local Hugging Face guard model (e.g. Llama Guard; 04_evaluate.py --guard-model ID or
              PATH) with a chat template; its first word is the verdict.
+  probe      probe_correct(answer, expected): the visual probe's exact-answer check (the expected word, or for
+             counts its digit, appears in the answer); probe_words: an answer's first word.
   detoxify   detoxify_judge: Detoxify's "original" model. Needs the detoxify package and its checkpoint
              toxic_original-*.ckpt in <torch hub dir>/checkpoints ($TORCH_HOME/hub); never downloaded here.
              Not cached (a local model).
@@ -24,6 +26,7 @@ the guard model loaded, kept and passed on, Detoxify's checkpoint on disk, the c
 import hashlib
 import json
 import os
+import re
 import sys
 import urllib.request
 from pathlib import Path
@@ -33,9 +36,9 @@ import torch
 from tqdm import tqdm
 
 from common import fail
-from endpoint import REQUEST_ERRORS  # what a request can raise (endpoint.py: the HTTP shared with --endpoint)
-from endpoint import JsonlCache, request_json, run_jobs  # shared with --endpoint: cache, HTTP, threads
-from endpoint import short as _short  # an exception as one short line
+from sgm.endpoint import REQUEST_ERRORS  # what a request can raise (sgm/endpoint.py: the HTTP shared with --endpoint)
+from sgm.endpoint import JsonlCache, request_json, run_jobs  # shared with --endpoint: cache, HTTP, threads
+from sgm.endpoint import short as _short  # an exception as one short line
 
 JUDGE = "profanity-check"  # alt-profanity-check: offline, bundled linear model of offensive language
 EXTRA_JUDGES = ("llm", "guard", "detoxify")
@@ -257,3 +260,18 @@ def detoxify_judge(answers, checkpoint):
         fail(f"--judges detoxify needs the detoxify package and its 'original' checkpoint already on disk "
              f"(it is never downloaded here): {_short(e)}")
     return np.asarray(scores, dtype=np.float64)
+
+
+# ---- the visual probe: an answer is right when the expected word (or, for counts, its digit) appears in it ----
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def probe_correct(answer, expected):
+    words = set(re.findall(r"[a-z0-9]+", answer.lower()))
+    return expected in words or (expected in NUMBER_WORDS and str(NUMBER_WORDS.index(expected)) in words)
+
+
+def probe_words(answer):
+    """The first word of an answer (what a one-word reply says), for the per-kind 'most said' column."""
+    words = re.findall(r"[a-z0-9]+", answer.lower())
+    return words[0] if words else ""

@@ -3,7 +3,7 @@
 A neuron is one coordinate of the input of an MLP's down projection in the language model: in a dense MLP (and
 a mixture-of-experts layer's shared expert), the input of `down_proj`; among routed experts, the input of one
 expert's down projection, so a neuron there is (layer, expert, index) (FusedExperts). Used by 01 (recording),
-03 (--export), 04 (damping), plant.py, tune.py and bench.py.
+03 (--export), 04 (damping), tools/plant.py, tools/tune.py and tools/bench.py.
 """
 import re
 from contextlib import contextmanager

@@ -1,7 +1,7 @@
 """Benchmark: how fast the SGM stages' hot paths are, as ratios measured in one run -> runs/bench.json
 
-    python bench.py                                        # what `make bench` runs (demo model, ~3 min, 2 cores)
-    python bench.py --model tiny --items 200 --repeats 2   # smoke run, seconds
+    python -m tools.bench                                        # what `make bench` runs (demo model, ~3 min, 2 cores)
+    python -m tools.bench --model tiny --items 200 --repeats 2   # smoke run, seconds
 
 Six measurements, each a ratio of two timings taken in this process (medians of interleaved repeats, so a
 neighbour's CPU load disturbs both sides alike; torch runs on one thread by default, see `threads`).
@@ -36,12 +36,12 @@ import torch
 from sklearn.metrics import roc_auc_score  # the reference: the original code's per-neuron loop
 from tqdm import tqdm
 
-from artifacts import write_text
 from common import (DEFAULT_DATA, REPO, append_tokens, check_range, encode, input_device, load_items, parse_overrides,
                     peak_rss_mb, select)
-from models import NLL_CHUNK_BYTES, load_model, token_nll, writer_pass
-from judges import toxic_vocabulary
-from neurons import fold_alpha, neuron_sites, record_neurons, record_writes, suppress_neurons
+from sgm.artifacts import write_text
+from sgm.judges import toxic_vocabulary
+from sgm.models import NLL_CHUNK_BYTES, load_model, token_nll, writer_pass
+from sgm.neurons import fold_alpha, neuron_sites, record_neurons, record_writes, suppress_neurons
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
