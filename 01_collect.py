@@ -273,8 +273,8 @@ def record_responses(chunk, number):
 
     def rows(per_sample):  # [continuation s: chunk x ...] -> prompt-major rows
         return np.stack(per_sample, 1).reshape(len(chunk) * per_prompt, -1)
-    return (rows(pooled_rows), rows(counts).reshape(-1), [text for prompt_texts in zip(*texts) for text in prompt_texts],
-            rows(ids), rows(written) if cfg["writer"] else None)
+    texts = [text for prompt_texts in zip(*texts) for text in prompt_texts]  # prompt-major, like the rows
+    return rows(pooled_rows), rows(counts).reshape(-1), texts, rows(ids), rows(written) if cfg["writer"] else None
 
 
 def stored(pooled):

@@ -205,8 +205,8 @@ def write_contrast(writes, labels, permuted=None, chunk_neurons=4096):
         se2 = var1 / n1 + var0 / n0
         with np.errstate(divide="ignore", invalid="ignore"):
             t[:, start:start + chunk_neurons] = np.where(se2 > 0, (mean1 - mean0) / np.sqrt(se2), 0.0)
-            df[start:start + chunk_neurons] = np.where(
-                se2[0] > 0, se2[0] ** 2 / ((var1[0] / n1[0]) ** 2 / (n1[0] - 1) + (var0[0] / n0[0]) ** 2 / (n0[0] - 1)), 1)
+            welch = (var1[0] / n1[0]) ** 2 / (n1[0] - 1) + (var0[0] / n0[0]) ** 2 / (n0[0] - 1)
+            df[start:start + chunk_neurons] = np.where(se2[0] > 0, se2[0] ** 2 / welch, 1)
         d[:, start:start + chunk_neurons] = mean1 - mean0
     return d[0], t[0], df, d[1:], t[1:]
 
@@ -303,7 +303,8 @@ def check_ablation(cfg, upstream, arrays, score, labels):
     toxic, clean = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     n_toxic = min(toxic.size, cfg["check_rows"] // 2)
     n_clean = min(clean.size, cfg["check_rows"] - n_toxic)
-    rows = np.sort(np.concatenate([rng.choice(toxic, n_toxic, replace=False), rng.choice(clean, n_clean, replace=False)]))
+    rows = np.sort(np.concatenate([rng.choice(toxic, n_toxic, replace=False),
+                                   rng.choice(clean, n_clean, replace=False)]))
     top = np.argsort(-score, kind="stable")[:cfg["check_ablation"]]
     estimate, measured, stored_gap = [], [], []
     n_neurons = sum(size for _, size in upstream["sites"])

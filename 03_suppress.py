@@ -272,7 +272,8 @@ if __name__ == "__main__":
         if writer.max() <= 0:
             print("WARNING: no neuron writes more on toxic than on clean rows (max d <= 0): alpha = 1 everywhere")
         auroc = 0.5 + 0.5 * np.clip(writer / writer.max(), -1, 1) if writer.max() > 0 else np.full(writer.size, 0.5)
-    print(f"expertise: {score} score" + (f" ({upstream['writer']['objective']} objective)" if score == "writer" else ""))
+    print(f"expertise: {score} score"
+          + (f" ({upstream['writer']['objective']} objective)" if score == "writer" else ""))
     sizes = neurons_per_layer(upstream["sites"])  # per decoder layer: a MoE layer's routed and shared experts together
     if cfg["method"] == "published":
         print("WARNING: --method published AMPLIFIES neurons with AUROC in (0.3, 0.5); compatibility only")

@@ -485,9 +485,9 @@ def test_fallback_prompt_places_the_image(family):
 
 # The image markers each family's processor writes around its placeholders (as the tokenizer spells them); a
 # family missing here writes none. --positions text must pool none of them.
-IMAGE_MARKERS = {"qwen2_vl": {"<|vision_start|>", "<|vision_end|>"}, "qwen2_5_vl": {"<|vision_start|>", "<|vision_end|>"},
-                 "qwen3_vl": {"<|vision_start|>", "<|vision_end|>"}, "qwen3_vl_moe": {"<|vision_start|>", "<|vision_end|>"},
-                 "gemma3": {"<start_of_image>", "<end_of_image>"}}
+QWEN_MARKERS = {"<|vision_start|>", "<|vision_end|>"}
+IMAGE_MARKERS = {"qwen2_vl": QWEN_MARKERS, "qwen2_5_vl": QWEN_MARKERS, "qwen3_vl": QWEN_MARKERS,
+                 "qwen3_vl_moe": QWEN_MARKERS, "gemma3": {"<start_of_image>", "<end_of_image>"}}
 
 
 def test_text_positions_hold_no_image_token_or_marker(family):

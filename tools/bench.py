@@ -209,7 +209,8 @@ def calibration_step(writer):
         writes.mask = extended["attention_mask"].bool()
         predicts = torch.cat([new_mask, torch.zeros_like(new_mask[:, :1])], 1)  # as 01_collect.py
         with torch.enable_grad():
-            return recorder.pop(), writer_pass(model, extended, predicts, writes, "toxic-odds", toxic_ids)[1]
+            written = writer_pass(model, extended, predicts, writes, "toxic-odds", toxic_ids)[1]
+        return recorder.pop(), written
 
 
 calibration = interleaved({"plain": lambda: calibration_step(False), "writer": lambda: calibration_step(True)},
