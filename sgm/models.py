@@ -362,11 +362,12 @@ def _final_hidden(model, inputs, keep):
     # The model's own logits at that position pick the finisher: the same operations on the same tensor, so the
     # right one agrees to the bit, and a family that does something else to its logits is caught here.
     finishers, diff = _logit_finishers(model), {}
-    for name, finish in finishers.items():
-        ours = finish(head(hidden[:, -1:])).float()
-        diff[name] = float((ours - probe.to(ours.device)).abs().max()) if ours.shape == probe.shape else float("inf")
+    with torch.no_grad():  # a check only (the writer pass calls this with gradients on)
+        for name, finish in finishers.items():
+            ours = finish(head(hidden[:, -1:])).float()
+            diff[name] = float((ours - probe.to(ours.device)).abs().max()) if ours.shape == probe.shape else float("inf")
     best = min(diff, key=diff.get)
-    if diff[best] > 1e-3 * float(probe.abs().max()) + 1e-6:
+    if diff[best] > 1e-3 * float(probe.detach().abs().max()) + 1e-6:
         return None, "its logits are not its LM head's output (" + ", ".join(
             f"{name}: max diff {d:.3g}" for name, d in diff.items()) + ")"
     return hidden[:, -keep:], finishers[best]
