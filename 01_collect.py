@@ -212,14 +212,11 @@ write_text(key_file, run_key)
 
 def record_prompts(batch):
     """prompts mode: one forward of the prompt, pooled over the chosen positions."""
-    real = batch["attention_mask"].bool()
     recorder.mask = prompt_positions(batch, cfg["positions"], image_ids, image_token_id)
     written = None
     if cfg["writer"]:  # the same pass with the LM head and gradients: the objective at every pooled position
-        writes.mask = real
         with torch.enable_grad():
             written = writer_pass(model, batch, recorder.mask, writes, cfg["writer"], toxic_ids)[1]
-        writes.mask = None
     else:
         body(**batch, use_cache=False)
     return recorder.pop(), recorder.mask.sum(1).cpu().numpy(), written
@@ -243,13 +240,11 @@ def record_responses(chunk, number):
         new_ids = sequences[:, prompt_mask.shape[1]:]
         extended = append_tokens(processor, batch, new_ids, new_mask)
         if cfg["writer"]:  # the same pass with the LM head and gradients (generate() runs under no_grad)
-            writes.mask = extended["attention_mask"].bool()  # silencing acts on every real position of the row
             # position j of the last width + 1 predicts continuation token j (the last one predicts nothing here)
             predicts = torch.cat([new_mask, torch.zeros_like(new_mask[:, :1])], 1)
             targets = torch.cat([new_ids, torch.zeros_like(new_ids[:, :1])], 1)
             with torch.enable_grad():
                 pooled["writes"] = writer_pass(model, extended, predicts, writes, cfg["writer"], toxic_ids, targets)[1]
-            writes.mask = None
         else:
             body(**extended, use_cache=False)
         # A continuation with no tokens counts as empty whatever is pooled (nothing was said to judge).

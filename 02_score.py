@@ -328,7 +328,6 @@ def check_ablation(cfg, upstream, arrays, score, labels):
             logits = model(**inputs, use_cache=False, logits_to_keep=predicts.shape[1]).logits
             return writer_objective(info["objective"], logits, predicts, toxic_ids, targets).numpy()
         with record_writes(model, sites) as writes, torch.enable_grad():
-            writes.mask = inputs["attention_mask"].bool()
             written = writer_pass(model, inputs, predicts, writes, info["objective"], toxic_ids, targets)[1]
         stored_gap.append(np.abs(written - arrays["writes"].rows(batch_rows)).max())
         with torch.no_grad():

@@ -454,8 +454,9 @@ def continuation_nll(model, processor, items, continuations, batch_size, desc):
 def writer_pass(model, inputs, positions, recorder, kind, toxic_ids=None, targets=None, chunk_tokens=0):
     """01_collect.py --writer's pass (and 02's ablation check): the writer objective per row (numpy) and each
     neuron's attribution to it, rows x neurons (neurons.WriteRecorder `recorder`, set up by the caller with
-    gradients enabled). `positions` (batch x T, bool) marks which of the last T positions' logits the objective
-    averages; `targets` (batch x T) are the next tokens there (own-logprob).
+    gradients enabled; its mask is set here: silencing acts on every real position of a row). `positions`
+    (batch x T, bool) marks which of the last T positions' logits the objective averages; `targets` (batch x T)
+    are the next tokens there (own-logprob).
 
     Memory does not grow with batch x positions x vocabulary (a batch of 64 x 33 positions of the demo's 262k
     words is 2.2 GB per copy of the logits, and the objective's backward needs several): the decoder runs once
@@ -463,6 +464,14 @@ def writer_pass(model, inputs, positions, recorder, kind, toxic_ids=None, target
     gradient with respect to its final hidden states is taken at once, and one backward pass carries them all
     through the decoder to the neurons. The same numbers as writer_objective on full logits, to rounding. A model
     whose head cannot be split from its forward gets full logits, with a printed note."""
+    recorder.mask = inputs["attention_mask"].bool()
+    try:
+        return _writer_pass(model, inputs, positions, recorder, kind, toxic_ids, targets, chunk_tokens)
+    finally:
+        recorder.mask = None  # idle again (e.g. during the next generation)
+
+
+def _writer_pass(model, inputs, positions, recorder, kind, toxic_ids, targets, chunk_tokens):
     width = positions.shape[1]
     reason = getattr(model, "_sgm_full_logits", None)
     if reason is None:

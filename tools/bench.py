@@ -206,7 +206,6 @@ def calibration_step(writer):
             with torch.no_grad():
                 body(**extended, use_cache=False)
             return recorder.pop()
-        writes.mask = extended["attention_mask"].bool()
         predicts = torch.cat([new_mask, torch.zeros_like(new_mask[:, :1])], 1)  # as 01_collect.py
         with torch.enable_grad():
             written = writer_pass(model, extended, predicts, writes, "toxic-odds", toxic_ids)[1]
