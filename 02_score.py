@@ -43,7 +43,10 @@ the meta (`ablation_check`). It loads the model (--device, --dtype).
 Memory does not grow with items x neurons: the activations are read from activations.npz one column chunk at a
 time (artifacts.StoredMatrix), never loaded whole (19 GB at 1,000 items of Qwen3-VL-30B-A3B's 4.7M neurons in float32),
 and each chunk becomes float32 on its own. Float16 activations (01_collect.py --store-dtype float16) are scored
-as stored. What stays in memory is per neuron: AUROC, p, q and the null's shuffled AUROCs (8 bytes each).
+as stored. What stays in memory is per neuron: AUROC, p, q and the null table's few shuffles (8 bytes each). The
+permutation null is never held as P x neurons values: its AUROCs are counted on U's grid as they are made
+(2 n_toxic n_clean + 1 integers), and the writers' t, which has no grid, are streamed past the sorted real ones
+(at_least_counts); both give exactly the p of pooling and sorting every null value.
 """
 import hashlib
 import json
@@ -68,11 +71,11 @@ defaults = dict(
     run="demo",           # reads runs/<run>/activations.npz, writes runs/<run>/expertise.npz
     chunk_neurons=4096,   # neurons sorted at once (memory ~ items x chunk x 8 bytes, twice)
     null="auto",          # auto | closed | permutation: the chance distribution behind p (see above)
-    permutations=100,     # permutation null: within-prompt label shuffles (null = P x neurons AUROCs)
+    permutations=100,     # permutation null: within-prompt label shuffles (pooled as counts, never P x neurons)
     null_draws=5,         # label shuffles for the chance column of the null table and the plot
     seed=0,               # of every label shuffle
     fdr=0.05,             # q level of the significance counts printed and stored (03 has its own --fdr)
-    score="activation",   # activation | writer: the expertise 03_suppress.py damps by (writer needs
+    score="activation",   # activation | writer | writer-t: the expertise 03_suppress.py damps by (writer needs
                           # 01_collect.py --writer; both are stored when the writes are there)
     check_ablation=0,     # writer: silence the top N writers one at a time and measure the objective (0 = off)
     check_rows=32,        # ... on a seeded sample of this many calibration rows (half toxic where possible)
@@ -166,34 +169,71 @@ def shuffled_labels(labels, groups, draws, rng):
     return permuted
 
 
-def shuffled_aurocs(activations, labels, groups, draws, rng, chunk_neurons=4096):
-    """AUROCs (draws x neurons) with the labels shuffled within groups (shuffled_labels).
+def shuffled_aurocs(activations, labels, permuted, chunk_neurons=4096, keep=None, pool=0):
+    """The AUROCs of every label shuffle in `permuted` (draws x rows of 0/1, shuffled_labels), streamed a column
+    chunk at a time. Returns (the first `keep` shuffles' AUROCs, keep x neurons, all when None; the pooled null of
+    the first `pool` shuffles over all neurons as counts of 2U). U = AUROC n_pos n_neg is a multiple of 1/2 (ties
+    count one half), so 2U is an integer in [0, 2 n_pos n_neg]: a histogram on that grid loses nothing, and is all
+    permutation_p needs. Memory: one chunk's ranks and U (draws x chunk) plus the grid, never draws x neurons.
     A shuffle moves labels, not activations: each neuron's average ranks are computed once, and U of every
     shuffle is one matrix product, bit for bit what auroc_columns gives on the shuffled labels."""
     labels = np.asarray(labels).astype(bool)
-    permuted = shuffled_labels(labels, groups, draws, rng)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    out = np.empty((draws, activations.shape[1]))
+    keep = len(permuted) if keep is None else keep
+    kept = np.empty((keep, activations.shape[1]))
+    null_counts = np.zeros(2 * n_pos * n_neg + 1, dtype=np.int64)
     for start in range(0, activations.shape[1], chunk_neurons):
         ranks = rankdata(activations[:, start:start + chunk_neurons], axis=0)  # sums of 0.5s: exact in float64
-        out[:, start:start + chunk_neurons] = (permuted @ ranks - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return out
+        u = permuted @ ranks - n_pos * (n_pos + 1) / 2
+        kept[:, start:start + chunk_neurons] = u[:keep] / (n_pos * n_neg)
+        if pool:
+            null_counts += np.bincount(np.rint(2 * u[:pool]).astype(np.int64).ravel(), minlength=null_counts.size)
+    return kept, null_counts
 
 
-def write_contrast(writes, labels, permuted=None, chunk_neurons=4096):
-    """The writer score per column of `writes` (rows x neurons: 01's per-row attributions; an array or a
-    StoredMatrix): d = mean over toxic rows - mean over clean rows, and Welch's t = d / sqrt(var_toxic / n_toxic
-    + var_clean / n_clean) with its degrees of freedom (Welch-Satterthwaite). `permuted` (draws x rows of 0/1,
-    shuffled_labels) also gives each shuffle's t (draws x neurons): sums over a class are one matrix product.
-    A column constant within both classes has no variance: t = 0 there (no evidence either way).
-    Returns (d, t, df) for the real labels and (d, t) per shuffle (draws x neurons each)."""
+def permutation_p(auroc, null_counts, n_pos, n_neg):
+    """p_m = (1 + #{null >= AUROC_m}) / (1 + null size), the null AUROCs pooled over neurons and shuffles and
+    given as counts of 2U (shuffled_aurocs). Exact: AUROC_m is U / (n_pos n_neg) too, so it sits on the grid."""
+    at_least = np.cumsum(null_counts[::-1])[::-1]  # at_least[k] = #{null with 2U >= k}
+    grid = np.asarray(auroc) * (2 * n_pos * n_neg)
+    u2 = np.rint(grid).astype(np.int64)
+    assert np.abs(grid - u2).max() < 1e-6, "an AUROC off the grid of U / (n_pos n_neg): not from auroc_columns"
+    return (1 + at_least[u2]) / (1 + at_least[0])
+
+
+def at_least_counts(values, null_chunks):
+    """For each entry of `values` (any shape), how many values of a null streamed in pieces (`null_chunks`, an
+    iterable of arrays) are >= it; and the null's size. Exact, holding the sorted `values` and one piece: each
+    null value v is located among the sorted values once (v reaches the first k of them), and a histogram over
+    k counts, per value, the null values that reach it. For a statistic with no grid (Welch's t)."""
+    values = np.asarray(values)
+    order = np.argsort(values, axis=None, kind="stable")
+    ordered = values.ravel()[order]
+    reached = np.zeros(ordered.size + 1, dtype=np.int64)  # reached[k]: null values that reach exactly k values
+    size = 0
+    for piece in null_chunks:
+        # sorted first: searchsorted then walks `ordered` forwards (10x faster than random keys, measured), and
+        # its answers come sorted, so counting them costs the piece, not the values' length
+        k, times = np.unique(np.searchsorted(ordered, np.sort(piece, axis=None), side="right"), return_counts=True)
+        reached[k] += times
+        size += np.size(piece)
+    del ordered
+    np.cumsum(reached[::-1], out=reached[::-1])  # now reached[k] = null values that reach at least k values
+    counts = np.empty(order.size, dtype=np.int64)
+    counts[order] = reached[1:]  # the i-th smallest value (0-based) is reached by those reaching i + 1 values
+    return counts.reshape(values.shape), size
+
+
+def welch_chunks(writes, labels, permuted=None, chunk_neurons=4096):
+    """Per column chunk of `writes` (rows x neurons: 01's per-row attributions; an array or a StoredMatrix):
+    (start, d, t, df) with d and t for the real labels (row 0) and each shuffle in `permuted` (rows 1...): d = mean
+    over toxic rows - mean over clean rows, Welch's t = d / sqrt(var_toxic / n_toxic + var_clean / n_clean), df
+    its degrees of freedom (Welch-Satterthwaite, real labels). Sums over a class are one matrix product. A column
+    constant within both classes has no variance: t = 0 there (no evidence either way)."""
     labels = np.asarray(labels).astype(np.float64)
     label_rows = labels[None] if permuted is None else np.vstack([labels, permuted])
     n1 = label_rows.sum(1, keepdims=True)
     n0 = labels.size - n1
-    d = np.empty((label_rows.shape[0], writes.shape[1]))
-    t = np.empty((label_rows.shape[0], writes.shape[1]))
-    df = np.empty(writes.shape[1])
     for start in range(0, writes.shape[1], chunk_neurons):
         x = np.asarray(writes[:, start:start + chunk_neurons], dtype=np.float64)
         x = x - x.mean(0)  # centred: the one-pass variances below lose nothing to a large common offset
@@ -204,17 +244,22 @@ def write_contrast(writes, labels, permuted=None, chunk_neurons=4096):
         var0 = np.maximum(sq0 - n0 * mean0 ** 2, 0) / (n0 - 1)
         se2 = var1 / n1 + var0 / n0
         with np.errstate(divide="ignore", invalid="ignore"):
-            t[:, start:start + chunk_neurons] = np.where(se2 > 0, (mean1 - mean0) / np.sqrt(se2), 0.0)
+            t = np.where(se2 > 0, (mean1 - mean0) / np.sqrt(se2), 0.0)
             welch = (var1[0] / n1[0]) ** 2 / (n1[0] - 1) + (var0[0] / n0[0]) ** 2 / (n0[0] - 1)
-            df[start:start + chunk_neurons] = np.where(se2[0] > 0, se2[0] ** 2 / welch, 1)
-        d[:, start:start + chunk_neurons] = mean1 - mean0
-    return d[0], t[0], df, d[1:], t[1:]
+            df = np.where(se2[0] > 0, se2[0] ** 2 / welch, 1)
+        yield start, mean1 - mean0, t, df
 
 
-def permutation_p(auroc, null):
-    """p_m = (1 + #{null >= AUROC_m}) / (1 + null.size), the null AUROCs pooled over neurons and shuffles."""
-    pooled = np.sort(null, axis=None)
-    return (1 + pooled.size - np.searchsorted(pooled, auroc, side="left")) / (1 + pooled.size)
+def write_contrast(writes, labels, permuted=None, chunk_neurons=4096, keep=None):
+    """The writer score of every column (welch_chunks): d and t ((1 + keep) x neurons: row 0 the real labels,
+    then the first `keep` shuffles in `permuted`, all when None) and the real labels' df (neurons)."""
+    keep = (0 if permuted is None else len(permuted)) if keep is None else keep
+    d, t = np.empty((1 + keep, writes.shape[1])), np.empty((1 + keep, writes.shape[1]))
+    df = np.empty(writes.shape[1])
+    for start, d_chunk, t_chunk, df_chunk in welch_chunks(writes, labels, permuted, chunk_neurons):
+        columns = slice(start, start + d_chunk.shape[1])
+        d[:, columns], t[:, columns], df[columns] = d_chunk[:1 + keep], t_chunk[:1 + keep], df_chunk
+    return d, t, df
 
 
 def null_table(aurocs, p_values, fdr):
@@ -360,15 +405,15 @@ if __name__ == "__main__":
     check_range(cfg, "null_draws", low=1, fix="label shuffles for the null table, e.g. 5")
     check_range(cfg, "seed", low=0, fix="any seed >= 0")
     check_range(cfg, "fdr", above=0, below=1, fix="a false discovery rate such as 0.05")
-    if cfg["score"] not in ("activation", "writer"):
-        fail(f"unknown --score {cfg['score']!r}; use activation (AUROC of what a neuron reads) or writer")
+    if cfg["score"] not in ("activation", "writer", "writer-t"):
+        fail(f"unknown --score {cfg['score']!r}; use activation (AUROC of what a neuron reads), writer or writer-t")
     check_range(cfg, "check_ablation", low=0, fix="how many top writers to silence one at a time (0 = no check)")
     check_range(cfg, "check_rows", low=2, fix="calibration rows for the ablation check, e.g. 32")
     run_dir = f"runs/{run_name(cfg['run'])}"
     # The activations stay in the file (artifacts.StoredMatrix), read a column chunk at a time.
     arrays, upstream = load_npz(f"{run_dir}/activations.npz", rerun_hint="01_collect.py", required=["labels"],
                                 in_file=["activations", "writes"])
-    if (cfg["score"] == "writer" or cfg["check_ablation"]) and "writes" not in arrays:
+    if (cfg["score"].startswith("writer") or cfg["check_ablation"]) and "writes" not in arrays:
         fail(f"{run_dir}/activations.npz has no writer measurement: rerun 01_collect.py with --writer toxic-odds "
              "(or use --score activation)")
     activations, labels = arrays["activations"], arrays["labels"]
@@ -391,14 +436,18 @@ if __name__ == "__main__":
 
     started = time.perf_counter()
     n_shuffles = cfg["null_draws"] if null == "closed" else max(cfg["permutations"], cfg["null_draws"])
-    shuffled = shuffled_aurocs(activations, labels, shuffle_groups, n_shuffles, np.random.default_rng(cfg["seed"]),
-                               cfg["chunk_neurons"])
-    draws = shuffled[:cfg["null_draws"]]  # the chance column of the null table (for permutation: the null's own)
+    permuted = shuffled_labels(labels, shuffle_groups, n_shuffles, np.random.default_rng(cfg["seed"]))
+    pool = cfg["permutations"] if null == "permutation" else 0  # the permutation null: the first P shuffles
+    # draws: the chance column of the null table (for permutation: the null's own first shuffles). The pooled
+    # null is kept as counts on U's grid, so memory never holds shuffles x neurons.
+    draws, null_counts = shuffled_aurocs(activations, labels, permuted, cfg["chunk_neurons"],
+                                         keep=cfg["null_draws"], pool=pool)
     real_and_draws = np.vstack([auroc, draws])
+    draws = real_and_draws[1:]  # (one copy of the draws in memory, not two)
     if null == "closed":  # tie terms depend on the activations only, so the shuffles share them
         p_real_and_draws = mann_whitney_p(real_and_draws, tie_terms, n_toxic, n_items - n_toxic)
     else:
-        p_real_and_draws = permutation_p(real_and_draws, shuffled[:cfg["permutations"]])
+        p_real_and_draws = permutation_p(real_and_draws, null_counts, n_toxic, n_items - n_toxic)
     p_value, q_value = p_real_and_draws[0], false_discovery_control(p_real_and_draws[0], method="bh")
     null_seconds = time.perf_counter() - started
     significant = q_value < cfg["fdr"]
@@ -429,15 +478,17 @@ if __name__ == "__main__":
     writer = {}
     if "writes" in arrays:
         started = time.perf_counter()
-        permuted = shuffled_labels(labels, shuffle_groups, n_shuffles, np.random.default_rng(cfg["seed"]))
-        d, t, df, d_null, t_null = write_contrast(arrays["writes"], labels, permuted, cfg["chunk_neurons"])
-        t_real_and_draws = np.vstack([t, t_null[:cfg["null_draws"]]])
+        d_real_and_draws, t_real_and_draws, df = write_contrast(arrays["writes"], labels, permuted,
+                                                                cfg["chunk_neurons"], keep=cfg["null_draws"])
+        d, t = d_real_and_draws[0], t_real_and_draws[0]
         if null == "closed":
             p_writer = student_t.sf(t_real_and_draws, df)
-        else:
-            p_writer = permutation_p(t_real_and_draws, t_null[:cfg["permutations"]])
+        else:  # t has no grid: a second pass streams the shuffles' t past the sorted real and drawn ones
+            reached, size = at_least_counts(t_real_and_draws, (
+                t_chunk[1:1 + pool] for _, _, t_chunk, _ in welch_chunks(arrays["writes"], labels, permuted,
+                                                                         cfg["chunk_neurons"])))
+            p_writer = (1 + reached) / (1 + size)
         q_writer = false_discovery_control(p_writer, method="bh", axis=1)
-        d_real_and_draws = np.vstack([d, d_null[:cfg["null_draws"]]])
         rows = {f"significant writers at q < {cfg['fdr']:g}": (q_writer < cfg["fdr"]).sum(1),
                 "largest writer score d": d_real_and_draws.max(1), "largest Welch t": t_real_and_draws.max(1),
                 "sum of positive d": np.maximum(d_real_and_draws, 0).sum(1)}

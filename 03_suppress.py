@@ -30,6 +30,9 @@ would be, AUROC-equivalent = 0.5 + e / 2. So aura's alpha = 1 - e: the strongest
 other one damped in proportion to its share of that write; det0/damp take the top-k by d; --select
 significant uses the writer's q-values; --normalise layer makes each layer's strongest writer the reference.
 --method published (which amplifies) is refused for writers: it only reproduces the published AUROC code.
+--score writer-t does the same with Welch's t of the writes instead of d (e = t / max t): t divides d by its
+noise, so a neuron whose attribution is large on every row (one the model leans on everywhere, whose removal
+costs fluency) ranks lower than one that writes consistently more on toxic rows only.
 
     python 03_suppress.py --run demo-writer --score writer --method det0 --top-k 32   # after 01 --writer
 
@@ -87,7 +90,7 @@ defaults = dict(
     trust_remote_code=False,  # --export: run Python shipped with the checkpoint (only if you trust it)
     random_control=False,  # --export: bake 04_evaluate.py's matched random control instead of SGM's alpha
     seed=0,              # --random-control: the shuffle's seed (04_evaluate.py --seed, 0 by default)
-    score="auto",        # auto (= 02_score.py --score, recorded in expertise.npz) | activation | writer
+    score="auto",        # auto (= 02_score.py --score, recorded in expertise.npz) | activation | writer | writer-t
 )
 METHODS = ("aura", "det0", "damp", "published")
 SELECTIONS = ("all", "significant")
@@ -251,8 +254,8 @@ if __name__ == "__main__":
     # damp scales neurons down; above 1 it would amplify them
     check_range(cfg, "damp_factor", low=0, high=1, fix="the alpha of the top-k neurons, e.g. 0.5 (0 = det0)")
     check_range(cfg, "seed", low=0, fix="any seed >= 0 (the random control's; 04_evaluate.py --seed)")
-    if cfg["score"] not in ("auto", "activation", "writer"):
-        fail(f"unknown --score {cfg['score']!r}; use auto (02's choice), activation or writer")
+    if cfg["score"] not in ("auto", "activation", "writer", "writer-t"):
+        fail(f"unknown --score {cfg['score']!r}; use auto (02's choice), activation, writer or writer-t")
     if cfg["random_control"] and not cfg["export"]:
         fail("--random-control true bakes the random control into an export: add --export DIR")
     if Path(cfg["out"]).name != cfg["out"] or cfg["out"] in ("", ".", ".."):
@@ -261,19 +264,19 @@ if __name__ == "__main__":
     arrays, upstream = load_npz(f"{run_dir}/expertise.npz", rerun_hint="02_score.py")
     auroc, q_value = arrays["auroc"], arrays.get("q_value")
     score = upstream.get("score", "activation") if cfg["score"] == "auto" else cfg["score"]
-    if score == "writer" and "writer" not in arrays:
+    if score.startswith("writer") and "writer" not in arrays:
         fail(f"{run_dir}/expertise.npz has no writer score: rerun 01_collect.py with --writer toxic-odds, then "
              "02_score.py (or use --score activation)")
-    if score == "writer":  # the writer score on SGM's scale (see the docstring): AUROC-equivalent 0.5 + e / 2
+    if score.startswith("writer"):  # the writer score on SGM's scale (see the docstring): AUROC-equivalent 0.5 + e / 2
         if cfg["method"] == "published":
             fail("--method published reproduces the published AUROC threshold (it amplifies); with the writer "
                  "score use aura, det0 or damp")
-        writer, q_value = arrays["writer"], arrays["writer_q_value"]
+        writer, q_value = arrays["writer" if score == "writer" else "writer_t"], arrays["writer_q_value"]
         if writer.max() <= 0:
             print("WARNING: no neuron writes more on toxic than on clean rows (max d <= 0): alpha = 1 everywhere")
         auroc = 0.5 + 0.5 * np.clip(writer / writer.max(), -1, 1) if writer.max() > 0 else np.full(writer.size, 0.5)
     print(f"expertise: {score} score"
-          + (f" ({upstream['writer']['objective']} objective)" if score == "writer" else ""))
+          + (f" ({upstream['writer']['objective']} objective)" if score.startswith("writer") else ""))
     sizes = neurons_per_layer(upstream["sites"])  # per decoder layer: a MoE layer's routed and shared experts together
     if cfg["method"] == "published":
         print("WARNING: --method published AMPLIFIES neurons with AUROC in (0.3, 0.5); compatibility only")

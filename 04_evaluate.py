@@ -245,8 +245,8 @@ if planted_record.exists() and suppression_meta is not None:
     expertise, expertise_meta = load_npz(f"{run_dir}/expertise.npz", rerun_hint="02_score.py")
     if expertise_meta["fingerprint"] != suppression_meta["upstream"]["expertise.npz"]:
         fail(f"{run_dir}/expertise.npz is not the one {cfg['suppression']} was made from: rerun 03_suppress.py")
-    planted = report.planted_expert(planted_record, expertise, alphas["sgm"], alphas["random"],
-                                    expertise_meta.get("score", "activation"))
+    planted = report.planted_expert(planted_record, expertise, alphas["sgm"], alphas["random"],  # by 03's score
+                                    suppression_meta.get("score", expertise_meta.get("score", "activation")))
     print(f"planted expert (layer {planted['layer']}, neuron {planted['neuron']}): AUROC {planted['auroc']:.3f}, "
           f"rank {planted['rank']} of {planted['n_neurons']}"
           + (f"; writer score rank {planted['writer_rank']}" if "writer_rank" in planted else "")

@@ -22,6 +22,18 @@ SUPPRESS_ARGS ?=
 EVALUATE_ARGS ?=
 TUNE_ARGS     ?=
 
+# The last bits of every CPU result depend on the instruction set the kernels use (docs/RESULTS.md, "How exact the
+# numbers are"): CPU_KERNELS=avx2 pins torch's, MKL's and oneDNN's kernels to AVX2, so that x86-64 machines with
+# AVX2 or more should compute the same bits; empty (default): each machine's fastest. The thread count does not matter.
+CPU_KERNELS ?=
+ifeq ($(CPU_KERNELS),avx2)
+export ATEN_CPU_CAPABILITY := avx2
+export MKL_CBWR := AVX2
+export ONEDNN_MAX_CPU_ISA := AVX2
+else ifneq ($(CPU_KERNELS),)
+$(error CPU_KERNELS=$(CPU_KERNELS) is not supported: use CPU_KERNELS=avx2, or leave it empty for each machine's fastest kernels)
+endif
+
 ifeq ($(strip $(RUN)),)
 $(error RUN is empty: give a name like RUN=llava15 (artifacts go to runs/<RUN>/))
 endif
@@ -102,7 +114,9 @@ bench: $(VENV)/.installed $(DATA)
 # Memory and disk at real width (tools/widthcheck.py): a random-weight model with LLaVA-1.5-7B's configuration through
 # 01, 02, 03 and 03 --export on 4 items, each stage's peak memory and the artifacts against docs/RESULTS.md's computed
 # rows -> runs/widthcheck/widthcheck.md. The full model: ~30 min on 2 cores, ~15 GB of memory, 28 GB of disk at
-# peak (14 GB stays in the model cache); WIDTHCHECK_ARGS="--layers 2" keeps every width for ~2 min. Not in `make test`.
+# peak (14 GB stays in the model cache); WIDTHCHECK_ARGS="--layers 2" keeps every width for ~2 min;
+# WIDTHCHECK_ARGS="--null-width 4718592" only 02's permutation null at Qwen3-VL-30B-A3B's width (no model, ~10 min).
+# Not in `make test`.
 WIDTHCHECK_ARGS ?=
 widthcheck: $(VENV)/.installed
 	$(PY) -m tools.widthcheck $(WIDTHCHECK_ARGS)

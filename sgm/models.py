@@ -313,8 +313,23 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
     processor.tokenizer.padding_side = "left"  # generation appends on the right
     sites = neuron_sites(model)
     model_meta = {"model": name, "sites": [[site_name, module.in_features] for site_name, module in sites],
-                  "dtype": dtype}
+                  "dtype": dtype, "numerics": numerics()}
     return model, processor, sites, model_meta
+
+
+# The environment variables that pin the CPU kernels' instruction set (Makefile CPU_KERNELS=avx2 sets them all):
+# torch's own vectorised kernels, MKL's code path (Conditional Numerical Reproducibility) and oneDNN's.
+CPU_KERNEL_PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+
+
+def numerics():
+    """What decides the last bits of a CPU result besides the code, data and settings, for the artifacts' meta:
+    torch's version, the instruction set its CPU kernels use (AVX2, AVX512, ...: another set rounds differently,
+    measured), the kernel pins set in the environment, and the thread count (measured not to matter; recorded so a
+    reader need not take that on trust). Equal `numerics` + equal inputs = byte-identical artifacts (docs/RESULTS.md)."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "pins": {key: os.environ[key] for key in CPU_KERNEL_PINS if key in os.environ},
+            "threads": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -88,9 +88,11 @@ def planted_expert(record_file, expertise, alpha_sgm, alpha_random, score="activ
                 q_value=float(expertise["q_value"][index]) if "q_value" in expertise else None,
                 alpha_sgm=float(alpha_sgm[index]), alpha_random=float(alpha_random[index]),
                 next_best_auroc=float(np.delete(auroc, index).max()), score=score,
-                **({} if "writer" not in expertise else dict(  # what it writes: rank by d, the writer score
+                **({} if "writer" not in expertise else dict(  # what it writes: rank by d, the writer score, and t
                     writer=float(expertise["writer"][index]),
                     writer_rank=int((expertise["writer"] > expertise["writer"][index]).sum()) + 1,
+                    writer_t=float(expertise["writer_t"][index]),
+                    writer_t_rank=int((expertise["writer_t"] > expertise["writer_t"][index]).sum()) + 1,
                     writer_q_value=float(expertise["writer_q_value"][index]),
                     next_best_writer=float(np.delete(expertise["writer"], index).max()))))
 
@@ -191,17 +193,20 @@ def markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extr
                   f"{planted['alpha_random']:.3f} |",
                   ""]
         if "writer_rank" in planted:
-            lines += [f"What it writes (02_score.py's writer score d; SGM damped by the {planted['score']} score):", "",
-                      "| writer score d | rank (of all neurons) | next best d | q-value |", "|---:|---:|---:|---:|",
+            lines += [f"What it writes (02_score.py's writer score d and its Welch t; SGM damped by the "
+                      f"{planted['score']} score):", "",
+                      "| writer score d | rank (of all neurons) | next best d | Welch t | rank by t | q-value |",
+                      "|---:|---:|---:|---:|---:|---:|",
                       f"| {planted['writer']:.4g} | {planted['writer_rank']} of {planted['n_neurons']} | "
-                      f"{planted['next_best_writer']:.4g} | {planted['writer_q_value']:.2g} |", ""]
+                      f"{planted['next_best_writer']:.4g} | {planted['writer_t']:.3g} | {planted['writer_t_rank']} | "
+                      f"{planted['writer_q_value']:.2g} |", ""]
     lines += ["## Reading (generated from the numbers above)", ""]
     if planted and "writer_rank" in planted:
         lines.append(f"- planted expert by what it writes: rank {planted['writer_rank']} of {planted['n_neurons']} "
                      f"(q = {planted['writer_q_value']:.2g}), against rank {planted['rank']} by what it reads (AUROC).")
     if planted:
-        by_writer = planted["score"] == "writer"  # judged by the score SGM damped by
-        rank = planted["writer_rank"] if by_writer else planted["rank"]
+        by_writer = planted["score"] in ("writer", "writer-t")  # judged by the score SGM damped by
+        rank = planted[{"writer": "writer_rank", "writer-t": "writer_t_rank"}.get(planted["score"], "rank")]
         q_found = planted["writer_q_value"] if by_writer else planted["q_value"]
         q = "–" if q_found is None else f"{q_found:.2g}"
         significant = q_found is not None and q_found < 0.05

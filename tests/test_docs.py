@@ -138,3 +138,16 @@ def test_every_documented_python_command_names_a_script_that_is_there():
             assert (REPO / script).exists(), f"documented `{line}`: {script} is not there"
         for module in re.findall(r"python3? -m (tools\.\w+)", line):
             assert (REPO / (module.replace(".", "/") + ".py")).exists(), f"documented `{line}`: no {module}"
+
+
+def test_cpu_kernels_pins_all_three_kernel_libraries_or_refuses():
+    """`make ... CPU_KERNELS=avx2` exports the pins that sgm.models.numerics records; another value stops make with
+    one line naming the fix. (That the pins change the bits is measured, docs/RESULTS.md; not a test's job here.)"""
+    from sgm.models import CPU_KERNEL_PINS
+    show = "envcheck: ; @echo " + " ".join(f"$${key}" for key in CPU_KERNEL_PINS)
+    done = subprocess.run(["make", "-s", "-C", str(REPO), "--eval", show, "envcheck", "CPU_KERNELS=avx2"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["avx2", "AVX2", "AVX2"], done.stderr
+    refused = subprocess.run(["make", "-n", "-C", str(REPO), "all", "CPU_KERNELS=avx512"], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode != 0 and "CPU_KERNELS=avx2" in refused.stderr

@@ -3,6 +3,7 @@ chunk of counted positions at a time, never on batch x positions x vocabulary at
 logits; the stages report their peak memory; 01 and 02 never hold the rows x neurons activation matrix (01 streams
 activations.npz from its batch pieces, byte for byte what artifacts.save_npz writes; 02 reads it a column chunk at a
 time), and `--store-dtype float16` keeps the expert ranking."""
+import importlib.util
 import json
 
 import numpy as np
@@ -303,8 +304,26 @@ def test_widthcheck_options_are_checked_first(tmp_path, tripwire):
     outside = str(tmp_path.parent / "elsewhere")
     for script, flags, option in [("tools/widthcheck.py", ["--layers", "0"], "--layers"),
                                   ("tools/widthcheck.py", ["--items", "1"], "--items"),
-                                  ("tools/widthcheck.py", ["--out", outside], "--out")]:
+                                  ("tools/widthcheck.py", ["--out", outside], "--out"),
+                                  ("tools/widthcheck.py", ["--null-width", "-1"], "--null-width"),
+                                  ("tools/widthcheck.py", ["--null-rows", "2"], "--null-rows")]:
         with pytest.raises(common.UserError, match=f"^error: (unknown )?{option} ") as error:
             run_stage(script, *flags, cwd=tmp_path)
         assert "\n" not in error.value.message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_widthcheck_start_up_imports_what_the_stages_import():
+    """The start-up row is a process that imports what 02 imports: after a move of the library (models.py ->
+    sgm/models.py) a stale import line would stop `make widthcheck` after its 5-minute build."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("widthcheck", REPO / "tools/widthcheck.py")
+    source = spec.loader.get_source("widthcheck")
+    line = next(x for x in source.splitlines() if x.startswith("STARTUP_IMPORTS = "))
+    imports = line.split("=", 1)[1].strip().strip('"')
+    stage_imports = {name.split()[1].split(".")[0] for name in (REPO / "02_score.py").read_text().splitlines()
+                     if name.startswith(("import ", "from ")) and name.split()[1].split(".")[0] in ("common", "sgm")}
+    assert stage_imports <= {name.strip().split(".")[0] for name in imports.removeprefix("import ").split(",")}
+    subprocess.run([sys.executable, "-c", imports], cwd=REPO, check=True)

@@ -103,6 +103,37 @@ def test_collect_is_deterministic(tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_collect_is_the_same_for_any_thread_count_and_batch_size_moves_only_last_bits(tmp_path):
+    """What docs/RESULTS.md promises ("How exact the numbers are"): on one machine 01 writes the same bytes with
+    1 or 2 torch threads (measured on the demo too), while another --batch-size pads the prompts to other lengths,
+    and kernels of another shape round differently: the last bits move, never a label or a pooled position, and
+    no activation by more than 1e-5 of the largest. A padding position leaking into the pooling would move far more."""
+    import torch
+    data = write_items(tmp_path / "items.jsonl")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            run_stage("01_collect.py", "--model", "tiny", "--run", f"t{n}", "--data", data, "--mode", "prompts",
+                      "--batch-size", 6, cwd=tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    run_stage("01_collect.py", "--model", "tiny", "--run", "b1", "--data", data, "--mode", "prompts",
+              "--batch-size", 1, cwd=tmp_path)
+    (one, meta_one), (two, meta_two), (b1, _) = (load_npz(tmp_path / f"runs/{r}/activations.npz", "")
+                                                 for r in ("t1", "t2", "b1"))
+    assert meta_one["fingerprint"] == meta_two["fingerprint"]
+    # what decides the last bits is recorded: the kernels' instruction set, torch, the thread count
+    assert (meta_one["numerics"]["threads"], meta_two["numerics"]["threads"]) == (1, 2)
+    assert meta_one["numerics"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert meta_one["numerics"]["torch"] == torch.__version__
+    assert len(set(one["n_positions"])) > 1  # prompts of several lengths: batches of 6 are padded, of 1 not
+    np.testing.assert_array_equal(one["labels"], b1["labels"])
+    np.testing.assert_array_equal(one["n_positions"], b1["n_positions"])
+    scale = np.abs(one["activations"]).max()
+    np.testing.assert_allclose(b1["activations"], one["activations"], rtol=0, atol=1e-5 * scale)
+
+
 def test_killed_collect_resumes_and_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     data = write_items(tmp_path / "items.jsonl")
     args = ("--model", "tiny", "--data", data, "--mode", "prompts", "--batch-size", "4")

@@ -18,6 +18,26 @@ def closed_p(x, labels):
     return score.mann_whitney_p(auroc, tie_terms, int(labels.sum()), int((1 - labels).sum()))
 
 
+def shuffled(x, labels, groups, draws, rng, chunk_neurons=4096):
+    """Every shuffle's AUROCs (draws x neurons), as 02 computes them a chunk at a time."""
+    permuted = score.shuffled_labels(labels, groups, draws, rng)
+    return score.shuffled_aurocs(x, labels, permuted, chunk_neurons)[0]
+
+
+def pooled_p(auroc, x, labels, groups, draws, rng):
+    """02's permutation p from the pooled null, kept as counts on U's grid."""
+    permuted = score.shuffled_labels(labels, groups, draws, rng)
+    _, counts = score.shuffled_aurocs(x, labels, permuted, pool=draws)
+    return score.permutation_p(auroc, counts, int(labels.sum()), int((1 - labels).sum()))
+
+
+def sorted_pool_p(values, null):
+    """The permutation p as 02 computed it until 2026-12-02: every null value pooled and sorted (null.size floats
+    in memory). The reference the streamed p must equal."""
+    pooled = np.sort(null, axis=None)
+    return (1 + pooled.size - np.searchsorted(pooled, values, side="left")) / (1 + pooled.size)
+
+
 def planted(n_items=300, n_neurons=2000, n_experts=20, shift=0.9, seed=0):
     """Noise with the first n_experts columns shifted up for the toxic items (a quarter of them)."""
     rng = np.random.default_rng(seed)
@@ -37,7 +57,7 @@ def test_shuffled_aurocs_are_auroc_columns_bit_for_bit():
     x[:, 10:15] = rng.integers(-2, 2, size=(90, 5))            # few values
     x[:, 15] = 2.0                                             # constant
     x[:, 16] = np.where(rng.random(90) < 0.5, -0.0, 0.0)       # -0.0 == +0.0
-    null = score.shuffled_aurocs(x, labels, np.arange(90), 3, rng, chunk_neurons=7)
+    null = shuffled(x, labels, np.arange(90), 3, rng, chunk_neurons=7)
     for row in null:
         np.testing.assert_array_equal(row, score.auroc_columns(x, labels))
 
@@ -51,12 +71,12 @@ def test_closed_form_agrees_with_an_empirical_permutation_null():
     x[:, 8] = rng.integers(0, 3, size=60)                 # ties
     want = closed_p(x, labels)
     auroc = score.auroc_columns(x, labels)
-    null = score.shuffled_aurocs(x[:, :9], labels, np.zeros(60, dtype=np.int64), 4000, np.random.default_rng(0))
+    null = shuffled(x[:, :9], labels, np.zeros(60, dtype=np.int64), 4000, np.random.default_rng(0))
     per_column = (1 + (null >= auroc[:9]).sum(0)) / (1 + len(null))
     np.testing.assert_allclose(per_column, want[:9], atol=0.02, rtol=0.15)
     # Continuous noise columns are exchangeable, so their null pooled over columns is the same null.
-    pooled = score.shuffled_aurocs(x[:, 10:], labels, np.zeros(60, dtype=np.int64), 50, np.random.default_rng(1))
-    np.testing.assert_allclose(score.permutation_p(auroc[:8], pooled), want[:8], atol=0.02, rtol=0.15)
+    pooled = pooled_p(auroc[:8], x[:, 10:], labels, np.zeros(60, dtype=np.int64), 50, np.random.default_rng(1))
+    np.testing.assert_allclose(pooled, want[:8], atol=0.02, rtol=0.15)
 
 
 def test_planted_experts_are_found_with_few_false_discoveries():
@@ -94,18 +114,58 @@ def test_within_prompt_null_is_not_fooled_by_prompt_effects():
     x, labels, groups = confounded()
     auroc = score.auroc_columns(x, labels)
     naive = false_discovery_control(closed_p(x, labels), method="bh") < 0.05
-    null = score.shuffled_aurocs(x, labels, groups, 100, np.random.default_rng(0))
-    within = false_discovery_control(score.permutation_p(auroc, null), method="bh") < 0.05
+    null = shuffled(x, labels, groups, 100, np.random.default_rng(0))
+    within = false_discovery_control(pooled_p(auroc, x, labels, groups, 100, np.random.default_rng(0)),
+                                     method="bh") < 0.05
     assert naive[2:].sum() > 30          # rows counted as independent items: many prompt effects look expert
     assert within[2:].sum() <= 2         # shuffled within prompt: the prompt effects are the null's too
     assert within[0] and naive[0]        # the real within-prompt expert is found by both
     # Within-prompt shuffles keep every prompt's labels: a prompt-constant column never changes its AUROC,
     # while a plain shuffle moves it.
     assert np.all(null[:, 1] == auroc[1])
-    plain = score.shuffled_aurocs(x[:, :2], labels, np.zeros_like(groups), 5, np.random.default_rng(0))
+    plain = shuffled(x[:, :2], labels, np.zeros_like(groups), 5, np.random.default_rng(0))
     assert np.ptp(plain[:, 1]) > 0
     # Seeded: the same seed gives the same null.
-    np.testing.assert_array_equal(score.shuffled_aurocs(x, labels, groups, 100, np.random.default_rng(0)), null)
+    np.testing.assert_array_equal(shuffled(x, labels, groups, 100, np.random.default_rng(0)), null)
+
+
+@pytest.mark.parametrize("fixture", ["ties", "planted", "confounded"])
+def test_streamed_permutation_p_equals_pooling_and_sorting_every_null_value(fixture):
+    """02 never holds the permutation null (P x neurons): AUROCs are counted on U's grid, the writers' t streamed
+    past the sorted real values. Both must give exactly the p of the old code, which pooled and sorted them all:
+    ties, a constant column and values equal to null values included (the >= in p), any chunking."""
+    rng = np.random.default_rng(7)
+    if fixture == "ties":
+        groups = np.repeat(np.arange(30), 4)
+        labels = (rng.random(120) < 0.4).astype(np.int64)
+        x = rng.integers(0, 4, size=(120, 60)).astype(np.float32)  # few values: ties everywhere
+        x[:, 0] = 1.0
+    elif fixture == "planted":
+        x, labels = planted(n_items=200, n_neurons=500, n_experts=10, seed=3)
+        groups = np.repeat(np.arange(100), 2)
+    else:
+        x, labels, groups = confounded()
+    permuted = score.shuffled_labels(labels, groups, 40, np.random.default_rng(0))
+    auroc = score.auroc_columns(x, labels)
+    everything, _ = score.shuffled_aurocs(x, labels, permuted)  # 40 x neurons: the old code's null
+    for chunk in (7, 4096):
+        draws, counts = score.shuffled_aurocs(x, labels, permuted, chunk, keep=5, pool=30)
+        np.testing.assert_array_equal(draws, everything[:5])
+        assert counts.sum() == 30 * x.shape[1]
+        queries = np.vstack([auroc, draws])
+        np.testing.assert_array_equal(score.permutation_p(queries, counts, int(labels.sum()), int((1 - labels).sum())),
+                                      sorted_pool_p(queries, everything[:30]))
+    # Welch's t of the writer score: no grid, a second streamed pass. Values equal to null values must count.
+    writes = np.round(x.astype(np.float64) + 0.1 * rng.normal(size=x.shape), 1)
+    _, queries, _ = score.write_contrast(writes, labels, permuted, chunk_neurons=13, keep=5)  # real + 5 draws
+    _, (_, *t_all), _ = score.write_contrast(writes, labels, permuted, chunk_neurons=13)
+    t_all = np.array(t_all)
+    np.testing.assert_array_equal(queries[1:], t_all[:5])
+    reached, size = score.at_least_counts(queries, (
+        chunk_t[1:31] for _, _, chunk_t, _ in score.welch_chunks(writes, labels, permuted, chunk_neurons=13)))
+    assert size == 30 * x.shape[1]
+    np.testing.assert_array_equal((1 + reached) / (1 + size), sorted_pool_p(queries, t_all[:30]))
+    assert np.isin(queries, t_all[:30]).any() or fixture != "ties"  # the tie case really has equal values
 
 
 # ---- as commands ------------------------------------------------------------------------------------------

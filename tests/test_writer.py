@@ -142,7 +142,7 @@ def test_write_contrast_equals_welch_t_test_and_each_shuffle():
     labels = (np.arange(40) % 3 == 0).astype(np.int8)
     writes[labels == 1, 1] += 1.5
     permuted = score.shuffled_labels(labels, np.zeros(40, dtype=int), 3, np.random.default_rng(1))
-    d, t, df, d_null, t_null = score.write_contrast(writes, labels, permuted, chunk_neurons=3)
+    (d, *d_null), (t, *t_null), df = score.write_contrast(writes, labels, permuted, chunk_neurons=3)
     for m in range(7):
         toxic, clean = writes[labels == 1, m], writes[labels == 0, m]
         assert d[m] == pytest.approx(toxic.mean() - clean.mean(), abs=1e-12)
@@ -153,7 +153,7 @@ def test_write_contrast_equals_welch_t_test_and_each_shuffle():
         assert t[m] == pytest.approx(reference.statistic, rel=1e-6)
         assert score.student_t.sf(t[m], df[m]) == pytest.approx(reference.pvalue, rel=1e-6)
     for draw, shuffled in enumerate(permuted):
-        d_one, t_one, _, _, _ = score.write_contrast(writes, shuffled.astype(np.int8))
+        (d_one,), (t_one,), _ = score.write_contrast(writes, shuffled.astype(np.int8))
         np.testing.assert_allclose(t_null[draw], t_one, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(d_null[draw], d_one, rtol=1e-9, atol=1e-12)
 
@@ -192,6 +192,15 @@ def test_the_planted_writer_is_the_top_writer_and_is_silenced(planted, tmp_path,
     assert alpha.min() >= 0 and alpha.max() <= 1  # never amplified
     with pytest.raises(UserError, match="published"):
         run_stage("03_suppress.py", "--run", "w", "--method", "published", cwd=tmp_path)
+    # --score writer-t: the same rules on Welch's t of the writes (e = t / max t), the top-k by t.
+    t = expertise["writer_t"]
+    run_stage("03_suppress.py", "--run", "w", "--score", "writer-t", "--method", "det0", "--top-k", "3", cwd=tmp_path)
+    tensors, suppression_meta = artifacts.load_pt(tmp_path / "runs/w/suppression.pt", "03_suppress.py")
+    assert suppression_meta["score"] == "writer-t"
+    np.testing.assert_array_equal(np.flatnonzero(tensors["alpha"].numpy() == 0), np.sort(np.argsort(-t)[:3]))
+    run_stage("03_suppress.py", "--run", "w", "--score", "writer-t", cwd=tmp_path)
+    alpha = artifacts.load_pt(tmp_path / "runs/w/suppression.pt", "03_suppress.py")[0]["alpha"].numpy()
+    np.testing.assert_allclose(alpha, np.where(t > 0, 1 - t / t.max(), 1.0), rtol=1e-6, atol=1e-7)
 
 
 def test_responses_mode_writes_and_the_ablation_check(tmp_path, monkeypatch):

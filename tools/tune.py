@@ -2,7 +2,7 @@
 through stages 1-4 on `dev` (never `test`), compared by one rule fixed before any result was seen
 -> runs/tune/tune.json, tune.md, tune.png
 
-    python -m tools.tune --model demo                                  # what `make tune` runs (13 variants; the first 9 took 54 min on 2 CPU cores)
+    python -m tools.tune --model demo                                  # what `make tune` runs (20 variants; the first 9 took 54 min on 2 CPU cores)
     python -m tools.tune --model tiny --collect-args "--mode prompts" --variants published,max-pooling   # smoke run
 
 Each variant changes one thing against the published configuration (PUBLISHED below: responses calibration,
@@ -92,6 +92,13 @@ VARIANTS = {
                                                                                           "silenced"),
     "writer-det0-128": ("--writer toxic-odds", "--score writer --method det0 --top-k 128", "the 128 strongest "
                                                                                            "writers silenced"),
+    # Added 2026-12-02 after the five above were measured on dev (writer-soft +15.8% book perplexity, det0-8
+    # +46%: the largest d belong to neurons the model leans on everywhere, 30x the median clean-row attribution),
+    # before any result of these: rank by Welch's t of the writes, which divides d by its noise.
+    "writer-t-det0-32":  ("--writer toxic-odds", "--score writer-t --method det0 --top-k 32", "the 32 writers with "
+                                                                                              "the largest Welch t"),
+    "writer-t-det0-128": ("--writer toxic-odds", "--score writer-t --method det0 --top-k 128", "the 128 writers "
+                                                                                               "with the largest t"),
 }
 
 

@@ -4,6 +4,7 @@ docs/RESULTS.md's memory rows compute -> runs/widthcheck/widthcheck.md
 
     python -m tools.widthcheck              # what `make widthcheck` runs: the full 7B (~14 GB of bf16 weights, see below)
     python -m tools.widthcheck --layers 2   # the real widths with 2 of the 32 decoder layers: ~2 GB, a few minutes
+    python -m tools.widthcheck --null-width 4718592   # 02's permutation null at Qwen3-VL-30B-A3B's width (no model)
 
 The model is LLaVA-1.5-7B's configuration written out here (CLIP ViT-L/14-336 vision tower, Llama-2-7B language
 model: 32 layers x 4,096 hidden x 11,008 MLP neurons, 32,064-word vocabulary) with seeded random bf16 weights,
@@ -18,6 +19,12 @@ Time and memory of the full check on 2 CPU cores: building ~5 min (7.06B normal 
 ~15-20 min (4 items x ~600 positions through a 7B model at ~40 GFLOP/s in bf16), 02 seconds, 03 --export ~3 min;
 peak memory ~15 GB (01 and the export hold the weights), disk 28 GB (the checkpoint and the export, which is
 deleted afterwards unless --keep-export true). Not part of `make test`.
+
+--null-width N skips the model: a synthetic calibration N neurons wide (seeded float16 activations and writes, as
+01 --store-dtype float16 --writer would store them; --null-rows rows, two continuations per prompt, so 02 takes the
+within-prompt permutation null) goes through 02_score.py --null permutation as its own process, and its peak
+memory is set against the computed row (start-up + per-neuron arrays + one chunk): the null itself, P x N values
+until 2026-12-02 (7.5 GB at 4.7M neurons), must not show -> runs/widthcheck/null-width.md.
 """
 import json
 import math
@@ -46,6 +53,11 @@ defaults = dict(
     keep_export=False,      # keep the exported checkpoint (params x 2 bytes of disk) after measuring it
     seed=0,                 # of the random weights
     out="runs/widthcheck",  # widthcheck.md, the items and the stages' run folder (runs/widthcheck/<model name>)
+    null_width=0,           # > 0: only 02's permutation null on a synthetic calibration this many neurons wide
+                            # (Qwen3-VL-30B-A3B: 4718592 = 48 layers x 128 experts x 768), no model
+    null_rows=64,           # ... its rows: null_rows / 2 prompts x 2 continuations
+    null_writes=True,       # ... with writes (as 01 --writer stores them): 02 also scores the writers
+    permutations=100,       # ... 02's --permutations (its default)
 )
 GB = 1e9
 # LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf's config.json; the rest are transformers' Llama and CLIP defaults).
@@ -55,6 +67,11 @@ TEXT = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_att
             max_position_embeddings=4096, rms_norm_eps=1e-5)
 IMAGE_TOKENS = (336 // 14) ** 2  # 576 positions per image ("default" strategy drops the CLS feature)
 CHUNK_NEURONS, NULL_DRAWS = 4096, 5  # 02_score.py's defaults, which the computed rows assume
+# What every stage imports (02's imports, the most): a stage's start-up memory, measured in a process of its own.
+# float64 per neuron that 02 holds at its peak (counted in 02_score.py, checked by --null-width): the real labels'
+# and the 5 draws' AUROC, p and q with BH's temporaries; with writes also their d, t, p and q and the counting's.
+SCORE_PER_NEURON, WRITER_PER_NEURON = 30, 32
+STARTUP_IMPORTS = "import common, sgm.models, sgm.artifacts, torch, transformers, scipy.stats, matplotlib.pyplot"
 EXPORT_SHARD_BYTES = 50 * GB  # transformers' save_pretrained default max_shard_size ("50GB")
 # A random model needs only two labelled classes, not toxic words: mild texts, as in the tests (never write toxic
 # examples here; real calibration text comes from MM-TOXIC-QA's public sources).
@@ -164,6 +181,79 @@ def run_measured(script, *args, log):
     return time.perf_counter() - started, int(peak_file.read_text())
 
 
+def null_width_check(cfg):
+    """02's permutation null at a real width, without a model: a seeded synthetic calibration (activations and
+    writes in float16, written a block of rows at a time, never whole) scored by 02_score.py --null permutation
+    in its own process; its peak memory against the computed row -> <out>/null-width.md."""
+    from sgm.artifacts import RowBlocks, save_npz
+    n_neurons, n_rows, chunk = cfg["null_width"], cfg["null_rows"], CHUNK_NEURONS
+    out = REPO / cfg["out"]
+    run = f"{Path(*Path(cfg['out']).parts[1:])}/null-width-{n_neurons}"
+    run_dir = REPO / "runs" / run
+    # Prompt k gives rows 2k and 2k + 1: mixed (toxic, clean) for even k, both clean or both toxic for odd k, so
+    # the within-prompt shuffles have prompts to move. Layers of 128 experts x 768 when the width allows.
+    labels = np.array([[1, 0], [0, 0], [1, 0], [1, 1]] * (n_rows // 8 + 1)).ravel()[:n_rows].astype(np.int8)
+    layer_width = 128 * 768 if n_neurons % (128 * 768) == 0 else n_neurons
+    sites = [[f"model.language_model.layers.{i}.mlp.experts", layer_width] for i in range(n_neurons // layer_width)]
+
+    def blocks(seed):  # 8 rows at a time, each block seeded on its own: the same matrix for any block order
+        for start in range(0, n_rows, 8):
+            rng = np.random.default_rng([cfg["seed"], seed, start])
+            yield rng.standard_normal((min(8, n_rows - start), n_neurons), dtype=np.float32).astype(np.float16)
+
+    arrays = dict(activations=RowBlocks((n_rows, n_neurons), np.float16, lambda: blocks(0)),
+                  labels=labels, item_ids=np.repeat(np.arange(n_rows // 2 + 1), 2)[:n_rows])
+    if cfg["null_writes"]:
+        arrays["writes"] = RowBlocks((n_rows, n_neurons), np.float16, lambda: blocks(1))
+    stored = " and ".join(name for name in ("activations", "writes") if name in arrays)
+    print(f"writing a synthetic calibration: {n_rows} rows x {n_neurons:,} neurons, float16 {stored}")
+    save_npz(run_dir / "activations.npz", arrays, dict(
+        model="synthetic", sites=sites, dtype="float16", data="synthetic", data_checksum="0" * 64,
+        settings={"mode": "synthetic (tools/widthcheck.py --null-width)"},
+        writer={"objective": "synthetic", "form": "seeded normal noise"} if cfg["null_writes"] else None))
+    logs = run_dir.with_name(f"{run_dir.name}-logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    startup_seconds, startup = run_measured("", "-c", STARTUP_IMPORTS, log=logs / "startup.log")
+    args = ["--run", run, "--null", "permutation", "--permutations", cfg["permutations"]]
+    print(f"---- python 02_score.py {' '.join(map(str, args))}")
+    seconds, peak = run_measured("02_score.py", *args, log=logs / "02.log")
+    _, meta = load_npz(run_dir / "expertise.npz", "02_score.py")
+    n_pos = int(labels.sum())
+    # Computed: per neuron, the float64 arrays 02 holds at once (SCORE_PER_NEURON, counted in 02_score.py's code);
+    # one chunk: its float16 reads, float32 copy, sort keys twice, ranks, and U of every shuffle; U's grid.
+    floats = SCORE_PER_NEURON + WRITER_PER_NEURON * cfg["null_writes"]
+    per_neuron = n_neurons * 8 * floats
+    one_chunk = n_rows * chunk * (2 + 4 + 2 * 8 + 8) + (cfg["permutations"] + NULL_DRAWS + 1) * chunk * 8 * 2
+    grid = (2 * n_pos * (n_rows - n_pos) + 1) * 8
+    old_null = 2 * cfg["permutations"] * n_neurons * 8  # the null's AUROCs, and their sorted copy
+    rows = [("start-up of a stage (import only; measured)", startup, startup),
+            (f"per-neuron arrays ({floats} x neurons x 8)", per_neuron, None),
+            ("one chunk of 4,096 neurons + U's grid", one_chunk + grid, None),
+            ("02 peak (the three above)", startup + per_neuron + one_chunk + grid, peak),
+            (f"for comparison: the old pooled null (2 x {cfg['permutations']} x neurons x 8)", old_null, None)]
+    table = "\n".join(f"| {what} | {c / GB:,.3f} GB | " + (f"{v / GB:,.3f} GB | {v / c:.2f} |" if v else "| |")
+                      for what, c, v in rows)
+    writer_seconds = f", writers {meta['writer_seconds']:.0f} s" if cfg["null_writes"] else ""
+    report = f"""# 02's permutation null at real width: {n_neurons:,} neurons, no model
+
+`python -m tools.widthcheck {' '.join(sys.argv[1:])}`: {n_rows} rows ({n_rows // 2} prompts x 2 continuations, {n_pos}
+toxic), seeded float16 {stored}; `02_score.py {' '.join(map(str, args))}` ({meta['null']} null,
+{meta['permutations']} shuffles) in its own process: {seconds:.0f} s. Peak memory from the kernel; GB = 1e9 bytes.
+Machine: {os.cpu_count()} CPUs, torch {torch.__version__}.
+
+| quantity | computed | measured | measured / computed |
+|---|---:|---:|---:|
+{table}
+
+02's stored peak_rss_mb: {meta['peak_rss_mb']:,.0f} MB; null {meta['null_seconds']:.0f} s{writer_seconds}.
+"""
+    report_path = out / f"null-width{'' if cfg['null_writes'] else '-no-writes'}.md"
+    write_text(report_path, report)
+    print(report)
+    print(f"wrote {report_path}")
+    shutil.rmtree(run_dir)  # 2 x rows x neurons x 2 bytes of synthetic noise
+
+
 def folder_bytes(folder, suffix=".safetensors"):
     return sorted(f.stat().st_size for f in Path(folder).glob(f"*{suffix}"))
 
@@ -182,6 +272,12 @@ if __name__ == "__main__":
     out = Path(cfg["out"])
     if out.is_absolute() or ".." in out.parts or out.parts[:1] != ("runs",):
         fail(f"--out {cfg['out']!r} must be a folder under runs/, e.g. runs/widthcheck")
+    check_range(cfg, "null_width", low=0, fix="neurons of the synthetic calibration, e.g. 4718592 (0 = the model check)")
+    check_range(cfg, "null_rows", low=8, fix="rows of the synthetic calibration, an even number >= 8, e.g. 64")
+    check_range(cfg, "permutations", low=1, fix="02's within-prompt shuffles, e.g. 100")
+    if cfg["null_width"]:
+        null_width_check(cfg)
+        sys.exit(0)
     name = f"llava-1.5-7b-random-{cfg['layers']}L"
     run = f"{Path(*out.parts[1:])}/{name}"  # the stages' --run: runs/<run>/
     run_dir = REPO / "runs" / run
@@ -213,8 +309,7 @@ if __name__ == "__main__":
     write_text(data, "".join(json.dumps(item) + "\n" for item in items[:cfg["items"]]))
     logs = run_dir.with_name(f"{name}-logs")
     logs.mkdir(parents=True, exist_ok=True)
-    startup_imports = "import common, models, torch, transformers, scipy.stats, matplotlib.pyplot"  # 02's, the most
-    measured = {"start-up": run_measured("", "-c", startup_imports, log=logs / "startup.log")}
+    measured = {"start-up": run_measured("", "-c", STARTUP_IMPORTS, log=logs / "startup.log")}
     for stage, script, args in [
             ("01", "01_collect.py", ["--model", checkpoint, "--run", run, "--data", data, "--mode", "prompts",
                                      "--dtype", "bfloat16", "--batch-size", cfg["items"],
@@ -245,9 +340,8 @@ if __name__ == "__main__":
     # 01: the weights, one decoder layer's activations in bf16, its attention scores, the batch's pooled float32.
     forward = cfg["items"] * length * (5 * h + 3 * m) * 2 + cfg["items"] * heads * length ** 2 * 4
     collect = startup + weights + forward + 3 * cfg["items"] * n_neurons * 4
-    # 02: the sort keys of one chunk (twice), and per neuron AUROC, tie terms, p, q and the closed null's
-    # (1 + draws) rows of AUROC, p, q and a temporary (8 bytes each).
-    score = startup + 2 * n_rows * CHUNK_NEURONS * 8 + n_neurons * 8 * (4 + 4 * (1 + NULL_DRAWS))
+    # 02: the sort keys of one chunk (twice), and the per-neuron arrays (SCORE_PER_NEURON float64 each).
+    score = startup + 2 * n_rows * CHUNK_NEURONS * 8 + n_neurons * 8 * SCORE_PER_NEURON
     suppress = startup + n_neurons * 8 * 4
     rows = [
         ("neurons (layers x 11,008)", n_neurons, len(activations_meta["sites"]) * TEXT["intermediate_size"], "n"),
