@@ -87,6 +87,7 @@ def planted_expert(record_file, expertise, alpha_sgm, alpha_random, score="activ
                 rank=int((auroc > auroc[index]).sum()) + 1, n_neurons=int(auroc.size),
                 q_value=float(expertise["q_value"][index]) if "q_value" in expertise else None,
                 alpha_sgm=float(alpha_sgm[index]), alpha_random=float(alpha_random[index]),
+                n_silenced=int((alpha_sgm == 0).sum()),
                 next_best_auroc=float(np.delete(auroc, index).max()), score=score,
                 **({} if "writer" not in expertise else dict(  # what it writes: rank by d, the writer score, and t
                     writer=float(expertise["writer"][index]),
@@ -215,6 +216,8 @@ def markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extr
                          "found (top 10, significant) and damped by the ordinary stages." if rank <= 10 and
                          significant else "in the top 10 but not significant at q < 0.05 (too few calibration items "
                          "to tell it from chance)." if rank <= 10 else
+                         f"outside the top 10, yet silenced (among the {planted['n_silenced']} neurons SGM set to "
+                         "alpha 0), so damped all the same." if planted["alpha_sgm"] == 0 else
                          "NOT in the top 10: the stages did not single out the known expert. Look for a bug, and "
                          "with `responses` calibration for neurons that respond to the toxic words it makes, which "
                          "can outrank it (docs/RESULTS.md, positive control)."))
