@@ -64,7 +64,7 @@ from tqdm import tqdm  # noqa: E402
 
 from common import check_range, fail, parse_overrides, peak_rss_mb, run_name  # noqa: E402
 from sgm.artifacts import load_npz, save_npz  # noqa: E402
-from sgm.neurons import neurons_per_layer  # noqa: E402
+from sgm.neurons import EXPERTISE_SCORES, neurons_per_layer  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -405,15 +405,16 @@ if __name__ == "__main__":
     check_range(cfg, "null_draws", low=1, fix="label shuffles for the null table, e.g. 5")
     check_range(cfg, "seed", low=0, fix="any seed >= 0")
     check_range(cfg, "fdr", above=0, below=1, fix="a false discovery rate such as 0.05")
-    if cfg["score"] not in ("activation", "writer", "writer-t"):
-        fail(f"unknown --score {cfg['score']!r}; use activation (AUROC of what a neuron reads), writer or writer-t")
+    if cfg["score"] not in EXPERTISE_SCORES:
+        fail(f"unknown --score {cfg['score']!r}; use one of {', '.join(EXPERTISE_SCORES)} (activation: AUROC of "
+             "what a neuron reads)")
     check_range(cfg, "check_ablation", low=0, fix="how many top writers to silence one at a time (0 = no check)")
     check_range(cfg, "check_rows", low=2, fix="calibration rows for the ablation check, e.g. 32")
     run_dir = f"runs/{run_name(cfg['run'])}"
     # The activations stay in the file (artifacts.StoredMatrix), read a column chunk at a time.
     arrays, upstream = load_npz(f"{run_dir}/activations.npz", rerun_hint="01_collect.py", required=["labels"],
                                 in_file=["activations", "writes"])
-    if (cfg["score"].startswith("writer") or cfg["check_ablation"]) and "writes" not in arrays:
+    if (cfg["score"] != "activation" or cfg["check_ablation"]) and "writes" not in arrays:
         fail(f"{run_dir}/activations.npz has no writer measurement: rerun 01_collect.py with --writer toxic-odds "
              "(or use --score activation)")
     activations, labels = arrays["activations"], arrays["labels"]

@@ -69,7 +69,7 @@ from common import check_range, fail, parse_overrides, run_name  # noqa: E402
 from sgm.artifacts import load_npz, save_pt, write_text  # noqa: E402
 from sgm.endpoint import TEMPLATE_FILE, fallback_chat_template  # noqa: E402
 from sgm.models import load_model, resolve_model_path  # noqa: E402
-from sgm.neurons import fold_alpha, matched_random_control, neurons_per_layer  # noqa: E402
+from sgm.neurons import EXPERTISE_SCORES, fold_alpha, matched_random_control, neurons_per_layer  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -254,8 +254,8 @@ if __name__ == "__main__":
     # damp scales neurons down; above 1 it would amplify them
     check_range(cfg, "damp_factor", low=0, high=1, fix="the alpha of the top-k neurons, e.g. 0.5 (0 = det0)")
     check_range(cfg, "seed", low=0, fix="any seed >= 0 (the random control's; 04_evaluate.py --seed)")
-    if cfg["score"] not in ("auto", "activation", "writer", "writer-t"):
-        fail(f"unknown --score {cfg['score']!r}; use auto (02's choice), activation, writer or writer-t")
+    if cfg["score"] != "auto" and cfg["score"] not in EXPERTISE_SCORES:
+        fail(f"unknown --score {cfg['score']!r}; use auto (02's choice) or one of {', '.join(EXPERTISE_SCORES)}")
     if cfg["random_control"] and not cfg["export"]:
         fail("--random-control true bakes the random control into an export: add --export DIR")
     if Path(cfg["out"]).name != cfg["out"] or cfg["out"] in ("", ".", ".."):
@@ -264,19 +264,19 @@ if __name__ == "__main__":
     arrays, upstream = load_npz(f"{run_dir}/expertise.npz", rerun_hint="02_score.py")
     auroc, q_value = arrays["auroc"], arrays.get("q_value")
     score = upstream.get("score", "activation") if cfg["score"] == "auto" else cfg["score"]
-    if score.startswith("writer") and "writer" not in arrays:
+    if score != "activation" and EXPERTISE_SCORES[score] not in arrays:
         fail(f"{run_dir}/expertise.npz has no writer score: rerun 01_collect.py with --writer toxic-odds, then "
              "02_score.py (or use --score activation)")
-    if score.startswith("writer"):  # the writer score on SGM's scale (see the docstring): AUROC-equivalent 0.5 + e / 2
+    if score != "activation":  # a writer score on SGM's scale (see the docstring): AUROC-equivalent 0.5 + e / 2
         if cfg["method"] == "published":
             fail("--method published reproduces the published AUROC threshold (it amplifies); with the writer "
                  "score use aura, det0 or damp")
-        writer, q_value = arrays["writer" if score == "writer" else "writer_t"], arrays["writer_q_value"]
+        writer, q_value = arrays[EXPERTISE_SCORES[score]], arrays["writer_q_value"]
         if writer.max() <= 0:
             print("WARNING: no neuron writes more on toxic than on clean rows (max d <= 0): alpha = 1 everywhere")
         auroc = 0.5 + 0.5 * np.clip(writer / writer.max(), -1, 1) if writer.max() > 0 else np.full(writer.size, 0.5)
     print(f"expertise: {score} score"
-          + (f" ({upstream['writer']['objective']} objective)" if score.startswith("writer") else ""))
+          + (f" ({upstream['writer']['objective']} objective)" if score != "activation" else ""))
     sizes = neurons_per_layer(upstream["sites"])  # per decoder layer: a MoE layer's routed and shared experts together
     if cfg["method"] == "published":
         print("WARNING: --method published AMPLIFIES neurons with AUROC in (0.3, 0.5); compatibility only")

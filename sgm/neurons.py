@@ -314,6 +314,9 @@ class WriteRecorder:
 
 
 WRITER_OBJECTIVES = ("toxic-odds", "own-logprob")
+# The expertise scores 02_score.py stores and 03_suppress.py damps by: name -> its array in expertise.npz
+# (activation AUROC: what a neuron reads; writer d and its Welch t: what it writes, from 01 --writer).
+EXPERTISE_SCORES = {"activation": "auroc", "writer": "writer", "writer-t": "writer_t"}
 
 
 def writer_per_position(kind, logits, toxic_ids=None, targets=None):

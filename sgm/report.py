@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from common import fail  # noqa: E402
 from sgm.endpoint import NOT_AVAILABLE as NA  # noqa: E402  (a log-probability metric whose server gives none)
 from sgm.judges import JUDGE  # noqa: E402
+from sgm.neurons import EXPERTISE_SCORES  # noqa: E402
 
 
 def pct(x):
@@ -83,17 +84,19 @@ def planted_expert(record_file, expertise, alpha_sgm, alpha_random, score="activ
         fail(f"{record_file} is damaged ({type(e).__name__}): delete the folder {record_file.parent} and rerun "
              "`make planted` (python -m tools.plant builds it again)")
     index, auroc = record["flat_index"], expertise["auroc"]
+
+    def rank(values):  # 1 = the highest of all neurons
+        return int((values > values[index]).sum()) + 1
     return dict(layer=record["layer"], neuron=record["neuron"], flat_index=index, auroc=float(auroc[index]),
-                rank=int((auroc > auroc[index]).sum()) + 1, n_neurons=int(auroc.size),
+                rank=rank(auroc), n_neurons=int(auroc.size), score_rank=rank(expertise[EXPERTISE_SCORES[score]]),
                 q_value=float(expertise["q_value"][index]) if "q_value" in expertise else None,
                 alpha_sgm=float(alpha_sgm[index]), alpha_random=float(alpha_random[index]),
                 n_silenced=int((alpha_sgm == 0).sum()),
                 next_best_auroc=float(np.delete(auroc, index).max()), score=score,
                 **({} if "writer" not in expertise else dict(  # what it writes: rank by d, the writer score, and t
                     writer=float(expertise["writer"][index]),
-                    writer_rank=int((expertise["writer"] > expertise["writer"][index]).sum()) + 1,
-                    writer_t=float(expertise["writer_t"][index]),
-                    writer_t_rank=int((expertise["writer_t"] > expertise["writer_t"][index]).sum()) + 1,
+                    writer_rank=rank(expertise["writer"]), writer_t=float(expertise["writer_t"][index]),
+                    writer_t_rank=rank(expertise["writer_t"]),
                     writer_q_value=float(expertise["writer_q_value"][index]),
                     next_best_writer=float(np.delete(expertise["writer"], index).max()))))
 
@@ -206,8 +209,8 @@ def markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extr
         lines.append(f"- planted expert by what it writes: rank {planted['writer_rank']} of {planted['n_neurons']} "
                      f"(q = {planted['writer_q_value']:.2g}), against rank {planted['rank']} by what it reads (AUROC).")
     if planted:
-        by_writer = planted["score"] in ("writer", "writer-t")  # judged by the score SGM damped by
-        rank = planted[{"writer": "writer_rank", "writer-t": "writer_t_rank"}.get(planted["score"], "rank")]
+        by_writer = planted["score"] != "activation"  # judged by the score SGM damped by
+        rank = planted["score_rank"]
         q_found = planted["writer_q_value"] if by_writer else planted["q_value"]
         q = "–" if q_found is None else f"{q_found:.2g}"
         significant = q_found is not None and q_found < 0.05
