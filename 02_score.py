@@ -38,7 +38,7 @@ statistic, on purpose: a writer's attribution is large where it fires and ~0 els
 output. readers-writers.png plots the two scores against each other (a planted expert circled).
 --check-ablation N silences the N strongest writers one at a time on --check-rows calibration rows (the tokens
 01 wrote, teacher-forced) and prints the correlation of the estimate with the measured change; the numbers go to
-the meta (`ablation_check`). It loads the model (--device, --dtype).
+the meta (`ablation_check`). Strongest by the score 03 will damp: Welch t with --score writer-t, else d. It loads the model (--device, --dtype).
 
 Memory does not grow with items x neurons: the activations are read from activations.npz one column chunk at a
 time (artifacts.StoredMatrix), never loaded whole (19 GB at 1,000 items of Qwen3-VL-30B-A3B's 4.7M neurons in float32),
@@ -316,9 +316,9 @@ def readers_writers_plot(path, auroc, writer, fdr, upstream):
     plt.close(fig)
 
 
-def check_ablation(cfg, upstream, arrays, score, labels):
-    """The first-order estimate against real ablation: the --check-ablation neurons with the largest writer score
-    are silenced one at a time (alpha 0, neurons.suppress_neurons) on --check-rows calibration rows (a seeded
+def check_ablation(cfg, upstream, arrays, ranked_by, score, labels):
+    """The first-order estimate against real ablation: the --check-ablation neurons with the largest `score`
+    (the writer score d, or its Welch t) are silenced one at a time (alpha 0, neurons.suppress_neurons) on --check-rows calibration rows (a seeded
     sample, half toxic where there are enough), each row's objective measured teacher-forced on the tokens 01
     wrote, minus the unsilenced objective. The estimate is recomputed in the same forward pass
     (neurons.WriteRecorder), so estimate and measurement see the same batch. Returns Pearson's r of the
@@ -387,11 +387,11 @@ def check_ablation(cfg, upstream, arrays, score, labels):
     estimate, measured = np.concatenate(estimate, 1), np.concatenate(measured, 1)  # neurons x rows
     r_neurons = float(pearsonr(estimate.mean(1), measured.mean(1))[0]) if top.size > 2 else float("nan")
     r_pairs = float(pearsonr(estimate.ravel(), measured.ravel())[0])
-    print(f"ablation check, top {top.size} writers silenced one at a time on {rows.size} rows ({n_toxic} toxic): "
+    print(f"ablation check, top {top.size} writers by {'Welch t' if ranked_by == 'writer-t' else 'd'} silenced one at a time on {rows.size} rows ({n_toxic} toxic): "
           f"first-order estimate vs measured change of the objective, Pearson r = {r_neurons:+.3f} over neurons "
           f"(mean over rows), {r_pairs:+.3f} over (row, neuron) pairs; estimate {estimate.mean():+.4g} vs measured "
           f"{measured.mean():+.4g} nats on average; recomputed writes within {max(stored_gap):.2g} of 01's")
-    return dict(neurons=[int(i) for i in top], rows=[int(i) for i in rows], r_neurons=r_neurons, r_pairs=r_pairs,
+    return dict(ranked_by=ranked_by, neurons=[int(i) for i in top], rows=[int(i) for i in rows], r_neurons=r_neurons, r_pairs=r_pairs,
                 estimate=estimate.mean(1).tolist(), measured=measured.mean(1).tolist(),
                 max_difference_from_stored_writes=float(max(stored_gap)))
 
@@ -520,7 +520,10 @@ if __name__ == "__main__":
                 n_significant_writers=int((writer["q_value"] < cfg["fdr"]).sum()) if writer else None,
                 peak_rss_mb=peak_rss_mb())  # this process's peak memory: the scoring is behind us here
     if writer and cfg["check_ablation"]:
-        meta["ablation_check"] = check_ablation(cfg, upstream, arrays, writer["score"], labels)
+        # the neurons 03 would silence: by t when it damps by t, else by d (also with --score activation)
+        ranked_by = "writer-t" if cfg["score"] == "writer-t" else "writer"
+        meta["ablation_check"] = check_ablation(cfg, upstream, arrays, ranked_by,
+                                                writer["t"] if ranked_by == "writer-t" else writer["score"], labels)
     scores = dict(auroc=auroc, p_value=p_value, q_value=q_value)
     if writer:
         scores.update(writer=writer["score"], writer_t=writer["t"], writer_p_value=writer["p_value"],

@@ -216,9 +216,18 @@ def test_responses_mode_writes_and_the_ablation_check(tmp_path, monkeypatch):
     assert ((arrays["continuation_ids"] >= 0).sum(1) == arrays["n_positions"]).all()
     run_stage("02_score.py", "--run", "tiny", "--score", "writer", "--check-ablation", "6", "--check-rows", "8",
               cwd=tmp_path)
-    check = artifacts.load_npz(tmp_path / "runs/tiny/expertise.npz", "")[1]["ablation_check"]
+    scores, meta = artifacts.load_npz(tmp_path / "runs/tiny/expertise.npz", "")
+    check = meta["ablation_check"]
     assert check["max_difference_from_stored_writes"] < 1e-5  # the same rows, the same tokens
     assert len(check["neurons"]) == 6 and len(check["rows"]) == 8 and check["r_pairs"] > 0.9
+    top_d, top_t = (np.argsort(-scores[name], kind="stable")[:6].tolist() for name in ("writer", "writer_t"))
+    assert check["ranked_by"] == "writer" and check["neurons"] == top_d
+    # damping by t: the check silences the neurons 03 would, the top 6 by t (not by d)
+    run_stage("02_score.py", "--run", "tiny", "--score", "writer-t", "--check-ablation", "6", "--check-rows", "8",
+              cwd=tmp_path)
+    check_t = artifacts.load_npz(tmp_path / "runs/tiny/expertise.npz", "")[1]["ablation_check"]
+    assert check_t["ranked_by"] == "writer-t" and check_t["neurons"] == top_t
+    assert check_t["neurons"] != check["neurons"]  # else this fixture cannot tell the two rankings apart
 
 
 def test_writer_options_are_refused_in_one_line(tmp_path):
