@@ -38,7 +38,8 @@ statistic, on purpose: a writer's attribution is large where it fires and ~0 els
 output. readers-writers.png plots the two scores against each other (a planted expert circled).
 --check-ablation N silences the N strongest writers one at a time on --check-rows calibration rows (the tokens
 01 wrote, teacher-forced) and prints the correlation of the estimate with the measured change; the numbers go to
-the meta (`ablation_check`). Strongest by the score 03 will damp: Welch t with --score writer-t, else d. It loads the model (--device, --dtype).
+the meta (`ablation_check`). Strongest by the score 03 will damp: Welch t with --score writer-t, else d. It
+loads the model (--device, --dtype).
 
 Memory does not grow with items x neurons: the activations are read from activations.npz one column chunk at a
 time (artifacts.StoredMatrix), never loaded whole (19 GB at 1,000 items of Qwen3-VL-30B-A3B's 4.7M neurons in float32),
@@ -77,7 +78,8 @@ defaults = dict(
     fdr=0.05,             # q level of the significance counts printed and stored (03 has its own --fdr)
     score="activation",   # activation | writer | writer-t: the expertise 03_suppress.py damps by (writer needs
                           # 01_collect.py --writer; both are stored when the writes are there)
-    check_ablation=0,     # writer: silence the top N writers one at a time and measure the objective (0 = off)
+    check_ablation=0,     # writer: silence the top N writers (by t with --score writer-t, else d) one at a time
+                          # and measure the objective (0 = off)
     check_rows=32,        # ... on a seeded sample of this many calibration rows (half toxic where possible)
     device="cpu",         # --check-ablation: where the model runs (cpu | cuda | auto)
     dtype="float32",      # --check-ablation: the model's dtype (as 01_collect.py's)
@@ -318,12 +320,12 @@ def readers_writers_plot(path, auroc, writer, fdr, upstream):
 
 def check_ablation(cfg, upstream, arrays, ranked_by, score, labels):
     """The first-order estimate against real ablation: the --check-ablation neurons with the largest `score`
-    (the writer score d, or its Welch t) are silenced one at a time (alpha 0, neurons.suppress_neurons) on --check-rows calibration rows (a seeded
-    sample, half toxic where there are enough), each row's objective measured teacher-forced on the tokens 01
-    wrote, minus the unsilenced objective. The estimate is recomputed in the same forward pass
-    (neurons.WriteRecorder), so estimate and measurement see the same batch. Returns Pearson's r of the
-    estimate (-write) and the measured change over the neurons (mean over rows) and over all (row, neuron)
-    pairs, and how far the recomputed writes are from 01's stored ones."""
+    (the writer score d, or its Welch t: `ranked_by`) are silenced one at a time (alpha 0,
+    neurons.suppress_neurons) on --check-rows calibration rows (a seeded sample, half toxic where there are
+    enough), each row's objective measured teacher-forced on the tokens 01 wrote, minus the unsilenced objective.
+    The estimate is recomputed in the same forward pass (neurons.WriteRecorder), so estimate and measurement see
+    the same batch. Returns Pearson's r of the estimate (-write) and the measured change over the neurons (mean
+    over rows) and over all (row, neuron) pairs, and how far the recomputed writes are from 01's stored ones."""
     import torch
 
     from common import append_tokens, encode, image_token_ids, load_items, prompt_positions
@@ -387,13 +389,14 @@ def check_ablation(cfg, upstream, arrays, ranked_by, score, labels):
     estimate, measured = np.concatenate(estimate, 1), np.concatenate(measured, 1)  # neurons x rows
     r_neurons = float(pearsonr(estimate.mean(1), measured.mean(1))[0]) if top.size > 2 else float("nan")
     r_pairs = float(pearsonr(estimate.ravel(), measured.ravel())[0])
-    print(f"ablation check, top {top.size} writers by {'Welch t' if ranked_by == 'writer-t' else 'd'} silenced one at a time on {rows.size} rows ({n_toxic} toxic): "
+    print(f"ablation check, top {top.size} writers by {'Welch t' if ranked_by == 'writer-t' else 'd'} silenced one "
+          f"at a time on {rows.size} rows ({n_toxic} toxic): "
           f"first-order estimate vs measured change of the objective, Pearson r = {r_neurons:+.3f} over neurons "
           f"(mean over rows), {r_pairs:+.3f} over (row, neuron) pairs; estimate {estimate.mean():+.4g} vs measured "
           f"{measured.mean():+.4g} nats on average; recomputed writes within {max(stored_gap):.2g} of 01's")
-    return dict(ranked_by=ranked_by, neurons=[int(i) for i in top], rows=[int(i) for i in rows], r_neurons=r_neurons, r_pairs=r_pairs,
-                estimate=estimate.mean(1).tolist(), measured=measured.mean(1).tolist(),
-                max_difference_from_stored_writes=float(max(stored_gap)))
+    return dict(ranked_by=ranked_by, neurons=[int(i) for i in top], rows=[int(i) for i in rows],
+                r_neurons=r_neurons, r_pairs=r_pairs, estimate=estimate.mean(1).tolist(),
+                measured=measured.mean(1).tolist(), max_difference_from_stored_writes=float(max(stored_gap)))
 
 
 if __name__ == "__main__":
