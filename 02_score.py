@@ -522,15 +522,15 @@ if __name__ == "__main__":
                 writer_null_table=writer.get("table"), writer_seconds=writer.get("seconds"),
                 n_significant_writers=int((writer["q_value"] < cfg["fdr"]).sum()) if writer else None,
                 peak_rss_mb=peak_rss_mb())  # this process's peak memory: the scoring is behind us here
-    if writer and cfg["check_ablation"]:
-        # the neurons 03 would silence: by t when it damps by t, else by d (also with --score activation)
-        ranked_by = "writer-t" if cfg["score"] == "writer-t" else "writer"
-        meta["ablation_check"] = check_ablation(cfg, upstream, arrays, ranked_by,
-                                                writer["t"] if ranked_by == "writer-t" else writer["score"], labels)
     scores = dict(auroc=auroc, p_value=p_value, q_value=q_value)
     if writer:
         scores.update(writer=writer["score"], writer_t=writer["t"], writer_p_value=writer["p_value"],
                       writer_q_value=writer["q_value"])
+    if writer and cfg["check_ablation"]:
+        # the neurons 03 would silence: by the writer score it damps by (d with --score activation)
+        ranked_by = "writer" if cfg["score"] == "activation" else cfg["score"]
+        meta["ablation_check"] = check_ablation(cfg, upstream, arrays, ranked_by,
+                                                scores[EXPERTISE_SCORES[ranked_by]], labels)
     saved = save_npz(f"{run_dir}/expertise.npz", scores, meta)
 
     # Plot: per layer, the real AUROCs (box) against the shuffled labels' (band and max); pooled histograms.
