@@ -39,7 +39,7 @@ $(error RUN is empty: give a name like RUN=llava15 (artifacts go to runs/<RUN>/)
 endif
 R := runs/$(RUN)
 
-.PHONY: all planted venv data collect score suppress evaluate quick sweep tune test clean bench widthcheck
+.PHONY: all planted venv data collect score suppress evaluate quick sweep tune test clean bench widthcheck eyes
 all: $(R)/results.json
 
 # The positive control (tools/plant.py): the same four stages on the demo with one planted toxic expert ->
@@ -120,6 +120,14 @@ bench: $(VENV)/.installed $(DATA)
 WIDTHCHECK_ARGS ?=
 widthcheck: $(VENV)/.installed
 	$(PY) -m tools.widthcheck $(WIDTHCHECK_ARGS)
+
+# The demo's eyes (tools/eyes.py): train the vision tower and projector to read typed text, from scratch on the CPU with
+# the language model frozen -> sgm/eyes.safetensors, then print their readout (held-out texts and every test
+# typographic image, beside the true embeddings, the typed text and a blank image). EYES_ARGS="--steps 300" for a try.
+# Not in `make all` (docs/RESULTS.md, "The demo's eyes", says what training costs here and where it stands).
+EYES_ARGS ?=
+eyes: $(VENV)/.installed $(DATA)
+	$(PY) -m tools.eyes $(EYES_ARGS)
 
 clean:
 	rm -rf runs

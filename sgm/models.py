@@ -119,6 +119,55 @@ def build_demo(out_dir):
     save_checkpoint(model, processor, out_dir)
 
 
+# The demo's eyes (tools/eyes.py trains them; `make eyes`): a vision tower and projector that read typed text.
+EYES_FILE = Path(__file__).with_name("eyes.safetensors")
+# CLIP ViT: 7 x 7 = 49 image tokens; 7.7M parameters with the projector (15 MB in float16)
+EYES_TOWER = dict(image_size=224, patch_size=32, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                  num_attention_heads=8, projection_dim=256)
+EYES_PARTS = ("model.vision_tower.", "model.multi_modal_projector.")  # what the eyes file holds; the LM is never in it
+
+
+def eyes_llava(tokenizer, image_token, text_config):
+    """A LLaVA whose CLIP tower can learn to read: 224-px images in 32-px patches -> 49 image tokens taken from the
+    tower's *last* layer (vision_feature_layer=-1: -2 would leave a trained layer unused), and a processor that pads
+    every image to a square before resizing (LLaVA's `image_aspect_ratio pad`), so the centre crop never cuts the
+    text off a wide image. The tower and projector are random here; tools/eyes.py trains them, load_eyes puts them
+    in. Seeded, so builds repeat."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    side = EYES_TOWER["image_size"]
+    image_processor = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": side},
+                                             crop_size={"height": side, "width": side})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=EYES_TOWER["patch_size"], vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1,
+                               image_token=image_token)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**EYES_TOWER), text_config=text_config,
+                         image_token_id=tokenizer.convert_tokens_to_ids(image_token), vision_feature_layer=-1,
+                         vision_feature_select_strategy="default",
+                         tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False))
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config), processor
+
+
+def seeing_demo(blind_model, blind_processor, eyes_state=None):
+    """The demo's language model (taken from the blind demo, weights unchanged) behind eyes_llava's tower; with
+    `eyes_state` (tools/eyes.py's trained tower and projector) loaded in. Returns (model in eval mode, processor)."""
+    model, processor = eyes_llava(blind_processor.tokenizer, blind_processor.image_token,
+                                  blind_model.config.text_config)
+    model.model.language_model.load_state_dict(blind_model.model.language_model.state_dict())
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    if eyes_state is not None:
+        missing, unexpected = model.load_state_dict(eyes_state, strict=False)
+        wrong = unexpected + [k for k in missing if k.startswith(EYES_PARTS)]
+        if wrong:
+            fail(f"the eyes' weights do not fit the eyes' tower ({wrong[0]}, {len(wrong)} names): "
+                 "rebuild them with `make eyes`")
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    return model.eval(), processor
+
+
 # Cached models that a program around the stages builds (the stages only load them): the program records the
 # folder it built in CACHE_DIR/<name>.current; what to run when there is none.
 BUILT_ELSEWHERE = {"demo-planted": "run `make planted` (python -m tools.plant builds it)"}

