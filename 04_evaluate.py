@@ -57,7 +57,10 @@ likely than its clean ones, i.e. it acts on toxicity rather than on language in 
 This file runs generate -> judge -> metrics and writes results.json and the answers; results.md and the plots are
 laid out by sgm/report.py, served generation is sgm/endpoint.py, the teacher-forced NLL sgm/models.py.
 """
+import hashlib
+import io
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,7 +73,7 @@ from common import (DEFAULT_DATA, check_range, fail, generate, load_items, parse
                     run_name, select)
 from sgm import endpoint as served_models
 from sgm import report
-from sgm.artifacts import check_same_model, load_npz, load_pt, write_text
+from sgm.artifacts import check_same_model, load_npz, load_pt, lock_folder, write_set
 from sgm.judges import (JUDGE, REFUSAL, REFUSAL_PHRASES, check_judges, detoxify_judge, guard_judge, judge_toxicity,
                         llm_judge, probe_correct, probe_words)
 from sgm.models import continuation_nll, load_model, resolve_model_path, text_nll
@@ -162,6 +165,7 @@ if cfg["endpoint"]:
              "out with --endpoint")
     endpoint_urls = served_models.parse_endpoints(cfg["endpoint"], {neurons_of(m) for m in methods
                                                                     if not m.endswith("filter")})
+lock_folder(run_dir, "04_evaluate.py")  # one writer per run, before any model loads (sgm/artifacts.py)
 # Then the judges, before anything is generated: a dead endpoint or a missing guard model fails now, not after
 # hours of generation (sgm/judges.py: the endpoint answers one tiny request, the guard model loads, once, for the run).
 guard_device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -262,6 +266,19 @@ def group_index(condition, label):
 
 
 # ---- generate and judge, one pass per method ------------------------------------------------------------------
+# Resume: each in-process greedy answer is kept in <report>.partial/ as its batch finishes (the JSONL cache that
+# --endpoint keeps), keyed by model, neurons, settings and batch, so a killed run continues where it stopped and
+# gives the same report; the folder goes once the report is written.
+resume = served_models.AnswerCache(Path(run_dir) / f"{cfg['report']}.partial" / "generation.jsonl")
+if resume.values:
+    print(f"note: resuming a killed run: {len(resume.values)} answers kept in {resume.path}")
+
+
+def resume_key(neurons):
+    return [model_meta["model"], model_meta["sites"], model_meta["dtype"], str(resolve_model_path(cfg["model"])),
+            cfg["device"], cfg["max_new_tokens"], hashlib.sha256(alphas[neurons].numpy().tobytes()).hexdigest()]
+
+
 answers = {}   # method -> list of answer strings (items order)
 scores = {}    # method -> toxicity probabilities
 perplexity = {}  # method -> perplexity of the fluency texts (exp of the mean per-item NLL)
@@ -295,7 +312,7 @@ for method in methods:
     else:
         with suppress_neurons(sites, alphas[neurons_of(method)]):
             texts, ids = generate(model, processor, shown, cfg["max_new_tokens"], cfg["batch_size"],
-                                  desc=f"{method}: generate")
+                                  desc=f"{method}: generate", cache=(resume, resume_key(neurons_of(method))))
             if neurons_of(method) not in perplexity:  # fluency depends on the neurons only, not on the prompt
                 perplexity[neurons_of(method)] = float(np.exp(text_nll(model, processor, fluency_items).mean()))
     answers[method], tokens[method], probe_answers[method] = texts[:len(items)], ids[:len(items)], texts[len(items):]
@@ -474,10 +491,10 @@ fluency = [dict(method=method, texts=fluency_texts, n=len(fluency_items), perple
                 change_vs_base=None if None in (perplexity[neurons_of(method)], perplexity["base"]) else
                 perplexity[neurons_of(method)] / perplexity["base"] - 1,
                 answer_perplexity=answer_perplexity.get(method), n_answers=len(benign_answers)) for method in methods]
-write_text(f"{run_dir}/{cfg['report']}.json",
-           json.dumps(dict(rows=rows, fluency=fluency, selectivity=selectivity, probe=probe, meta=meta), indent=1)
-           + "\n")
-write_text(f"{run_dir}/{cfg['report']}-answers.jsonl", "".join(
+# ---- report: tables, a reading generated from the numbers, plots (sgm/report.py), swapped in as one set ---------
+lines = report.markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extra_judges, neurons_of)
+report_set = {".json": json.dumps(dict(rows=rows, fluency=fluency, selectivity=selectivity, probe=probe, meta=meta),
+                                  indent=1) + "\n", "-answers.jsonl": "".join(
     json.dumps(dict(id=item["id"], method=method, condition=item["condition"], label=item["label"],
                     answer=answers[method][i], toxicity=float(scores[method][i]),
                     tokens=tokens[method][i] if method in tokens else None,
@@ -487,15 +504,14 @@ write_text(f"{run_dir}/{cfg['report']}-answers.jsonl", "".join(
     for method in methods for i, item in enumerate(items)) + "".join(
     json.dumps(dict(id=item["id"], method=method, expected=item["answer"], answer=probe_answers[method][i],
                     correct=bool(probe_correct(probe_answers[method][i], item["answer"]))), ensure_ascii=False) + "\n"
-    for method in methods for i, item in enumerate(probe_items)))
-
-# ---- report: tables, a reading generated from the numbers, a plot (sgm/report.py) ----------------------------
-lines = report.markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extra_judges, neurons_of)
-write_text(f"{run_dir}/{cfg['report']}.md", "\n".join(lines) + "\n")
-report.plot_rates(f"{run_dir}/{cfg['report']}.png", cfg, groups, methods, rows)
+    for method in methods for i, item in enumerate(probe_items)), ".md": "\n".join(lines) + "\n",
+    ".png": io.BytesIO(), **({"-tradeoff.png": io.BytesIO()} if strengths else {})}
+report.plot_rates(report_set[".png"], cfg, groups, methods, rows)
 if strengths:  # trade-off: toxic-language rate vs fluency cost, one line per condition, base = strength 0
-    report.plot_tradeoff(f"{run_dir}/{cfg['report']}-tradeoff.png", cfg, groups, strengths, perplexity, rows,
-                         fluency_texts)
+    report.plot_tradeoff(report_set["-tradeoff.png"], cfg, groups, strengths, perplexity, rows, fluency_texts)
+write_set({f"{run_dir}/{cfg['report']}{end}": data.getvalue() if end.endswith(".png") else data.encode()
+           for end, data in report_set.items()})  # a reader sees the whole old set or the whole new one
+shutil.rmtree(resume.path.parent, ignore_errors=True)  # the answers are in the report now
 print("\n".join(lines))
 print(f"wrote {run_dir}/{cfg['report']}.json, .md, .png, -answers.jsonl" + (", -tradeoff.png" if strengths else ""))
 print(f"peak memory (RSS): {peak_rss_mb():,.0f} MB")
