@@ -166,7 +166,7 @@ def export_checkpoint(out_dir, alpha, meta, cfg):
     # Before the model loads: room for a copy of its weights beside the earlier export (kept until the swap).
     source = Path(resolve_model_path(name))
     needed = sum(f.stat().st_size for f in source.iterdir() if f.name.endswith(WEIGHT_FILES)) if source.is_dir() else 0
-    check_writable(out_dir.absolute().parent, needed or None)
+    check_writable(out_dir.absolute().parent, needed or None, out_dir)
     model, processor, sites, model_meta = load_model(name, cfg["dtype"], cfg["device"], cfg["trust_remote_code"])
     if model_meta["sites"] != meta["sites"]:
         fail(f"model {name!r} has other neuron sites than the one alpha was made for ({meta['model']!r}): "

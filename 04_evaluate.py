@@ -45,10 +45,11 @@ server (vLLM, TGI, ...) serving a checkpoint with its alpha baked in (03_suppres
 for random), keyed by the neurons it runs with: base, sgm, random, det0, damp, sgm@s (prompt and sgm+prompt use
 base's and sgm's server). The model is then not loaded here, only --model's processor (prompt text, chat
 template); served model names and keys come from the environment only (SGM_ENDPOINT_MODEL, SGM_ENDPOINT_API_KEY).
-Answers are cached in --endpoint-cache, so an interrupted run resumes. Everything after generation is the same;
-fluency and selectivity use the server's prompt log-probabilities (vLLM's prompt_logprobs) and are "not
-available from this endpoint" where it has none; teacher forcing there scores the answer's text as the server
-tokenizes it, not the generated ids. --samples is in-process only.
+Answers are cached in --endpoint-cache, so an interrupted run resumes (in process, greedy answers are kept in
+runs/<run>/<report>.partial/ until the report is written: docs/USAGE.md, "When something goes wrong").
+Everything after generation is the same; fluency and selectivity use the server's prompt log-probabilities
+(vLLM's prompt_logprobs) and are "not available from this endpoint" where it has none; teacher forcing there
+scores the answer's text as the server tokenizes it, not the generated ids. --samples is in-process only.
 Selectivity (more sensitive than greedy rates, which flip only when a whole answer changes): base's own
 answers to the standard toxic items are split by the judge into offensive and clean; for each neuron method
 the change of their teacher-forced negative log-likelihood (nats per token) is compared, offensive minus
@@ -266,17 +267,13 @@ def group_index(condition, label):
 
 
 # ---- generate and judge, one pass per method ------------------------------------------------------------------
-# Resume: each in-process greedy answer is kept in <report>.partial/ as its batch finishes (the JSONL cache that
-# --endpoint keeps), keyed by model, neurons, settings and batch, so a killed run continues where it stopped and
-# gives the same report; the folder goes once the report is written.
+# Resume: in-process greedy answers are kept in <report>.partial/ as each batch finishes (--endpoint's JSONL cache),
+# keyed by model, neurons, settings and batch: a killed run continues and gives the same report (USAGE.md).
 resume = served_models.AnswerCache(Path(run_dir) / f"{cfg['report']}.partial" / "generation.jsonl")
 if resume.values:
     print(f"note: resuming a killed run: {len(resume.values)} answers kept in {resume.path}")
-
-
-def resume_key(neurons):
-    return [model_meta["model"], model_meta["sites"], model_meta["dtype"], str(resolve_model_path(cfg["model"])),
-            cfg["device"], cfg["max_new_tokens"], hashlib.sha256(alphas[neurons].numpy().tobytes()).hexdigest()]
+resume_model = [model_meta, str(resolve_model_path(cfg["model"])), cfg["device"], cfg["max_new_tokens"]]
+alpha_sha256 = {neurons: hashlib.sha256(alpha.numpy().tobytes()).hexdigest() for neurons, alpha in alphas.items()}
 
 
 answers = {}   # method -> list of answer strings (items order)
@@ -312,7 +309,8 @@ for method in methods:
     else:
         with suppress_neurons(sites, alphas[neurons_of(method)]):
             texts, ids = generate(model, processor, shown, cfg["max_new_tokens"], cfg["batch_size"],
-                                  desc=f"{method}: generate", cache=(resume, resume_key(neurons_of(method))))
+                                  desc=f"{method}: generate",
+                                  cache=(resume, [*resume_model, alpha_sha256[neurons_of(method)]]))
             if neurons_of(method) not in perplexity:  # fluency depends on the neurons only, not on the prompt
                 perplexity[neurons_of(method)] = float(np.exp(text_nll(model, processor, fluency_items).mean()))
     answers[method], tokens[method], probe_answers[method] = texts[:len(items)], ids[:len(items)], texts[len(items):]
@@ -491,10 +489,7 @@ fluency = [dict(method=method, texts=fluency_texts, n=len(fluency_items), perple
                 change_vs_base=None if None in (perplexity[neurons_of(method)], perplexity["base"]) else
                 perplexity[neurons_of(method)] / perplexity["base"] - 1,
                 answer_perplexity=answer_perplexity.get(method), n_answers=len(benign_answers)) for method in methods]
-# ---- report: tables, a reading generated from the numbers, plots (sgm/report.py), swapped in as one set ---------
-lines = report.markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extra_judges, neurons_of)
-report_set = {".json": json.dumps(dict(rows=rows, fluency=fluency, selectivity=selectivity, probe=probe, meta=meta),
-                                  indent=1) + "\n", "-answers.jsonl": "".join(
+answers_jsonl = "".join(
     json.dumps(dict(id=item["id"], method=method, condition=item["condition"], label=item["label"],
                     answer=answers[method][i], toxicity=float(scores[method][i]),
                     tokens=tokens[method][i] if method in tokens else None,
@@ -504,14 +499,20 @@ report_set = {".json": json.dumps(dict(rows=rows, fluency=fluency, selectivity=s
     for method in methods for i, item in enumerate(items)) + "".join(
     json.dumps(dict(id=item["id"], method=method, expected=item["answer"], answer=probe_answers[method][i],
                     correct=bool(probe_correct(probe_answers[method][i], item["answer"]))), ensure_ascii=False) + "\n"
-    for method in methods for i, item in enumerate(probe_items)), ".md": "\n".join(lines) + "\n",
-    ".png": io.BytesIO(), **({"-tradeoff.png": io.BytesIO()} if strengths else {})}
-report.plot_rates(report_set[".png"], cfg, groups, methods, rows)
+    for method in methods for i, item in enumerate(probe_items))
+
+# ---- report: tables, a reading generated from the numbers, plots (sgm/report.py) ----------------------------
+lines = report.markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extra_judges, neurons_of)
+rates_png, tradeoff_png = io.BytesIO(), io.BytesIO()
+report.plot_rates(rates_png, cfg, groups, methods, rows)
 if strengths:  # trade-off: toxic-language rate vs fluency cost, one line per condition, base = strength 0
-    report.plot_tradeoff(report_set["-tradeoff.png"], cfg, groups, strengths, perplexity, rows, fluency_texts)
-write_set({f"{run_dir}/{cfg['report']}{end}": data.getvalue() if end.endswith(".png") else data.encode()
-           for end, data in report_set.items()})  # a reader sees the whole old set or the whole new one
+    report.plot_tradeoff(tradeoff_png, cfg, groups, strengths, perplexity, rows, fluency_texts)
+out = f"{run_dir}/{cfg['report']}"  # the files as one set: a reader sees the whole old set or the whole new one
+write_set({f"{out}.json": json.dumps(dict(rows=rows, fluency=fluency, selectivity=selectivity, probe=probe, meta=meta),
+                                     indent=1).encode() + b"\n", f"{out}-answers.jsonl": answers_jsonl.encode(),
+           f"{out}.md": ("\n".join(lines) + "\n").encode(), f"{out}.png": rates_png.getvalue(),
+           **({f"{out}-tradeoff.png": tradeoff_png.getvalue()} if strengths else {})})
 shutil.rmtree(resume.path.parent, ignore_errors=True)  # the answers are in the report now
 print("\n".join(lines))
-print(f"wrote {run_dir}/{cfg['report']}.json, .md, .png, -answers.jsonl" + (", -tradeoff.png" if strengths else ""))
+print(f"wrote {out}.json, .md, .png, -answers.jsonl" + (", -tradeoff.png" if strengths else "") + " and their manifest")
 print(f"peak memory (RSS): {peak_rss_mb():,.0f} MB")

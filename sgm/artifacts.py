@@ -266,7 +266,10 @@ def release_locks():
             folder = Path(key).parent
             if created is not None and [p.name for p in folder.iterdir()] == [Path(key).name]:
                 Path(key).unlink()
-                while folder.rmdir() is None and folder != created:
+                while True:  # up to the first folder it created (runs/ itself, on a first run)
+                    folder.rmdir()
+                    if folder == created:
+                        break
                     folder = folder.parent
         except OSError:  # not empty, or gone: leave it
             pass
@@ -274,9 +277,9 @@ def release_locks():
     _held.clear()
 
 
-def check_writable(folder, needed=None):
+def check_writable(folder, needed=None, target=None):
     """Before the long work: a file can be created in `folder`, and (when `needed` bytes are known) its disk has
-    roughly that much free. One line otherwise (disk_fault)."""
+    roughly that much free for `target`. One line otherwise (disk_fault)."""
     probe = Path(folder) / f".write-probe.{os.getpid()}.tmp"
     try:
         with open(probe, "wb"):
@@ -284,9 +287,9 @@ def check_writable(folder, needed=None):
         if needed:
             free = shutil.disk_usage(mount_of(folder)).free
             if free < needed:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # no filename: the target's
     except Exception as e:
-        disk_fault(e, probe if needed is None else Path(folder) / "(its outputs)", needed)
+        disk_fault(e, probe if isinstance(e, OSError) and e.filename else target or folder, needed)
         raise
     finally:
         probe.unlink(missing_ok=True)

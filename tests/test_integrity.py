@@ -396,3 +396,19 @@ def test_04_killed_mid_generation_resumes_to_the_same_report(tiny_run, tmp_path,
         report["meta"].pop("peak_rss_mb")  # this process's memory: the one number two runs never share
     assert resumed == straight
     check_set(run / "results.json")
+
+
+def test_an_export_without_room_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """check_writable with the size known (an export's: its source's weight files): a disk with less free says so."""
+    from sgm.artifacts import check_writable
+    monkeypatch.setattr(artifacts.shutil, "disk_usage", lambda path: shutil_usage(total=2 ** 30, used=0, free=2 ** 20))
+    with pytest.raises(UserError) as error:
+        check_writable(tmp_path, 3 * 2 ** 30, tmp_path / "exports/demo-sgm")
+    assert error.value.message.startswith(f"cannot write {tmp_path}/exports/demo-sgm (ENOSPC: No space left on "
+                                          f"device): it needs about 3,072.0 MB, 1.0 MB free on /")
+    assert not list(tmp_path.iterdir())  # its probe file is gone
+
+
+def shutil_usage(**fields):
+    from collections import namedtuple
+    return namedtuple("usage", fields)(**fields)
