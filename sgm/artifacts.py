@@ -179,10 +179,11 @@ def disk_fault(error, path, needed=None):
 
 def disk_faults_in_one_line():
     """Any disk fault no write site caught (a library writing on its own) still ends as one line, not a traceback:
-    uncaught OSErrors of the kinds disk_fault knows go through it; everything else keeps its traceback."""
+    uncaught OSErrors that only a write raises (no space, a read-only file system) go through it; everything else
+    (a permission error may be a read's) keeps its traceback."""
     def hook(kind, error, traceback):
         fault = os_error_in(error) if isinstance(error, Exception) else None
-        if fault is not None and fault.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        if fault is not None and fault.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             try:
                 disk_fault(error, fault.filename or "a file")
             except SystemExit as stop:
@@ -336,9 +337,14 @@ def manifest_of(first):
 def write_set(files):
     """Write {path: bytes} (one folder) as one set: every file to a temp name first (a full disk stops here, the
     old set untouched), then a manifest naming each new file's sha256, then the renames. A reader that checks the
-    manifest (check_set) sees the whole new set or is told the set is half-written (a kill between two renames)."""
+    manifest (check_set) sees the whole new set or is told the set is half-written (a kill between two renames).
+    A file of the previous set that this one lacks (a sweep's -tradeoff.png) goes, so no stale file sits beside."""
     files = {Path(path): data for path, data in files.items()}
     manifest = manifest_of(next(iter(files)))
+    try:
+        previous = json.loads(manifest.read_text(encoding="utf-8"))["files"] if manifest.exists() else {}
+    except (ValueError, KeyError, TypeError):  # a damaged manifest lists nothing worth removing
+        previous = {}
     temps = {path: path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in files}
     try:
         for path, data in files.items():
@@ -352,6 +358,8 @@ def write_set(files):
                                                    for path, data in files.items()}}, indent=1) + "\n")
         for path, tmp in temps.items():
             os.replace(tmp, path)
+        for name in set(previous) - {path.name for path in files}:
+            (manifest.parent / Path(name).name).unlink(missing_ok=True)
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)

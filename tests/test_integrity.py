@@ -412,3 +412,11 @@ def test_an_export_without_room_is_refused_before_the_model_loads(tmp_path, monk
 def shutil_usage(**fields):
     from collections import namedtuple
     return namedtuple("usage", fields)(**fields)
+
+
+def test_a_new_set_removes_the_files_of_the_old_one_it_lacks(tmp_path):
+    """A sweep's report (with -tradeoff.png) rewritten without strengths: no stale plot stays beside the new set."""
+    write_set({tmp_path / "sweep.json": b"1", tmp_path / "sweep-tradeoff.png": b"plot"})
+    write_set({tmp_path / "sweep.json": b"2"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json", "sweep.manifest.json"]
+    check_set(tmp_path / "sweep.json")
