@@ -80,7 +80,7 @@ import torch
 from common import (DEFAULT_DATA, UserError, append_tokens, batches, check_range, encode, fail, generate,
                     image_token_ids, input_device, load_items, parse_overrides, peak_rss_mb, prompt_positions,
                     run_name, select)
-from sgm.artifacts import RowBlocks, StoredMatrix, load_npz, save_npz, write_text
+from sgm.artifacts import RowBlocks, StoredMatrix, load_npz, lock_folder, save_npz, write_text
 from sgm.judges import JUDGE, judge_toxicity, toxic_vocabulary
 from sgm.models import load_model, writer_pass
 from sgm.neurons import WRITER_OBJECTIVES, neurons_per_layer, record_neurons, record_writes
@@ -144,6 +144,7 @@ check_range(cfg, "judge_threshold", above=0, high=1, fix="the judge probability 
 check_range(cfg, "limit", low=0, fix="a seeded sample of N items, or 0 for all")
 check_range(cfg, "batch_size", low=1, fix="items per forward pass, e.g. 64 (lower it if memory runs out)")
 per_prompt = cfg["samples"] + 1  # rows per prompt: the greedy continuation (or the prompt itself) and K samples
+lock_folder(run_dir, "01_collect.py")  # one writer per run, before any data or model loads (sgm/artifacts.py)
 
 # ---- data and model -------------------------------------------------------------------------------------------
 items, data_checksum = load_items(cfg["data"])

@@ -64,7 +64,7 @@ from scipy.stats import t as student_t  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from common import check_range, fail, parse_overrides, peak_rss_mb, run_name  # noqa: E402
-from sgm.artifacts import load_npz, save_npz  # noqa: E402
+from sgm.artifacts import load_npz, lock_folder, save_figure, save_npz  # noqa: E402
 from sgm.neurons import EXPERTISE_SCORES, neurons_per_layer  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
@@ -314,7 +314,7 @@ def readers_writers_plot(path, auroc, writer, fdr, upstream):
            title=f"{upstream['model']}: readers vs writers")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -414,6 +414,7 @@ if __name__ == "__main__":
     check_range(cfg, "check_ablation", low=0, fix="how many top writers to silence one at a time (0 = no check)")
     check_range(cfg, "check_rows", low=2, fix="calibration rows for the ablation check, e.g. 32")
     run_dir = f"runs/{run_name(cfg['run'])}"
+    lock_folder(run_dir, "02_score.py")  # one writer per run, checked writable before the scoring (sgm/artifacts.py)
     # The activations stay in the file (artifacts.StoredMatrix), read a column chunk at a time.
     arrays, upstream = load_npz(f"{run_dir}/activations.npz", rerun_hint="01_collect.py", required=["labels"],
                                 in_file=["activations", "writes"])
@@ -557,7 +558,7 @@ if __name__ == "__main__":
     ax_hist.set(xlabel="AUROC", ylabel="neurons", yscale="log", title=f"all neurons; null: {null}")
     ax_hist.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(f"{run_dir}/expertise.png", dpi=110)
+    save_figure(fig, f"{run_dir}/expertise.png", dpi=110)
     plt.close(fig)
     print(f"{int(significant.sum())} of {auroc.size} neurons significant at q < {cfg['fdr']:g} ({null} null); "
           f"wrote {run_dir}/expertise.npz and expertise.png (fingerprint {saved['fingerprint'][:12]})")

@@ -66,7 +66,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import check_range, fail, parse_overrides, run_name  # noqa: E402
-from sgm.artifacts import load_npz, save_pt, write_text  # noqa: E402
+from sgm.artifacts import (check_writable, disk_fault, load_npz, lock_folder, save_figure, save_pt,  # noqa: E402
+                           write_text)
 from sgm.endpoint import TEMPLATE_FILE, fallback_chat_template  # noqa: E402
 from sgm.models import load_model, resolve_model_path  # noqa: E402
 from sgm.neurons import EXPERTISE_SCORES, fold_alpha, matched_random_control, neurons_per_layer  # noqa: E402
@@ -162,6 +163,10 @@ def export_checkpoint(out_dir, alpha, meta, cfg):
     if out_dir.exists() and not (out_dir / "SGM_EXPORT.md").exists():
         fail(f"{out_dir} exists and is not an SGM export: choose a new --export folder")
     name = cfg["model"] or meta["model"]
+    # Before the model loads: room for a copy of its weights beside the earlier export (kept until the swap).
+    source = Path(resolve_model_path(name))
+    needed = sum(f.stat().st_size for f in source.iterdir() if f.name.endswith(WEIGHT_FILES)) if source.is_dir() else 0
+    check_writable(out_dir.absolute().parent, needed or None, out_dir)
     model, processor, sites, model_meta = load_model(name, cfg["dtype"], cfg["device"], cfg["trust_remote_code"])
     if model_meta["sites"] != meta["sites"]:
         fail(f"model {name!r} has other neuron sites than the one alpha was made for ({meta['model']!r}): "
@@ -194,6 +199,9 @@ def export_checkpoint(out_dir, alpha, meta, cfg):
         if out_dir.exists():  # an earlier export: swap it out, so a reader never sees a half-written folder
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+    except Exception as e:  # a full disk, a read-only folder: one line (safetensors says only `os error 28`)
+        disk_fault(e, tmp, needed or None)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -261,6 +269,11 @@ if __name__ == "__main__":
     if Path(cfg["out"]).name != cfg["out"] or cfg["out"] in ("", ".", ".."):
         fail(f"--out {cfg['out']!r} must be a file name inside runs/<run>/, e.g. suppression-k500.pt")
     run_dir = f"runs/{run_name(cfg['run'])}"
+    lock_folder(run_dir, "03_suppress.py")  # one writer per run, and per export folder (sgm/artifacts.py)
+    if cfg["export"]:
+        export_dir = Path(cfg["export"])
+        lock_folder(export_dir.absolute().parent, "03_suppress.py", export_dir.with_name(f".{export_dir.name}.lock"),
+                    f"export {export_dir}", "another --export folder", temps=f"{export_dir.name}.")
     arrays, upstream = load_npz(f"{run_dir}/expertise.npz", rerun_hint="02_score.py")
     auroc, q_value = arrays["auroc"], arrays.get("q_value")
     score = upstream.get("score", "activation") if cfg["score"] == "auto" else cfg["score"]
@@ -318,7 +331,7 @@ if __name__ == "__main__":
     ax_layer.bar(range(len(sizes)), per_layer, color="C3")
     ax_layer.set(xlabel="decoder layer", ylabel="sum of (1 - alpha)", title="damping per layer")
     fig.tight_layout()
-    fig.savefig(f"{run_dir}/{cfg['out'].rsplit('.', 1)[0]}.png", dpi=110)
+    save_figure(fig, f"{run_dir}/{cfg['out'].rsplit('.', 1)[0]}.png", dpi=110)
     plt.close(fig)
     print(f"wrote {run_dir}/{cfg['out']} (fingerprint {saved['fingerprint'][:12]})")
     if cfg["export"]:

@@ -45,10 +45,11 @@ server (vLLM, TGI, ...) serving a checkpoint with its alpha baked in (03_suppres
 for random), keyed by the neurons it runs with: base, sgm, random, det0, damp, sgm@s (prompt and sgm+prompt use
 base's and sgm's server). The model is then not loaded here, only --model's processor (prompt text, chat
 template); served model names and keys come from the environment only (SGM_ENDPOINT_MODEL, SGM_ENDPOINT_API_KEY).
-Answers are cached in --endpoint-cache, so an interrupted run resumes. Everything after generation is the same;
-fluency and selectivity use the server's prompt log-probabilities (vLLM's prompt_logprobs) and are "not
-available from this endpoint" where it has none; teacher forcing there scores the answer's text as the server
-tokenizes it, not the generated ids. --samples is in-process only.
+Answers are cached in --endpoint-cache, so an interrupted run resumes (in process, greedy answers are kept in
+runs/<run>/<report>.partial/ until the report is written: docs/USAGE.md, "When something goes wrong").
+Everything after generation is the same; fluency and selectivity use the server's prompt log-probabilities
+(vLLM's prompt_logprobs) and are "not available from this endpoint" where it has none; teacher forcing there
+scores the answer's text as the server tokenizes it, not the generated ids. --samples is in-process only.
 Selectivity (more sensitive than greedy rates, which flip only when a whole answer changes): base's own
 answers to the standard toxic items are split by the judge into offensive and clean; for each neuron method
 the change of their teacher-forced negative log-likelihood (nats per token) is compared, offensive minus
@@ -57,7 +58,10 @@ likely than its clean ones, i.e. it acts on toxicity rather than on language in 
 This file runs generate -> judge -> metrics and writes results.json and the answers; results.md and the plots are
 laid out by sgm/report.py, served generation is sgm/endpoint.py, the teacher-forced NLL sgm/models.py.
 """
+import hashlib
+import io
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,7 +74,7 @@ from common import (DEFAULT_DATA, check_range, fail, generate, load_items, parse
                     run_name, select)
 from sgm import endpoint as served_models
 from sgm import report
-from sgm.artifacts import check_same_model, load_npz, load_pt, write_text
+from sgm.artifacts import check_same_model, load_npz, load_pt, lock_folder, write_set
 from sgm.judges import (JUDGE, REFUSAL, REFUSAL_PHRASES, check_judges, detoxify_judge, guard_judge, judge_toxicity,
                         llm_judge, probe_correct, probe_words)
 from sgm.models import continuation_nll, load_model, resolve_model_path, text_nll
@@ -162,6 +166,7 @@ if cfg["endpoint"]:
              "out with --endpoint")
     endpoint_urls = served_models.parse_endpoints(cfg["endpoint"], {neurons_of(m) for m in methods
                                                                     if not m.endswith("filter")})
+lock_folder(run_dir, "04_evaluate.py")  # one writer per run, before any model loads (sgm/artifacts.py)
 # Then the judges, before anything is generated: a dead endpoint or a missing guard model fails now, not after
 # hours of generation (sgm/judges.py: the endpoint answers one tiny request, the guard model loads, once, for the run).
 guard_device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -262,6 +267,15 @@ def group_index(condition, label):
 
 
 # ---- generate and judge, one pass per method ------------------------------------------------------------------
+# Resume: in-process greedy answers are kept in <report>.partial/ as each batch finishes (--endpoint's JSONL cache),
+# keyed by model, neurons, settings and batch: a killed run continues and gives the same report (USAGE.md).
+resume = served_models.AnswerCache(Path(run_dir) / f"{cfg['report']}.partial" / "generation.jsonl")
+if resume.values:
+    print(f"note: resuming a killed run: {len(resume.values)} answers kept in {resume.path}")
+resume_model = [model_meta, str(resolve_model_path(cfg["model"])), cfg["device"], cfg["max_new_tokens"]]
+alpha_sha256 = {neurons: hashlib.sha256(alpha.numpy().tobytes()).hexdigest() for neurons, alpha in alphas.items()}
+
+
 answers = {}   # method -> list of answer strings (items order)
 scores = {}    # method -> toxicity probabilities
 perplexity = {}  # method -> perplexity of the fluency texts (exp of the mean per-item NLL)
@@ -295,7 +309,8 @@ for method in methods:
     else:
         with suppress_neurons(sites, alphas[neurons_of(method)]):
             texts, ids = generate(model, processor, shown, cfg["max_new_tokens"], cfg["batch_size"],
-                                  desc=f"{method}: generate")
+                                  desc=f"{method}: generate",
+                                  cache=(resume, [*resume_model, alpha_sha256[neurons_of(method)]]))
             if neurons_of(method) not in perplexity:  # fluency depends on the neurons only, not on the prompt
                 perplexity[neurons_of(method)] = float(np.exp(text_nll(model, processor, fluency_items).mean()))
     answers[method], tokens[method], probe_answers[method] = texts[:len(items)], ids[:len(items)], texts[len(items):]
@@ -474,10 +489,7 @@ fluency = [dict(method=method, texts=fluency_texts, n=len(fluency_items), perple
                 change_vs_base=None if None in (perplexity[neurons_of(method)], perplexity["base"]) else
                 perplexity[neurons_of(method)] / perplexity["base"] - 1,
                 answer_perplexity=answer_perplexity.get(method), n_answers=len(benign_answers)) for method in methods]
-write_text(f"{run_dir}/{cfg['report']}.json",
-           json.dumps(dict(rows=rows, fluency=fluency, selectivity=selectivity, probe=probe, meta=meta), indent=1)
-           + "\n")
-write_text(f"{run_dir}/{cfg['report']}-answers.jsonl", "".join(
+answers_jsonl = "".join(
     json.dumps(dict(id=item["id"], method=method, condition=item["condition"], label=item["label"],
                     answer=answers[method][i], toxicity=float(scores[method][i]),
                     tokens=tokens[method][i] if method in tokens else None,
@@ -487,15 +499,20 @@ write_text(f"{run_dir}/{cfg['report']}-answers.jsonl", "".join(
     for method in methods for i, item in enumerate(items)) + "".join(
     json.dumps(dict(id=item["id"], method=method, expected=item["answer"], answer=probe_answers[method][i],
                     correct=bool(probe_correct(probe_answers[method][i], item["answer"]))), ensure_ascii=False) + "\n"
-    for method in methods for i, item in enumerate(probe_items)))
+    for method in methods for i, item in enumerate(probe_items))
 
-# ---- report: tables, a reading generated from the numbers, a plot (sgm/report.py) ----------------------------
+# ---- report: tables, a reading generated from the numbers, plots (sgm/report.py) ----------------------------
 lines = report.markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extra_judges, neurons_of)
-write_text(f"{run_dir}/{cfg['report']}.md", "\n".join(lines) + "\n")
-report.plot_rates(f"{run_dir}/{cfg['report']}.png", cfg, groups, methods, rows)
+rates_png, tradeoff_png = io.BytesIO(), io.BytesIO()
+report.plot_rates(rates_png, cfg, groups, methods, rows)
 if strengths:  # trade-off: toxic-language rate vs fluency cost, one line per condition, base = strength 0
-    report.plot_tradeoff(f"{run_dir}/{cfg['report']}-tradeoff.png", cfg, groups, strengths, perplexity, rows,
-                         fluency_texts)
+    report.plot_tradeoff(tradeoff_png, cfg, groups, strengths, perplexity, rows, fluency_texts)
+out = f"{run_dir}/{cfg['report']}"  # the files as one set: a reader sees the whole old set or the whole new one
+write_set({f"{out}.json": json.dumps(dict(rows=rows, fluency=fluency, selectivity=selectivity, probe=probe, meta=meta),
+                                     indent=1).encode() + b"\n", f"{out}-answers.jsonl": answers_jsonl.encode(),
+           f"{out}.md": ("\n".join(lines) + "\n").encode(), f"{out}.png": rates_png.getvalue(),
+           **({f"{out}-tradeoff.png": tradeoff_png.getvalue()} if strengths else {})})
+shutil.rmtree(resume.path.parent, ignore_errors=True)  # the answers are in the report now
 print("\n".join(lines))
-print(f"wrote {run_dir}/{cfg['report']}.json, .md, .png, -answers.jsonl" + (", -tradeoff.png" if strengths else ""))
+print(f"wrote {out}.json, .md, .png, -answers.jsonl" + (", -tradeoff.png" if strengths else "") + " and their manifest")
 print(f"peak memory (RSS): {peak_rss_mb():,.0f} MB")

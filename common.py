@@ -349,16 +349,27 @@ def prompt_positions(batch, which, image_ids, placeholder_id):
 
 
 @torch.no_grad()
-def generate(model, processor, items, max_new_tokens, batch_size, desc="generate", on_batch=None, top_k=0):
+def generate(model, processor, items, max_new_tokens, batch_size, desc="generate", on_batch=None, top_k=0,
+             cache=None):
     """Greedy continuations (top_k > 0: sampling from the k likeliest tokens instead), left-padded batches,
     never writing an image token (image_token_ids). Returns (texts, token ids per item).
-    `on_batch(index, batch, sequences, new_token_mask)` lets a caller reuse the batch (01 records on it)."""
+    `on_batch(index, batch, sequences, new_token_mask)` lets a caller reuse the batch (01 records on it).
+    `cache` = (store, salt): each answer is added to `store` (a JSONL cache: `.values`, `.add`; sgm/endpoint.py's
+    AnswerCache) as its batch finishes, keyed by `salt` (what else the answer depends on: model, neurons,
+    settings), the batch's item ids and the item; a batch whose answers are all there is not generated again,
+    so a killed run resumes. Batches are the same either way, so the answers are too."""
     texts, tokens = [None] * len(items), [None] * len(items)
     pad_id = processor.tokenizer.pad_token_id
     eos_ids = model.generation_config.eos_token_id
     eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
     never = image_token_ids(model, processor)
     for index, chunk in batches(items, batch_size, desc):
+        keys = [hashlib.sha256(json.dumps([cache[1], [c["id"] for c in chunk], item["id"], item["text"]]).encode())
+                .hexdigest() for item in chunk] if cache else []
+        if keys and all(key in cache[0].values for key in keys):
+            for i, key in zip(index, keys):
+                texts[i], tokens[i] = cache[0].values[key]["answer"], cache[0].values[key]["tokens"]
+            continue
         batch = encode(processor, chunk, input_device(model))
         sequences = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=top_k > 0,
                                    pad_token_id=pad_id, top_p=None, top_k=top_k or None,
@@ -373,6 +384,8 @@ def generate(model, processor, items, max_new_tokens, batch_size, desc="generate
             ids = new[row][new_mask[row]].tolist()
             tokens[i] = ids
             texts[i] = processor.tokenizer.decode(ids, skip_special_tokens=True)
+        for i, key in zip(index, keys):
+            cache[0].add(key, dict(answer=texts[i], tokens=tokens[i]))
         if on_batch is not None:
             on_batch(index, batch, sequences, new_mask)
     return texts, tokens

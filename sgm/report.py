@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import fail  # noqa: E402
+from sgm.artifacts import check_set  # noqa: E402
 from sgm.endpoint import NOT_AVAILABLE as NA  # noqa: E402  (a log-probability metric whose server gives none)
 from sgm.judges import JUDGE  # noqa: E402
 from sgm.neurons import EXPERTISE_SCORES  # noqa: E402
@@ -42,6 +43,7 @@ def read_base(path, cfg, data_checksum, items, probe_items):
     redo = (f"rerun 04_evaluate.py --methods base --report {path.stem} with this run's settings (it writes "
             f"{path.name} and {answers_path.name}), or leave --base-from out")
     try:
+        check_set(path)  # the report and its answers are one set (04 writes them behind a manifest)
         report = json.loads(path.read_text(encoding="utf-8"))
         meta, fluency = report["meta"], {f["method"]: f for f in report["fluency"]}["base"]
         rows = [row for row in map(json.loads, answers_path.read_text(encoding="utf-8").splitlines())

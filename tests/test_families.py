@@ -625,7 +625,8 @@ def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(tmp_path
     run_stage("02_score.py", "--run", "tiny", cwd=tmp_path)
     for _ in range(2):
         run_stage("03_suppress.py", "--run", "tiny", "--export", "export", cwd=tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
+    # no temp folders left; the export's lock file stays (03 locks its target: sgm/artifacts.lock_folder)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".export.lock"]
     assert "SGM export of tiny" in (tmp_path / "export/SGM_EXPORT.md").read_text()
     (tmp_path / "mine").mkdir()
     with pytest.raises(common.UserError, match="is not an SGM export"):

@@ -17,7 +17,7 @@ from sgm import artifacts
 from sgm import judges
 from sgm import models
 from sgm import neurons
-from sgm.artifacts import load_npz, load_pt, save_pt
+from sgm.artifacts import load_npz, load_pt, release_locks, save_pt
 
 
 def run_stage(script, *args, cwd):
@@ -28,6 +28,7 @@ def run_stage(script, *args, cwd):
     try:
         runpy.run_path(str(REPO / script), run_name="__main__")
     finally:
+        release_locks()  # as the stage's process would end: its run folder's lock is dropped
         sys.argv = old_argv
         os.chdir(old_cwd)
 

@@ -41,7 +41,7 @@ from scipy.stats import binomtest  # noqa: E402
 
 from common import (DEFAULT_DATA, REPO, check_range, fail, load_items, parse_limits, parse_overrides,  # noqa: E402
                     run_name)
-from sgm.artifacts import load_npz, load_pt, write_text  # noqa: E402
+from sgm.artifacts import check_set, load_npz, load_pt, write_text  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -134,6 +134,7 @@ def read_report(path):
     <report>-answers.jsonl. Damaged (a killed run, a full disk, an edit): one line naming the file and the fix."""
     answers_file = Path(path).with_name(Path(path).stem + "-answers.jsonl")
     try:
+        check_set(path)  # a report and its answers are one set (04 writes them behind a manifest)
         report, verdicts = json.loads(Path(path).read_text(encoding="utf-8")), {}
         for line in answers_file.read_text(encoding="utf-8").splitlines():
             r = json.loads(line)
