@@ -47,7 +47,7 @@ def page(tmp_path_factory):
     run_stage("02_score.py", "--run", "tiny", cwd=folder)
     run_stage("03_suppress.py", "--run", "tiny", cwd=folder)
     run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--max-new-tokens", "6", "--conditions",
-              "standard", "--perplexity-items", "2", cwd=folder)
+              "standard", "--methods", "base,sgm", "--perplexity-items", "2", "--selectivity", "false", cwd=folder)
     done = subprocess.run(command("tools/browse.py", "--run", "tiny", "--experts", K), cwd=folder,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -339,3 +339,40 @@ def test_mixture_of_experts_neurons_are_read_token_by_token_and_named(tmp_path):
     logits = model.get_output_embeddings().weight.numpy().astype(np.float64) @ (gain * column)
     assert [i for i, _ in direct_writes(model, sites, neurons[routed:routed + 1], 5)[0]["up"]] == \
         np.argsort(-logits)[:5].tolist()
+
+
+def test_responses_rows_are_rebuilt_as_01_built_them(tmp_path, monkeypatch, tiny):
+    """Responses calibration (a fake judge, so that a random model's continuations have both labels): the rerun
+    appends each row's own continuation tokens (kept by --writer) and, pooled again over them, gives 01's values;
+    without the ids the continuations are tokenized again from their text, and the page says so."""
+    import hashlib
+
+    from sgm import judges
+    from tools import browse
+    data = write_items(tmp_path / "items.jsonl")
+    monkeypatch.setattr(judges, "judge_toxicity", lambda texts: np.array(
+        [float(hashlib.sha256(t.encode()).digest()[0] % 2) for t in texts]))
+    run_stage("01_collect.py", "--model", "tiny", "--data", data, "--max-new-tokens", "5", "--writer", "own-logprob",
+              cwd=tmp_path)
+    run_stage("02_score.py", "--run", "tiny", cwd=tmp_path)
+    run_stage("03_suppress.py", "--run", "tiny", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    out = browse.build(dict(browse.defaults, run="tiny", experts=10))
+    page = embedded(out.read_text(encoding="utf-8"))
+    assert page["rerun"]["gap"] <= 1e-5 * max(page["rerun"]["largest"], 1e-3) and not page["rerun"]["retokenized"]
+    assert page["answers"] is None  # 04 has not run: the page's script says so
+    grey = [read for e in page["experts"] for read in e["reads"] if read["ctx"]]
+    assert grey and all(max(read["ctx"]) < read["max"] for read in grey)  # the prompt, before the continuation
+    # the same rows from the continuations' text
+    arrays, meta = load_npz(tmp_path / "runs/tiny/activations.npz", "", in_file=["activations", "writes"])
+    items = {item["id"]: item for item in load_items(data)[0]}
+    without_ids = {key: value for key, value in arrays.items() if key != "continuation_ids"}
+    rows = list(range(len(arrays["labels"])))
+    model, processor, sites, _ = tiny
+    again, retokenized = browse.rerun_rows(model, processor, sites, rows, items, without_ids, meta["settings"], [0],
+                                           batch_size=4)
+    exact, _ = browse.rerun_rows(model, processor, sites, rows, items, arrays, meta["settings"], [0], batch_size=4)
+    assert retokenized and all(again[row]["values"].shape[1] == 1 for row in rows)
+    stored = np.concatenate(list(arrays["activations"].row_blocks()))[:, 0]
+    np.testing.assert_allclose([exact[row]["values"][exact[row]["pooled"], 0].mean() for row in rows], stored,
+                               rtol=1e-5, atol=1e-7)

@@ -59,11 +59,16 @@ defaults = dict(
     promoted=15,         # writes: this many promoted and suppressed tokens
     cofiring=6,          # co-firing: this many most correlated other experts
     bins=30,             # histogram bins
-    batch_size=16,       # rows per forward pass of the rerun
+    batch_size=64,       # rows per forward pass of the rerun (as 01's)
     dtype="",            # the model's dtype for the rerun ("" = the one 01_collect.py used)
     device="cpu",        # cpu | cuda | auto
     out="experts.html",  # written inside runs/<run>/
 )
+
+
+def finite(value):
+    """A float for the page's JSON, None for NaN or inf (which JSON cannot hold)."""
+    return float(value) if math.isfinite(value) else None
 
 
 def significant(value, digits=4):
@@ -123,7 +128,7 @@ class TokenRecorder:
 
     def linear_hook(self, index, args):
         columns, local = self.chosen[index]
-        self.values[..., columns] = args[0][..., local].float()
+        self.values[..., columns] = args[0][..., local].float().cpu()
 
     def experts_hook(self, index, site, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -133,9 +138,9 @@ class TokenRecorder:
         for expert, tokens, activations in site.routed(hidden, top_k_index):
             here = (local // site.width) == expert
             if here.any():
-                flat[tokens[:, None], here.nonzero().squeeze(1)[None, :]] = \
+                flat[tokens.cpu()[:, None], here.nonzero().squeeze(1)[None, :]] = \
                     activations[:, local[here] % site.width].float().cpu()
-        self.values[..., columns] = flat.reshape(*self.shape, len(columns)).to(self.values.device)
+        self.values[..., columns] = flat.reshape(*self.shape, len(columns))
 
     def start(self, shape):
         self.shape, self.values = tuple(shape), torch.zeros(*shape, self.n)
@@ -212,19 +217,30 @@ def rerun_rows(model, processor, sites, rows, items_by_id, arrays, settings, neu
     return out, retokenized
 
 
-def pick_rows(values, labels, n_top, quantiles, n_clean):
-    """[(row, why)]: the highest rows, the rows nearest the given quantiles, the highest clean rows; no repeats."""
+def pick_rows(values, labels, n_top, quantiles, n_clean, rerun):
+    """[(row, why)]: the n_top highest rows, a row at each quantile, n_clean of the highest clean rows; no repeats.
+    Each row costs a forward pass, so where a choice is free it takes a row already in `rerun` (the rows chosen so
+    far, for any expert; updated here): a quantile row among the rows within 5 percentile ranks of the quantile
+    (else the nearest), a clean row among the 5 highest clean rows (else the highest). On the demo this halves the
+    rows to rerun (165 instead of 296 for K = 100)."""
     order = np.argsort(-values, kind="stable")
     picked = [(int(row), "top") for row in order[:n_top]]
     taken = {row for row, _ in picked}
+    rank = np.empty(values.size)
+    rank[np.argsort(values, kind="stable")] = np.arange(values.size) / max(values.size - 1, 1)
     for q in quantiles:
-        for row in np.argsort(np.abs(values - np.quantile(values, q)), kind="stable"):
-            if int(row) not in taken:
-                picked.append((int(row), f"{q * 100:g}% quantile"))
-                taken.add(int(row))
-                break
-    clean = [int(row) for row in order if labels[row] == 0 and int(row) not in taken][:n_clean]
-    return picked + [(row, "top clean") for row in clean]
+        near = [int(row) for row in np.argsort(np.abs(rank - q), kind="stable") if int(row) not in taken]
+        if near:
+            band = [row for row in near if abs(rank[row] - q) <= 0.05]
+            row = next((row for row in band if row in rerun), near[0])
+            picked.append((row, f"{q * 100:g}% quantile"))
+            taken.add(row)
+    clean = [int(row) for row in order if labels[row] == 0 and int(row) not in taken]
+    preferred = [row for row in clean[:max(5, n_clean)] if row in rerun]
+    chosen = (preferred + [row for row in clean if row not in preferred])[:n_clean]
+    picked += [(row, "top clean") for row in sorted(chosen, key=clean.index)]
+    rerun.update(row for row, _ in picked)
+    return picked
 
 
 def snippet(record, column, window, pooling):
@@ -302,12 +318,12 @@ th{position:sticky;top:0;background:#eaeef2;cursor:pointer;user-select:none}td.n
 #index tbody tr{cursor:pointer}#index tbody tr:hover{background:#f3f4f6}#index tbody tr.sel{background:#ddf4ff}
 .damped{color:#b42318}.card{display:grid;grid-template-columns:max-content 1fr;gap:1px 12px}.card dt{color:#57606a}
 .card dd{margin:0}.snip{margin:3px 0;padding:3px 4px;border:1px solid #eaeef2;border-radius:4px}
-.meta{color:#57606a;font-size:12px}.tok{white-space:pre;font-family:ui-monospace,Menlo,Consolas,monospace;
+.meta{color:#57606a;font-size:12px}.tok{white-space:pre;display:inline-block;font-family:ui-monospace,Menlo,Consolas,monospace;
 font-size:12px;border-radius:2px;padding:0 1px}.tok.ctx{color:#8c959f}.tok.max{outline:1px solid #1f2328}
-.cols{display:flex;gap:24px}.cols>div{flex:1}.wl{list-style:none;padding:0;margin:0}.wl li{display:flex;gap:6px}
+.cols{display:flex;gap:32px}.cols>div{flex:0 1 300px}.wl{list-style:none;padding:0;margin:0}.wl li{display:flex;gap:6px}
 .wl .v{color:#57606a;margin-left:auto}.flag{color:#b42318;font-weight:600}.msg{padding:12px;background:#fff8c5;
 border:1px solid #d4a72c;border-radius:4px;margin-top:12px}#answers{padding:4px 16px 24px;border-top:1px solid #d0d7de}
-#answers td{white-space:normal;text-align:left;vertical-align:top}.toxic{color:#b42318}.clean{color:#1a7f37}
+#answers td{white-space:normal;text-align:left;vertical-align:top}#answers .tok{white-space:pre-wrap;display:inline}#damping td:first-child,#damping th:first-child{text-align:left}.toxic{color:#b42318}.clean{color:#1a7f37}
 button{margin-right:6px}button.on{background:#0969da;color:#fff;border:1px solid #0969da}a{color:#0969da}
 """
 
@@ -559,8 +575,9 @@ def build(cfg):
         fail(f"{collected['data']} changed since 01_collect.py ran: rerun 01_collect.py (the rows could not be rebuilt)")
     items_by_id = {item["id"]: item for item in items}
     quantiles = [float(q) for q in cfg["quantiles"].split(",") if q.strip()]
-    picks = [pick_rows(pooled[:, j], labels, cfg["top_rows"], quantiles, cfg["clean_rows"]) for j in range(k)]
-    rows = sorted({row for chosen in picks for row, _ in chosen})
+    rerun = {int(row) for j in range(k) for row in np.argsort(-pooled[:, j], kind="stable")[:cfg["top_rows"]]}
+    picks = [pick_rows(pooled[:, j], labels, cfg["top_rows"], quantiles, cfg["clean_rows"], rerun) for j in range(k)]
+    rows = sorted(rerun)
     print(f"top {k} experts by {score_name}; rerunning {len(rows)} of {len(labels)} calibration rows once "
           f"for their per-token activations")
     records, retokenized = rerun_rows(model, processor, sites, rows, items_by_id, activations, settings, neurons,
@@ -570,8 +587,8 @@ def build(cfg):
     experts, gaps, shown_ids = [], [], set()
     n_toxic, n_clean = int(labels.sum()), int((1 - labels).sum())
     sample_index = activations.get("sample_index")
-    correlation = np.corrcoef(pooled.T) if k > 1 else np.ones((1, 1))
-    correlation = np.nan_to_num(correlation, nan=0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant column correlates with nothing: r = 0
+        correlation = np.nan_to_num(np.corrcoef(pooled.T) if k > 1 else np.ones((1, 1)), nan=0.0)
     has_writer = "writer" in expertise
     for j, (flat, (name, layer, expert, index)) in enumerate(zip(neurons, names)):
         values = pooled[:, j]
@@ -594,11 +611,11 @@ def build(cfg):
         toxic_mean, clean_mean = values[labels == 1].mean(), values[labels == 0].mean()
         f = dict(auroc=f"{expertise['auroc'][flat]:.4f}", p=f"{expertise['p_value'][flat]:.3g}",
                  q=f"{expertise['q_value'][flat]:.3g}", alpha=f"{alpha[flat]:.4f}")
-        v = dict(auroc=float(expertise["auroc"][flat]), p=float(expertise["p_value"][flat]),
-                 q=float(expertise["q_value"][flat]), alpha=float(alpha[flat]))
+        v = dict(auroc=finite(expertise["auroc"][flat]), p=finite(expertise["p_value"][flat]),
+                 q=finite(expertise["q_value"][flat]), alpha=finite(alpha[flat]))
         if has_writer:
             f.update(d=f"{expertise['writer'][flat]:.4g}", t=f"{expertise['writer_t'][flat]:.3g}")
-            v.update(d=float(expertise["writer"][flat]), t=float(expertise["writer_t"][flat]))
+            v.update(d=finite(expertise["writer"][flat]), t=finite(expertise["writer_t"][flat]))
         f["score"] = {"activation": f["auroc"], "writer": f.get("d"), "writer-t": f.get("t")}[score_name]
         card = [["neuron", f"{name} (flat index {int(flat)}; layer {layer}" + (f", expert {expert}" if expert is not None
                                                                               else "") + f", neuron {index})"],
