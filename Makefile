@@ -109,7 +109,8 @@ test: $(VENV)/.installed
 
 # The expert browser (tools/browse.py): runs/<RUN>/experts.html, one offline page of the top experts -- what each
 # reads and writes, what damping did, base vs damped answers once 04 has run; open it by double-click. It reruns the
-# calibration rows it shows through the model once (under a minute on the demo). BROWSE_ARGS="--experts 20" fewer.
+# calibration rows it shows through the model once (demo, K = 100: 165 rows, 57 s of CPU, 108 s with the 2 cores shared
+# by other jobs). BROWSE_ARGS="--experts 20" shows fewer.
 BROWSE_ARGS ?=
 browse: $(R)/suppression.pt
 	$(PY) -m tools.browse --run $(RUN) $(BROWSE_ARGS)

@@ -376,3 +376,12 @@ def test_responses_rows_are_rebuilt_as_01_built_them(tmp_path, monkeypatch, tiny
     stored = np.concatenate(list(arrays["activations"].row_blocks()))[:, 0]
     np.testing.assert_allclose([exact[row]["values"][exact[row]["pooled"], 0].mean() for row in rows], stored,
                                rtol=1e-5, atol=1e-7)
+
+
+def test_bad_input_is_one_line(tmp_path):
+    for args, message in ((["--experts", "0"], "--experts must be at least 1"),
+                          (["--run", "nothing"], "runs/nothing/activations.npz not found: run 01_collect.py first"),
+                          (["--quantiles", "0.5,2"], "--quantiles '0.5,2' must be numbers in [0, 1]")):
+        done = subprocess.run(command("tools/browse.py", *args), cwd=tmp_path, capture_output=True, text=True)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), done.stderr

@@ -479,7 +479,8 @@ function show(name) {
   detail.append(cf);
 }
 function route() {
-  const name = decodeURIComponent(location.hash.slice(1));
+  let name = location.hash.slice(1);
+  try { name = decodeURIComponent(name); } catch (e) { /* a malformed %-escape: shown as typed */ }
   show(name || D.experts[0].name);
 }
 window.addEventListener("hashchange", route);
