@@ -39,7 +39,7 @@ $(error RUN is empty: give a name like RUN=llava15 (artifacts go to runs/<RUN>/)
 endif
 R := runs/$(RUN)
 
-.PHONY: all planted venv data collect score suppress evaluate quick sweep tune test clean bench widthcheck eyes
+.PHONY: all planted venv data collect score suppress evaluate quick sweep tune test clean bench widthcheck eyes browse
 all: $(R)/results.json
 
 # The positive control (tools/plant.py): the same four stages on the demo with one planted toxic expert ->
@@ -106,6 +106,14 @@ tune: $(VENV)/.installed $(DATA)
 TEST_ARGS ?= -n auto --maxprocesses 4
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(TEST_ARGS) tests
+
+# The expert browser (tools/browse.py): runs/<RUN>/experts.html, one offline page of the top experts -- what each
+# reads and writes, what damping did, base vs damped answers once 04 has run; open it by double-click. It reruns the
+# calibration rows it shows through the model once (demo, K = 100: 165 rows, 57 s of CPU, 108 s with the 2 cores shared
+# by other jobs). BROWSE_ARGS="--experts 20" shows fewer.
+BROWSE_ARGS ?=
+browse: $(R)/suppression.pt
+	$(PY) -m tools.browse --run $(RUN) $(BROWSE_ARGS)
 
 # Speed of the hot paths as ratios measured in one run (tools/bench.py; a few minutes on the demo model).
 bench: $(VENV)/.installed $(DATA)

@@ -65,18 +65,19 @@ def judge_toxicity(texts):
     return np.asarray(predict_prob([t if t.strip() else "" for t in texts]), dtype=np.float64)
 
 
-def toxic_vocabulary(tokenizer, vocabulary_size, threshold=0.5, exclude=()):
+def toxic_vocabulary(tokenizer, vocabulary_size, threshold=0.5, exclude=(), ids=None):
     """Token ids whose text alone the judge flags (judge_toxicity >= threshold): the words whose probability
     01_collect.py's `toxic-odds` writer objective adds up. Special tokens, `exclude` (e.g. image tokens) and
     tokens that decode to blank text are left out. The same judge that labels the continuations decides, so
     the objective is "the model's chance of writing what the judge calls offensive" and nothing else; the ids
-    are recorded (their count and a hash) and never printed."""
-    ids = list(range(vocabulary_size))
+    are recorded (their count and a hash) and never printed. `ids`: judge only these (tools/browse.py marks
+    the flagged ones among the tokens it shows), by the same rule."""
+    ids = list(range(vocabulary_size)) if ids is None else sorted(set(int(i) for i in ids))
     pieces = tokenizer.convert_ids_to_tokens(ids)
     texts = [tokenizer.convert_tokens_to_string([piece]) if piece is not None else "" for piece in pieces]
     skip = set(tokenizer.all_special_ids) | set(exclude)
     flagged = judge_toxicity(texts) >= threshold
-    return [i for i in ids if flagged[i] and i not in skip and texts[i].strip()]
+    return [i for n, i in enumerate(ids) if flagged[n] and i not in skip and texts[n].strip()]
 
 
 class VerdictCache(JsonlCache):

@@ -116,7 +116,7 @@ def make_commands():
 
 def test_the_docs_show_the_commands_to_check():
     flat = [" ".join(run) for run in make_commands()]
-    for target in ("all", "test", "planted", "tune", "bench", "widthcheck", "sweep", "quick"):
+    for target in ("all", "test", "planted", "tune", "bench", "widthcheck", "sweep", "quick", "browse"):
         assert any(re.search(rf"(^| ){target}( |$)", run) for run in flat), target
 
 
