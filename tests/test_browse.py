@@ -385,3 +385,17 @@ def test_bad_input_is_one_line(tmp_path):
         done = subprocess.run(command("tools/browse.py", *args), cwd=tmp_path, capture_output=True, text=True)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), done.stderr
+
+
+def test_half_written_answers_are_refused(tmp_path):
+    """04 writes its report and answers behind a manifest; answers that are not the set's are refused in one line."""
+    from sgm.artifacts import write_set
+    browse = runpy.run_path(str(REPO / "tools" / "browse.py"))  # functions only: its main runs under __main__
+    answers = [dict(id="a-standard", method=method, condition="standard", label="toxic", answer="mild words",
+                    toxicity=0.1) for method in ("base", "sgm")]
+    write_set({tmp_path / "results.json": b"{}", tmp_path / "results-answers.jsonl":
+               "".join(json.dumps(row) + "\n" for row in answers).encode()})
+    assert browse["read_answers"](tmp_path / "results-answers.jsonl", 0.5) is not None
+    (tmp_path / "results-answers.jsonl").write_text(json.dumps(answers[0]) + "\n")  # another run's file
+    with pytest.raises(SystemExit, match="half-written set"):
+        browse["read_answers"](tmp_path / "results-answers.jsonl", 0.5)

@@ -41,7 +41,7 @@ import torch
 
 from common import (append_tokens, batches, encode, fail, image_token_ids, input_device, load_items, parse_overrides,
                     prompt_positions, run_name)
-from sgm.artifacts import load_npz, load_pt, write_text
+from sgm.artifacts import check_set, load_npz, load_pt, write_text
 from sgm.judges import toxic_vocabulary
 from sgm.models import load_model
 from sgm.neurons import EXPERTISE_SCORES, FusedExperts, decoder_layer
@@ -292,6 +292,11 @@ def read_answers(path, threshold):
     """results-answers.jsonl -> base vs damped answers per item (None when 04 has not run)."""
     if not path.exists():
         return None
+    report = path.with_name(path.name.removesuffix("-answers.jsonl") + ".json")
+    try:
+        check_set(report)  # the answers and their report are one set (04 writes them behind a manifest)
+    except ValueError as e:
+        fail(f"{path}: {e}: rerun 04_evaluate.py for this run")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [row for row in rows if "expected" not in row]  # the visual probe's rows have no judge label
     methods = list(dict.fromkeys(row["method"] for row in rows))
