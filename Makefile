@@ -112,8 +112,8 @@ bench: $(VENV)/.installed $(DATA)
 	$(PY) -m tools.bench
 
 # Memory and disk at real width (tools/widthcheck.py): a random-weight model with LLaVA-1.5-7B's configuration through
-# 01, 02, 03 and 03 --export on 4 items, each stage's peak memory and the artifacts against docs/RESULTS.md's computed
-# rows -> runs/widthcheck/widthcheck.md. The full model: ~30 min on 2 cores, ~15 GB of memory, 28 GB of disk at
+# 01, 01 --writer, 02, 03 and 03 --export on 4 items, each stage's peak memory and the artifacts against
+# docs/RESULTS.md's computed rows -> runs/widthcheck/widthcheck.md. The full model: ~30 min on 2 cores, ~15 GB of memory, 28 GB of disk at
 # peak (14 GB stays in the model cache); WIDTHCHECK_ARGS="--layers 2" keeps every width for ~2 min;
 # WIDTHCHECK_ARGS="--null-width 4718592" only 02's permutation null at Qwen3-VL-30B-A3B's width (no model, ~10 min).
 # Not in `make test`.
