@@ -46,7 +46,8 @@ all: $(R)/results.json
 # runs/demo-planted/. The report checks that they found it (its AUROC, rank, q-value and alpha), and, since 01 also
 # measures what each neuron writes (--writer toxic-odds), its rank by the writer score. Damping follows the stage
 # defaults; PLANTED_SUPPRESS="--score writer --method det0 --top-k 8" damps by the writer score instead. About
-# 1.5x `make all` (the writer pass), plus ~2 min to build the planted model once (01's rule runs tools.plant first).
+# 1.5x `make all` (the writer pass; peak memory ~4 GB, docs/USAGE.md), plus ~2 min to build the planted model once
+# (01's rule runs tools.plant first).
 PLANTED_SUPPRESS ?=
 planted:
 	$(MAKE) all MODEL=demo-planted COLLECT_ARGS="--writer toxic-odds" SUPPRESS_ARGS="$(PLANTED_SUPPRESS)"
