@@ -46,8 +46,9 @@ AtP*, Kramar et al. 2024): for an objective f of the row (below), the neuron's w
 whole row. It is stored as a second rows x neurons matrix, `writes`, beside `activations`; 02_score.py
 --score writer scores it. It costs a backward pass and the LM head at every continuation position
 (models.writer_pass; the activations are pooled in the same forward); the attributions are pooled inside the
-hooks and the LM head runs a chunk of positions at a time, so memory is one batch's autograd graph through the
-decoder, as in training, and never batch x positions x vocabulary. Objectives:
+hooks, the LM head runs a chunk of positions at a time and the rows go through forward and backward a
+micro-batch at a time (~0.5 GB of autograd graph; models.WRITER_GRAPH_BYTES), so memory does not grow with the
+batch and never holds batch x positions x vocabulary (docs/RESULTS.md's memory rows). Objectives:
   toxic-odds   the log-odds that the next token is one of the vocabulary tokens that the judge flags on
                their own (judges.toxic_vocabulary; their ids are hashed into the meta, never printed),
                log(p_toxic / (1 - p_toxic)), at each position that writes a continuation token, mean over
@@ -217,7 +218,8 @@ def record_prompts(batch):
     written = None
     if cfg["writer"]:  # the same pass with the LM head and gradients: the objective at every pooled position
         with torch.enable_grad():
-            written = writer_pass(model, batch, recorder.mask, writes, cfg["writer"], toxic_ids)[1]
+            written = writer_pass(model, batch, recorder.mask, writes, cfg["writer"], toxic_ids,
+                                  activations=recorder)[1]
     else:
         body(**batch, use_cache=False)
     return recorder.pop(), recorder.mask.sum(1).cpu().numpy(), written
@@ -245,7 +247,8 @@ def record_responses(chunk, number):
             predicts = torch.cat([new_mask, torch.zeros_like(new_mask[:, :1])], 1)
             targets = torch.cat([new_ids, torch.zeros_like(new_ids[:, :1])], 1)
             with torch.enable_grad():
-                pooled["writes"] = writer_pass(model, extended, predicts, writes, cfg["writer"], toxic_ids, targets)[1]
+                pooled["writes"] = writer_pass(model, extended, predicts, writes, cfg["writer"], toxic_ids, targets,
+                                               activations=recorder)[1]
         else:
             body(**extended, use_cache=False)
         # A continuation with no tokens counts as empty whatever is pooled (nothing was said to judge).

@@ -46,7 +46,8 @@ all: $(R)/results.json
 # runs/demo-planted/. The report checks that they found it (its AUROC, rank, q-value and alpha), and, since 01 also
 # measures what each neuron writes (--writer toxic-odds), its rank by the writer score. Damping follows the stage
 # defaults; PLANTED_SUPPRESS="--score writer --method det0 --top-k 8" damps by the writer score instead. About
-# 1.5x `make all` (the writer pass), plus ~2 min to build the planted model once (01's rule runs tools.plant first).
+# 1.5x `make all` (the writer pass; peak memory ~4 GB, docs/USAGE.md), plus ~2 min to build the planted model once
+# (01's rule runs tools.plant first).
 PLANTED_SUPPRESS ?=
 planted:
 	$(MAKE) all MODEL=demo-planted COLLECT_ARGS="--writer toxic-odds" SUPPRESS_ARGS="$(PLANTED_SUPPRESS)"
@@ -120,8 +121,8 @@ bench: $(VENV)/.installed $(DATA)
 	$(PY) -m tools.bench
 
 # Memory and disk at real width (tools/widthcheck.py): a random-weight model with LLaVA-1.5-7B's configuration through
-# 01, 02, 03 and 03 --export on 4 items, each stage's peak memory and the artifacts against docs/RESULTS.md's computed
-# rows -> runs/widthcheck/widthcheck.md. The full model: ~30 min on 2 cores, ~15 GB of memory, 28 GB of disk at
+# 01, 01 --writer, 02, 03 and 03 --export on 4 items, each stage's peak memory and the artifacts against
+# docs/RESULTS.md's computed rows -> runs/widthcheck/widthcheck.md. The full model: ~30 min on 2 cores, ~15 GB of memory, 28 GB of disk at
 # peak (14 GB stays in the model cache); WIDTHCHECK_ARGS="--layers 2" keeps every width for ~2 min;
 # WIDTHCHECK_ARGS="--null-width 4718592" only 02's permutation null at Qwen3-VL-30B-A3B's width (no model, ~10 min).
 # Not in `make test`.

@@ -515,24 +515,112 @@ def continuation_nll(model, processor, items, continuations, batch_size, desc):
     return nll
 
 
-def writer_pass(model, inputs, positions, recorder, kind, toxic_ids=None, targets=None, chunk_tokens=0):
+# The writer pass's autograd graph (what its backward pass keeps of the forward) holds about this many bytes at
+# most, whatever the batch: its rows go through forward and backward a micro-batch at a time (writer_pass).
+WRITER_GRAPH_BYTES = 2 ** 29
+
+
+def writer_graph_bytes(model, length):
+    """What the writer pass's autograd graph holds per row of `length` positions (docs/RESULTS.md's memory row):
+        length x (layers x ((4 x hidden + 4 x intermediate) x itemsize + 2 x hidden x 4) + hidden x 4) bytes.
+    Counted with torch.autograd.graph.saved_tensors_hooks on Llama layers (sdpa attention; weights excluded, none
+    needs a gradient): per position and layer q, k, v and the attention's output (hidden-wide, the activations'
+    dtype), gate, up and act(gate) (MLP-wide), the down_proj input that the write hook keeps for its a x grad,
+    and the two RMS norms' inputs, which transformers upcasts to float32 (the final norm's once). Gemma 3's extra
+    norms and 256-wide heads add ~20% (counted on the demo); eager attention adds heads x length per position and
+    layer."""
+    text = model.config.get_text_config()
+    hidden = text.hidden_size
+    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "moe_intermediate_size", hidden)
+    itemsize = next(model.parameters()).element_size()
+    per_layer = (4 * hidden + 4 * intermediate) * itemsize + 2 * hidden * 4
+    return length * (text.num_hidden_layers * per_layer + hidden * 4)
+
+
+def _row_slicer(inputs, n_rows):
+    """A processor batch cut by rows: (a function rows(start, stop) -> those rows' inputs, None), or (None, why
+    this batch cannot be cut). Per-row tensors (batch first) are sliced; Qwen-VL's and GLM-4V's pixel_values,
+    all images' patches in one tensor, are cut by image_grid_thw (one image per prompt, as common.encode gives);
+    a tensor of any other length is not guessed at."""
+    patches = None
+    if "image_grid_thw" in inputs and "pixel_values" in inputs:
+        per_image = inputs["image_grid_thw"].prod(-1)
+        if len(per_image) != n_rows or int(per_image.sum()) != inputs["pixel_values"].shape[0]:
+            return None, f"{len(per_image)} images' patches for {n_rows} rows"
+        patches = torch.cat([per_image.new_zeros(1), per_image.cumsum(0)]).tolist()
+    for key, value in inputs.items():
+        if torch.is_tensor(value) and value.ndim and value.shape[0] != n_rows and not (
+                key == "pixel_values" and patches is not None):
+            return None, f"its {key} has {value.shape[0]} entries for {n_rows} rows"
+
+    def rows(start, stop):
+        part = {}
+        for key, value in inputs.items():
+            if key == "pixel_values" and patches is not None:
+                part[key] = value[patches[start]:patches[stop]]
+            else:
+                part[key] = value[start:stop] if torch.is_tensor(value) and value.ndim else value
+        return part
+    return rows, None
+
+
+def writer_pass(model, inputs, positions, recorder, kind, toxic_ids=None, targets=None, chunk_tokens=0,
+                activations=None, rows_per_pass=0):
     """01_collect.py --writer's pass (and 02's ablation check): the writer objective per row (numpy) and each
     neuron's attribution to it, rows x neurons (neurons.WriteRecorder `recorder`, set up by the caller with
     gradients enabled; its mask is set here: silencing acts on every real position of a row). `positions`
     (batch x T, bool) marks which of the last T positions' logits the objective averages; `targets` (batch x T)
-    are the next tokens there (own-logprob).
+    are the next tokens there (own-logprob). `activations`: a neurons.NeuronRecorder that pools the same
+    forward (01_collect.py), its mask set by the caller for the whole batch; its pooled rows are whole again
+    when this returns.
 
-    Memory does not grow with batch x positions x vocabulary (a batch of 64 x 33 positions of the demo's 262k
-    words is 2.2 GB per copy of the logits, and the objective's backward needs several): the decoder runs once
-    with gradients (_final_hidden), the LM head then runs a chunk of the marked positions at a time, each chunk's
-    gradient with respect to its final hidden states is taken at once, and one backward pass carries them all
-    through the decoder to the neurons. The same numbers as writer_objective on full logits, to rounding. A model
-    whose head cannot be split from its forward gets full logits, with a printed note."""
-    recorder.mask = inputs["attention_mask"].bool()
+    Memory is bounded by design, not by the batch size:
+    - the batch's rows go through forward and backward `rows_per_pass` at a time (0: as many as
+      WRITER_GRAPH_BYTES of autograd graph hold, by writer_graph_bytes; at least one). Rows are independent
+      sequences with the batch's padding, so a micro-batch computes each row as the whole batch would;
+    - gradients only where the writes need them: no weight requires one, the graph's leaf is the input
+      embeddings' output (neurons.WriteRecorder), and each neuron's a x grad is pooled as the backward pass
+      reaches its layer, so per-position gradients are never kept;
+    - no batch x positions x vocabulary logits (64 x 33 positions of the demo's 262k words is 2.2 GB per copy,
+      and the objective's backward needs several): the decoder runs once with gradients (_final_hidden), the LM
+      head then runs a chunk of the marked positions at a time (`chunk_tokens`; 0: NLL_CHUNK_BYTES of float32
+      logits), each chunk's gradient with respect to its final hidden states is taken at once, and one backward
+      pass carries them all through the decoder to the neurons.
+    The same numbers as writer_objective on full logits over the whole batch, to rounding. A model whose head
+    cannot be split from its forward gets full logits (of a micro-batch), with a printed note; a batch whose
+    inputs cannot be cut by rows runs whole, with a printed note."""
+    n_rows, length = inputs["attention_mask"].shape
+    step = rows_per_pass or max(1, WRITER_GRAPH_BYTES // writer_graph_bytes(model, length))
+    rows_of, reason = _row_slicer(inputs, n_rows) if step < n_rows else (None, None)
+    if rows_of is None:
+        if reason and not getattr(model, "_sgm_writer_whole", False):
+            model._sgm_writer_whole = True  # said once
+            print(f"note: cannot cut this batch by rows ({reason}); the writer pass runs it whole, so its memory "
+                  "grows with the batch (lower --batch-size if it runs out)")
+        rows_of, step = (lambda start, stop: inputs), n_rows
+    whole_mask = None if activations is None else activations.mask
+    objective, writes, pooled = [], [], []
     try:
-        return _writer_pass(model, inputs, positions, recorder, kind, toxic_ids, targets, chunk_tokens)
+        for start in range(0, n_rows, step):
+            stop = min(start + step, n_rows)
+            part = rows_of(start, stop)
+            recorder.mask = part["attention_mask"].bool()
+            if activations is not None:
+                activations.mask = whole_mask[start:stop]
+            values, written = _writer_pass(model, part, positions[start:stop], recorder, kind, toxic_ids,
+                                           None if targets is None else targets[start:stop], chunk_tokens)
+            objective.append(values)
+            writes.append(written)
+            if activations is not None:
+                pooled.append(activations.pooled)
+                activations.pooled = {}
     finally:
         recorder.mask = None  # idle again (e.g. during the next generation)
+        if activations is not None:
+            activations.mask = whole_mask
+    if activations is not None:  # the pooled rows of every micro-batch, in order, as one forward would leave them
+        activations.pooled = {index: torch.cat([piece[index] for piece in pooled]) for index in pooled[0]}
+    return np.concatenate(objective), np.concatenate(writes)
 
 
 def _writer_pass(model, inputs, positions, recorder, kind, toxic_ids, targets, chunk_tokens):

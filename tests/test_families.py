@@ -540,6 +540,30 @@ def test_teacher_forced_continuation_equals_generation(family):
     torch.testing.assert_close(forced[:, -5:-1], torch.stack(out.logits, 1), rtol=1e-4, atol=1e-4)
 
 
+def test_writer_pass_in_micro_batches_equals_the_whole_batch(family, capsys):
+    """models.writer_pass cuts a processor batch by rows (per-row tensors; Qwen-VL's and GLM-4V's patches by
+    image_grid_thw): one row at a time gives the whole batch's objective, writes and pooled activations. A
+    family whose inputs it cannot cut runs whole and says so (none of these: all must be cut)."""
+    _, path = family
+    model, processor, sites, _ = load_model(str(path))
+    batch = encode(processor, ITEMS, "cpu")
+    positions = batch["attention_mask"].bool()
+    toxic_ids = torch.tensor([5, 17, 42])
+    results = []
+    for rows_per_pass in (len(ITEMS), 1):
+        with record_neurons(sites) as recorder, neurons.record_writes(model, sites) as writes, torch.enable_grad():
+            recorder.mask = positions
+            objective, written = models.writer_pass(model, batch, positions[:, -4:], writes, "toxic-odds",
+                                                    toxic_ids, activations=recorder, rows_per_pass=rows_per_pass)
+            results.append((objective, written, recorder.pop()))
+    assert "cannot cut" not in capsys.readouterr().out
+    (objective, written, pooled), (objective_1, written_1, pooled_1) = results
+    assert np.abs(written).max() > 0
+    np.testing.assert_allclose(objective_1, objective, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(written_1, written, rtol=1e-4, atol=1e-5 * np.abs(written).max())
+    np.testing.assert_allclose(pooled_1, pooled, rtol=1e-4, atol=1e-5 * np.abs(pooled).max())
+
+
 def test_bfloat16_hooks_run(family):
     _, path = family
     model, processor, sites, _ = load_model(str(path), dtype="bfloat16")

@@ -95,6 +95,65 @@ def test_writer_pass_with_the_lm_head_in_chunks_equals_full_logits(kind):
     np.testing.assert_allclose(chunked, full, rtol=1e-4, atol=1e-5 * np.abs(full).max())
 
 
+@pytest.mark.parametrize("kind", neurons.WRITER_OBJECTIVES)
+def test_writer_pass_in_micro_batches_equals_the_whole_batch_with_full_logits(kind):
+    """The bounded writer pass (rows through forward and backward one or two at a time, the LM head 3 positions at
+    a time) gives the objective and the writes of the whole batch with full logits (the pass before micro-batches),
+    and the activations pooled in its forwards equal those of one plain forward of the whole batch."""
+    model, processor, sites, _ = models.load_model("tiny")
+    toxic_ids = torch.tensor([5, 17, 42])
+    inputs, ids, mask = teacher_forced(model, processor, ITEMS, " the dog ran home")
+    full = writes_of(model, sites, inputs, ids, mask, kind, toxic_ids)
+    with torch.no_grad():
+        reference = objective_of(model, inputs, ids, mask, kind, toxic_ids).numpy()
+    pool_mask = inputs["attention_mask"].bool()
+    with neurons.record_neurons(sites) as recorder, torch.no_grad():
+        recorder.mask = pool_mask
+        model(**inputs, use_cache=False)
+        pooled_whole = recorder.pop()
+    predicts = torch.cat([mask, torch.zeros_like(mask[:, :1])], 1)  # as 01_collect.py: the last T + 1 positions
+    targets = torch.cat([ids, torch.zeros_like(ids[:, :1])], 1)
+    for rows_per_pass in (1, 2):
+        with neurons.record_neurons(sites) as recorder, neurons.record_writes(model, sites) as writes, \
+                torch.enable_grad():
+            recorder.mask = pool_mask
+            objective, written = models.writer_pass(model, inputs, predicts, writes, kind, toxic_ids, targets,
+                                                    chunk_tokens=3, activations=recorder, rows_per_pass=rows_per_pass)
+            assert recorder.mask is pool_mask and writes.mask is None  # the caller's mask back; the writes idle
+            pooled = recorder.pop()
+        assert written.shape == full.shape and np.abs(full).max() > 1e-6
+        np.testing.assert_allclose(objective, reference, rtol=1e-5, atol=1e-7 * np.abs(reference).max())
+        np.testing.assert_allclose(written, full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
+        np.testing.assert_allclose(pooled, pooled_whole, rtol=1e-5, atol=1e-6 * np.abs(pooled_whole).max())
+
+
+def test_writer_pass_sizes_its_micro_batches_by_the_graph_formula(monkeypatch):
+    """rows_per_pass 0: as many rows as WRITER_GRAPH_BYTES of autograd graph hold by writer_graph_bytes (recomputed
+    here from the config: float32, so length x (layers x (6 hidden + 4 intermediate) + hidden) x 4 bytes), at least
+    one; the forwards seen are the micro-batches."""
+    model, processor, sites, _ = models.load_model("tiny")
+    text = model.config.get_text_config()
+    inputs, ids, mask = teacher_forced(model, processor, ITEMS, " the dog ran home")
+    length = inputs["attention_mask"].shape[1]
+    per_row = length * (text.num_hidden_layers * (6 * text.hidden_size + 4 * text.intermediate_size)
+                        + text.hidden_size) * 4
+    assert models.writer_graph_bytes(model, length) == per_row
+    predicts = torch.cat([mask, torch.zeros_like(mask[:, :1])], 1)
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    try:
+        for budget, expected in ((per_row * 2 + 1, [2, 2, 1]), (per_row - 1, [1, 1, 1, 1, 1]), (10 ** 12, [5])):
+            monkeypatch.setattr(models, "WRITER_GRAPH_BYTES", budget)
+            seen.clear()
+            batch = {key: torch.cat([value, value[:2]]) for key, value in inputs.items()}  # 5 rows
+            with neurons.record_writes(model, sites) as writes, torch.enable_grad():
+                models.writer_pass(model, batch, torch.cat([predicts, predicts[:2]]), writes, "toxic-odds",
+                                   torch.tensor([5, 17, 42]))
+            assert seen == expected
+    finally:
+        handle.remove()
+
+
 def test_first_order_estimate_against_brute_force_ablation_of_every_neuron():
     """Silencing each of tiny's 96 neurons changes the objective by about -write (the first-order estimate)."""
     model, processor, sites, _ = models.load_model("tiny")

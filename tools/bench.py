@@ -208,7 +208,8 @@ def calibration_step(writer):
             return recorder.pop()
         predicts = torch.cat([new_mask, torch.zeros_like(new_mask[:, :1])], 1)  # as 01_collect.py
         with torch.enable_grad():
-            written = writer_pass(model, extended, predicts, writes, "toxic-odds", toxic_ids)[1]
+            written = writer_pass(model, extended, predicts, writes, "toxic-odds", toxic_ids,
+                                   activations=recorder)[1]
         return recorder.pop(), written
 
 

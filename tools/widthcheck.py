@@ -1,6 +1,6 @@
-"""Real-width check: a random-weight model with LLaVA-1.5-7B's configuration through 01, 02, 03 and 03 --export on
-a handful of items; each stage's peak memory, the artifact sizes and the export's shards, measured against what
-docs/RESULTS.md's memory rows compute -> runs/widthcheck/widthcheck.md
+"""Real-width check: a random-weight model with LLaVA-1.5-7B's configuration through 01, 01 --writer, 02, 03 and
+03 --export on a handful of items; each stage's peak memory, the artifact sizes and the export's shards, measured
+against what docs/RESULTS.md's memory rows compute -> runs/widthcheck/widthcheck.md
 
     python -m tools.widthcheck              # what `make widthcheck` runs: the full 7B (~14 GB of bf16 weights, see below)
     python -m tools.widthcheck --layers 2   # the real widths with 2 of the 32 decoder layers: ~2 GB, a few minutes
@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from common import REPO, check_range, fail, parse_overrides, peak_rss_mb
 from sgm.artifacts import load_npz, load_pt, write_text
-from sgm.models import CACHE_DIR, tiny_tokenizer
+from sgm.models import CACHE_DIR, NLL_CHUNK_BYTES, WRITER_GRAPH_BYTES, tiny_tokenizer
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -314,6 +314,11 @@ if __name__ == "__main__":
             ("01", "01_collect.py", ["--model", checkpoint, "--run", run, "--data", data, "--mode", "prompts",
                                      "--dtype", "bfloat16", "--batch-size", cfg["items"],
                                      "--store-dtype", cfg["store_dtype"]]),
+            # the writer pass (make planted's 01): the same batch with the LM head and a backward pass. The
+            # judge flags a few of the in-code tokenizer's words (' rude', ' angry', ...): toxic-odds' target
+            ("01 --writer", "01_collect.py", ["--model", checkpoint, "--run", f"{run}-writer", "--data", data,
+                                              "--mode", "prompts", "--dtype", "bfloat16", "--batch-size", cfg["items"],
+                                              "--store-dtype", cfg["store_dtype"], "--writer", "toxic-odds"]),
             ("02", "02_score.py", ["--run", run]),
             ("03", "03_suppress.py", ["--run", run]),
             ("03 --export", "03_suppress.py", ["--run", run, "--export", export])]:
@@ -343,6 +348,19 @@ if __name__ == "__main__":
     # 02: the sort keys of one chunk (twice), and the per-neuron arrays (SCORE_PER_NEURON float64 each).
     score = startup + 2 * n_rows * CHUNK_NEURONS * 8 + n_neurons * 8 * SCORE_PER_NEURON
     suppress = startup + n_neurons * 8 * 4
+    # 01 --writer: the weights; the autograd graph of one micro-batch of rows (models.writer_graph_bytes, counted:
+    # per row length x (layers x ((4 h + 4 m) x 2 + 2 h x 4) + h x 4) bytes in bf16; as many rows as
+    # WRITER_GRAPH_BYTES hold, at least one); one layer's working set for those rows, freed but kept by the
+    # allocator: its forward (as in 01's row) and its backward (the write hook's float32 copies of a and its
+    # gradient, three MLP-wide gradients: m x 14 bytes a position); the LM head's chunk of float32 logits (~4
+    # copies in its backward, at most 4 x NLL_CHUNK_BYTES); the pooled activations and writes (as in 01's row).
+    graph_per_row = length * (cfg["layers"] * ((4 * h + 4 * m) * 2 + 2 * h * 4) + h * 4)
+    rows_per_pass = max(1, min(cfg["items"], WRITER_GRAPH_BYTES // graph_per_row))
+    layer_per_row = length * (5 * h + 3 * m) * 2 + heads * length ** 2 * 4 + length * m * 14
+    marked = int(arrays["n_positions"].sum())  # prompts mode: the objective at every pooled position
+    head_chunk = 4 * min(marked * TEXT["vocab_size"] * 4, NLL_CHUNK_BYTES)
+    writer = (startup + weights + rows_per_pass * (graph_per_row + layer_per_row) + head_chunk
+              + 2 * 3 * cfg["items"] * n_neurons * 4)
     rows = [
         ("neurons (layers x 11,008)", n_neurons, len(activations_meta["sites"]) * TEXT["intermediate_size"], "n"),
         ("parameters", n_params, stored_params, "n"),
@@ -355,6 +373,9 @@ if __name__ == "__main__":
         ("export shards (of 50 GB)", math.ceil(weights / EXPORT_SHARD_BYTES), len(shards), "n"),
         ("start-up of a stage (import only; measured, in every row below)", startup, startup, "b"),
         ("01 peak (start-up + weights + one batch's forward and pooled rows)", collect, measured["01"][1], "b"),
+        (f"01 --writer peak (start-up + weights + the graph of {rows_per_pass} of {cfg['items']} rows, "
+         f"{rows_per_pass} x {graph_per_row / GB:.3f} GB at {cfg['layers']} layers, + one layer's working set, head "
+         "chunk and pooled rows)", writer, measured["01 --writer"][1], "b"),
         ("02 peak (start-up + 2 chunks of sort keys + per-neuron arrays)", score, measured["02"][1], "b"),
         ("03 peak (start-up + per-neuron arrays)", suppress, measured["03"][1], "b"),
         ("03 --export peak (start-up + weights)", startup + weights, measured["03 --export"][1], "b"),
