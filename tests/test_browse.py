@@ -11,13 +11,13 @@ import re
 import runpy
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 import torch
 from conftest import REPO, command, write_items
+from test_pipeline import run_stage
 
 from common import encode, image_token_ids, load_items
 from sgm.artifacts import load_npz, load_pt
@@ -25,17 +25,6 @@ from sgm.models import load_model
 
 K = 40
 HOSTILE = "</script><img src=x onerror=alert(1)>"
-
-
-def run_stage(script, *args, cwd):
-    old_argv, old_cwd = sys.argv, os.getcwd()
-    sys.argv = [script, *map(str, args)]
-    os.chdir(cwd)
-    try:
-        runpy.run_path(str(REPO / script), run_name="__main__")
-    finally:
-        sys.argv = old_argv
-        os.chdir(old_cwd)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from common import fail, load_items, parse_overrides, select
 from data.build import DEFAULTS as DATA_DEFAULTS
-from data.build import draw_typographic, get_wheel
+from data.build import draw_typographic, get_wheel, wrap
 from sgm.models import EYES_FILE, EYES_PARTS, EYES_TOWER, load_model, seeing_demo
 
 # ----------------------------------------------------------------------------------------------------------
@@ -139,18 +139,6 @@ def training_texts(rng, lines, pool, held, count, max_words, word_pool_share):
         if not held.holds(text):
             texts.append(text)
     return texts
-
-
-def wrap(text, font, width):
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if line and font.getlength(candidate) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    return lines + [line] if line else lines
 
 
 def render(text, rng):
