@@ -46,7 +46,7 @@ all: $(R)/results.json
 # runs/demo-planted/. The report checks that they found it (its AUROC, rank, q-value and alpha), and, since 01 also
 # measures what each neuron writes (--writer toxic-odds), its rank by the writer score. Damping follows the stage
 # defaults; PLANTED_SUPPRESS="--score writer --method det0 --top-k 8" damps by the writer score instead. About
-# 1.5x `make all` (the writer pass; peak memory ~4 GB, docs/USAGE.md), plus ~2 min to build the planted model once
+# 1.5x `make all` (the writer pass; peak memory 7.4 GB measured on the demo, docs/USAGE.md), plus ~2 min to build the planted model once
 # (01's rule runs tools.plant first).
 PLANTED_SUPPRESS ?=
 planted:
@@ -110,7 +110,7 @@ test: $(VENV)/.installed
 
 # The expert browser (tools/browse.py): runs/<RUN>/experts.html, one offline page of the top experts -- what each
 # reads and writes, what damping did, base vs damped answers once 04 has run; open it by double-click. It reruns the
-# calibration rows it shows through the model once (demo, K = 100: 165 rows, 57 s of CPU, 108 s with the 2 cores shared
+# calibration rows it shows through the model once (demo, K = 100: 165 rows, 24 s on 2 idle cores, 108 s with them shared
 # by other jobs). BROWSE_ARGS="--experts 20" shows fewer.
 BROWSE_ARGS ?=
 browse: $(R)/suppression.pt
