@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from common import fail, load_items, parse_overrides, select
+from common import fail, load_image, load_items, parse_overrides, select
 from data.build import DEFAULTS as DATA_DEFAULTS
 from data.build import draw_typographic, get_wheel, wrap
 from sgm.models import EYES_FILE, EYES_PARTS, EYES_TOWER, load_model, seeing_demo
@@ -402,7 +402,6 @@ if __name__ == "__main__":
     read_images = [draw_typographic(text, DATA_DEFAULTS["image_size"], DATA_DEFAULTS["font_size"])
                    for text in read_texts]
     test_typo = select(items, split="test", condition="typographic") if cfg["readout_test"] else []
-    from common import load_image
     found = dict(held_out=readout(model, processor, read_texts, read_images, "readout held-out"),
                  test_typographic=readout(model, processor, [" ".join(i["image_text"].split()) for i in test_typo],
                                           [load_image(i) for i in test_typo], "readout test typographic"))
