@@ -131,7 +131,7 @@ def eyes_llava(tokenizer, image_token, text_config):
     """A LLaVA whose CLIP tower can learn to read: 224-px images in 32-px patches -> 49 image tokens taken from the
     tower's *last* layer (vision_feature_layer=-1: -2 would leave a trained layer unused), and a processor that pads
     every image to a square before resizing (LLaVA's `image_aspect_ratio pad`), so the centre crop never cuts the
-    text off a wide image. The tower and projector are random here; tools/eyes.py trains them, load_eyes puts them
+    text off a wide image. The tower and projector are random here; tools/eyes.py trains them, put_eyes puts them
     in. Seeded, so builds repeat."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
@@ -158,14 +158,20 @@ def seeing_demo(blind_model, blind_processor, eyes_state=None):
     model.model.language_model.load_state_dict(blind_model.model.language_model.state_dict())
     model.lm_head.weight = model.model.language_model.embed_tokens.weight
     if eyes_state is not None:
-        missing, unexpected = model.load_state_dict(eyes_state, strict=False)
-        wrong = unexpected + [k for k in missing if k.startswith(EYES_PARTS)]
-        if wrong:
-            fail(f"the eyes' weights do not fit the eyes' tower ({wrong[0]}, {len(wrong)} names): "
-                 "rebuild them with `make eyes`")
+        put_eyes(model, eyes_state)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     return model.eval(), processor
+
+
+def put_eyes(model, eyes_state):
+    """Load trained eyes (the tower and projector, EYES_PARTS) into an eyes_llava model; refused in one line when
+    they are not all there or hold anything else."""
+    missing, unexpected = model.load_state_dict(eyes_state, strict=False)
+    wrong = unexpected + [k for k in missing if k.startswith(EYES_PARTS)]
+    if wrong:
+        fail(f"the eyes' weights do not fit the eyes' tower ({wrong[0]}, {len(wrong)} names): "
+             "rebuild them with `make eyes`")
 
 
 # Cached models that a program around the stages builds (the stages only load them): the program records the

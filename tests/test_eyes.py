@@ -126,6 +126,12 @@ def test_saved_eyes_carry_their_fingerprint(tmp_path):
     assert all(k.startswith(models.EYES_PARTS) for k in state)
     expected = model.state_dict()["model.multi_modal_projector.linear_2.weight"].to(torch.float16).float()
     assert torch.equal(state["model.multi_modal_projector.linear_2.weight"], expected)
+    fresh, _ = tiny_gemma_eyes()
+    models.put_eyes(fresh, state)  # the saved eyes go back in whole
+    assert torch.equal(fresh.state_dict()["model.multi_modal_projector.linear_2.weight"], expected)
+    for broken in ({k: v for k, v in state.items() if "linear_2" not in k}, {**state, "model.extra.weight": expected}):
+        with pytest.raises(SystemExit, match="do not fit the eyes' tower"):
+            models.put_eyes(fresh, broken)  # a part missing, or something that is not the eyes
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01  # a flipped bit in the last tensor's bytes
     path.write_bytes(bytes(data))

@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 from common import fail, load_image, load_items, parse_overrides, select
 from data.build import DEFAULTS as DATA_DEFAULTS
 from data.build import draw_typographic, get_wheel, wrap
-from sgm.models import EYES_FILE, EYES_PARTS, EYES_TOWER, load_model, seeing_demo
+from sgm.models import EYES_FILE, EYES_PARTS, EYES_TOWER, load_model, put_eyes, seeing_demo
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults. Override any of them with --key value.
@@ -388,7 +388,7 @@ if __name__ == "__main__":
             minutes=round((time.time() - started) / 60, 1), torch=torch.__version__)))
 
     state, meta = load_eyes(cfg["out"])
-    model.load_state_dict(state, strict=False)
+    put_eyes(model, state)
     model.eval()
     with torch.no_grad():
         accuracy, first, pad_norm = slot_accuracy(eyes_output(model, eval_pixels), eval_ids, eval_mask,
