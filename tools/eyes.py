@@ -93,13 +93,13 @@ class Held:
     def __init__(self, items):
         texts = [t for item in select(items, split=["dev", "test"]) for t in (item["text"], item["image_text"]) if t]
         self.grams = set().union(*(ngrams(words_of(t)) for t in texts))
-        self.joined = "\n".join(" ".join(words_of(t)) for t in texts)
+        self.joined = "".join(f" {' '.join(words_of(t))} " for t in texts)  # each text between spaces: whole words
 
     def holds(self, text):
         words = words_of(text)
         if len(words) >= NGRAM:
             return bool(ngrams(words) & self.grams)
-        return bool(words) and f" {' '.join(words)} " in f" {self.joined.replace(chr(10), '  ')} "
+        return bool(words) and f" {' '.join(words)} " in self.joined
 
 
 def source_lines(wheel_path, items):
@@ -347,13 +347,14 @@ if __name__ == "__main__":
         model.train()
         model.model.language_model.eval()
         from tqdm import tqdm
-        started, history = time.time(), []
+        started, history, texts_cut = time.time(), [], 0
         bar = tqdm(range(cfg["steps"]), desc="eyes")
         for step in bar:
             max_words = int(2 + (cfg["max_words"] - 2) * min(1.0, step / max(1, cfg["grow"] * cfg["steps"])))
             texts = training_texts(rng, lines, pool, held, cfg["batch_size"], max_words, cfg["word_pool_share"])
             drawn = [render(text, rng) for text in texts]
-            ids, wanted, mask, _ = targets(tokenizer, embed, [d for _, d in drawn])
+            ids, wanted, mask, cut = targets(tokenizer, embed, [d for _, d in drawn])
+            texts_cut += cut
             output = eyes_output(model, pixels([image for image, _ in drawn]))
             # cosine cross-entropy over the batch's own tokens and sampled others
             sampled = vocab_ids[torch.randint(len(vocab_ids), (cfg["negatives"],))]
@@ -385,7 +386,8 @@ if __name__ == "__main__":
         command = "python -m tools.eyes " + " ".join(sys.argv[1:])
         print("saved", cfg["out"], "fingerprint", save_eyes(model, cfg["out"], dict(
             command=command, config={k: v for k, v in cfg.items() if k != "out"}, tower=EYES_TOWER, history=history,
-            minutes=round((time.time() - started) / 60, 1), torch=torch.__version__)))
+            minutes=round((time.time() - started) / 60, 1), texts_cut_at_49_tokens=texts_cut,
+            torch=torch.__version__)))
 
     state, meta = load_eyes(cfg["out"])
     put_eyes(model, state)
