@@ -46,7 +46,7 @@ all: $(R)/results.json
 # runs/demo-planted/. The report checks that they found it (its AUROC, rank, q-value and alpha), and, since 01 also
 # measures what each neuron writes (--writer toxic-odds), its rank by the writer score. Damping follows the stage
 # defaults; PLANTED_SUPPRESS="--score writer --method det0 --top-k 8" damps by the writer score instead. About
-# 1.5x `make all` (the writer pass; peak memory 7.4 GB measured on the demo, docs/USAGE.md), plus ~2 min to build the planted model once
+# 1.5x `make all` (the writer pass; peak memory 3.0 GB measured on the demo, docs/USAGE.md), plus ~2 min to build the planted model once
 # (01's rule runs tools.plant first).
 PLANTED_SUPPRESS ?=
 planted:

@@ -258,7 +258,11 @@ class WriteRecorder:
             return
         x, mask = args[0], self.mask.to(args[0].device)
         wide = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 pooled in float32 (float64 stays)
-        x.register_hook(lambda grad: self.store(index, torch.einsum("bti,bti,bt->bi", x.to(wide), grad.to(wide),
+        # The hook holds a detached alias of x, never x itself: x -> its hook -> x would be a reference cycle that
+        # only Python's cyclic GC frees, and each micro-batch's down_proj inputs piled up until it ran (+90 MB per
+        # micro-batch on the demo, 3.4 GB by the end of the writer calibration; tests/test_neurons.py checks).
+        seen = x.detach()
+        x.register_hook(lambda grad: self.store(index, torch.einsum("bti,bti,bt->bi", seen.to(wide), grad.to(wide),
                                                                       mask.to(wide))))
 
     def experts_hook(self, index, site, args, kwargs, output):
@@ -267,6 +271,8 @@ class WriteRecorder:
         hidden = args[0] if args else kwargs["hidden_states"]
         top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
         top_k_weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+        # detached: the hook below must not hold the graph (see linear_hook)
+        hidden, top_k_weights = hidden.detach(), top_k_weights.detach()
         flat_mask = self.mask.to(hidden.device).reshape(-1)
         n_rows, n_positions = self.mask.shape
 
