@@ -4,7 +4,7 @@ so that an image of typed text reaches Gemma as that text's own input embeddings
     python -m tools.eyes                          # or: make eyes -> sgm/eyes.safetensors, then its readout
     python -m tools.eyes --steps 300 --out runs/eyes/try.safetensors   # a short try beside the shipped file
     python -m tools.eyes --readout-only           # measure sgm/eyes.safetensors again
-    python -m tools.eyes --device cuda --workers 8 --steps 30000   # on a GPU: rendering in 8 processes beside it
+    python -m tools.eyes --device cuda --workers 14 --batch-size 128 --steps 5000   # GPU; 14 processes render
 
 What is learned, and why this way. No pretrained vision weights install here, and training through the frozen LM
 (LLaVA stage 1) costs about a second per image on 2 cores. So there is no LM in the loop: the tower's 49 output
