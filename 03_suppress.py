@@ -190,9 +190,10 @@ def transport_maps(activations, labels, mean_only=False, chunk_neurons=4096):
         a, b = np.sort(block[toxic], axis=0)[rank_toxic], np.sort(block[~toxic], axis=0)[rank_clean]
         mean_a, mean_b = weight @ a, weight @ b
         if not mean_only:
-            variance = weight @ (a - mean_a) ** 2
-            slope = (weight @ ((a - mean_a) * (b - mean_b))) / np.where(variance > 0, variance, 1.0)
-            omega[start:start + block.shape[1]] = np.where(variance > 0, slope, 1.0)
+            varies = a[-1] > a[0]  # sorted: constant exactly when the ends agree (a sum of equal values can round)
+            variance = np.where(varies, weight @ (a - mean_a) ** 2, 1.0)
+            omega[start:start + block.shape[1]] = np.where(varies, weight @ ((a - mean_a) * (b - mean_b)) / variance,
+                                                           1.0)
         beta[start:start + block.shape[1]] = mean_b - omega[start:start + block.shape[1]] * mean_a
     return omega, beta
 
