@@ -8,12 +8,10 @@
 
 Methods (all on the same items, greedy decoding, so every comparison is paired):
   base        the unmodified model
-  sgm         the damping factors of runs/<run>/suppression.pt (stage 3); if that file is a transport map
-              (03_suppress.py --method act / act-mean), the map x + lambda (omega x + beta - x) instead
+  sgm         the damping factors of runs/<run>/suppression.pt (stage 3), or its transport map (03 --method act)
   random      control: the same alpha values shuffled across neurons within each layer (same damping per
               layer, random neurons; a mixture-of-experts layer's routed experts and shared expert each apart)
-              — an effect that also shows here is not due to the chosen neurons. For a transport map: the same
-              (omega, beta) pairs shuffled the same way
+              — an effect that also shows here is not due to the chosen neurons (a map: its (omega, beta) pairs)
   det0, damp  baselines: zero (det0) or halve (damp) the top-k neurons by expertise, k = SGM's number of
               neurons with alpha < 0.5 (`--top-k` overrides); the ranking is read from SGM's alpha
   prompt      a static safety instruction (SAFETY_INSTRUCTION below) before the item's text (AdaShield-style)
@@ -22,8 +20,7 @@ Methods (all on the same items, greedy decoding, so every comparison is paired):
   sgm+prompt, sgm+filter   SGM* — SGM stacked with the other defenses
   (--samples N adds N top-k samples per item and RealToxicityPrompts' expected maximum toxicity and
    toxicity probability to every row)
-  sgm@s       SGM at strength s relative to the stage-3 file, alpha_s = max(0, 1 - s (1 - alpha)) (a transport
-              map: lambda s instead of lambda, scale and shift both, no clip), one method per
+  sgm@s       SGM at strength s relative to the stage-3 file, alpha_s = max(0, 1 - s (1 - alpha)), one method per
               value of --strengths; with it the report adds a toxicity-vs-fluency trade-off plot (<report>-tradeoff.png)
 `make all` runs base, sgm and random; name others with --methods (each generating method costs as much as base).
 --base-from runs/<run>/<report>.json takes base's answers and fluency from an earlier report of the same model,
@@ -46,10 +43,8 @@ items under the unmodified model (are the answers still language?).
 Served models (--endpoint NAME=URL,...; sgm/endpoint.py): each generating method comes from an OpenAI-compatible
 server (vLLM, TGI, ...) serving a checkpoint with its alpha baked in (03_suppress.py --export, --random-control
 for random), keyed by the neurons it runs with: base, sgm, random, det0, damp, sgm@s (prompt and sgm+prompt use
-base's and sgm's server; a transport map's server runs its export, which 03 bakes only where the family's
-down_proj can hold a bias, and refuses elsewhere). The model is then not loaded here, only --model's processor
-(prompt text, chat template); served model names and keys come from the environment only (SGM_ENDPOINT_MODEL,
-SGM_ENDPOINT_API_KEY).
+base's and sgm's server). The model is then not loaded here, only --model's processor (prompt text, chat
+template); served model names and keys come from the environment only (SGM_ENDPOINT_MODEL, SGM_ENDPOINT_API_KEY).
 Answers are cached in --endpoint-cache, so an interrupted run resumes (in process, greedy answers are kept in
 runs/<run>/<report>.partial/ until the report is written: docs/USAGE.md, "When something goes wrong").
 Everything after generation is the same; fluency and selectivity use the server's prompt log-probabilities
@@ -83,7 +78,7 @@ from sgm.artifacts import check_same_model, load_npz, load_pt, lock_folder, writ
 from sgm.judges import (JUDGE, REFUSAL, REFUSAL_PHRASES, check_judges, detoxify_judge, guard_judge, judge_toxicity,
                         llm_judge, probe_correct, probe_words)
 from sgm.models import continuation_nll, load_model, resolve_model_path, text_nll
-from sgm.neurons import matched_random_control, split_by_site, suppress_neurons, transport_scale_shift
+from sgm.neurons import matched_random_control, split_by_site, suppress_neurons, transport_conditions
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -220,8 +215,7 @@ else:
 if reused and model is not None and reused["sites"] != model_meta["sites"]:
     fail(f"--base-from {cfg['base_from']} was made on other neuron sites than model {cfg['model']!r}: rerun it")
 alphas = {"base": torch.ones(sum(module.in_features for _, module in sites))} if model is not None else {}
-shifts = {}  # neurons -> the shift of a transport map (03_suppress.py --method act): x -> alpha x + shift
-suppression_meta = None  # e.g. `--methods base` evaluates the model as it is, such as an exported checkpoint
+suppression_meta, shifts = None, {}  # e.g. `--methods base`: the model as it is; shifts: 03 --method act's maps
 if any(neurons_of(method) != "base" for method in methods):
     tensors, suppression_meta = load_pt(f"{run_dir}/{cfg['suppression']}", rerun_hint="03_suppress.py")
     if model is None:  # served: the neuron sites are the suppression's (the servers run its exports)
@@ -236,28 +230,17 @@ if any(neurons_of(method) != "base" for method in methods):
     alphas["sgm"] = tensors["alpha"]
     alphas["random"] = matched_random_control(
         alphas["sgm"], [t.numel() for t in split_by_site(alphas["sgm"], sites)], cfg["seed"])
-    if "omega" in tensors:  # a transport map: the random control moves each (omega, beta) pair as one
-        if {"det0", "damp"} & set(methods):
-            fail(f"det0/damp rank neurons by SGM's alpha, and {cfg['suppression']} is a transport map (alpha 1): "
-                 "make them with 03_suppress.py --method det0/damp --out ... instead")
-        transport_strength = suppression_meta["settings"]["strength"]
-        alphas["sgm"], shifts["sgm"] = transport_scale_shift(tensors["omega"], tensors["beta"], transport_strength)
-        shuffled = matched_random_control(torch.stack([tensors["omega"], tensors["beta"]], 1),
-                                          [t.numel() for t in split_by_site(alphas["sgm"], sites)], cfg["seed"])
-        alphas["random"], shifts["random"] = transport_scale_shift(shuffled[:, 0], shuffled[:, 1], transport_strength)
     # det0/damp: the k most expert neurons; alpha falls as AUROC rises, so the lowest alphas are the top-k.
     k = cfg["top_k"] or int((alphas["sgm"] < 0.5).sum())
-    if {"det0", "damp"} & set(methods) and k == 0:
-        fail("det0/damp: SGM has no neuron with alpha < 0.5 to match; pass --top-k K")
+    if {"det0", "damp"} & set(methods) and (k == 0 or "omega" in tensors):  # a transport map has no alpha to rank
+        fail("det0/damp: SGM has no neuron with alpha < 0.5 to match; pass --top-k K (or use 03's det0/damp)")
     top = torch.argsort(alphas["sgm"], stable=True)[:k]
     alphas["base"] = torch.ones_like(alphas["sgm"])
     alphas["det0"] = alphas["base"].clone().index_fill_(0, top, 0.0)
     alphas["damp"] = alphas["base"].clone().index_fill_(0, top, 0.5)
     for strength in strengths:
         alphas[f"sgm@{strength:g}"] = (1 - strength * (1 - alphas["sgm"])).clamp(min=0)
-        if "sgm" in shifts:  # lambda s: the scale unclipped (transport may scale up) and the shift times s
-            alphas[f"sgm@{strength:g}"] = 1 - strength * (1 - alphas["sgm"])
-            shifts[f"sgm@{strength:g}"] = strength * shifts["sgm"]
+    shifts = transport_conditions(alphas, tensors, suppression_meta["settings"]["strength"], sites, cfg["seed"])
     if {"det0", "damp"} & set(methods):
         print(f"det0/damp change the top {k} neurons")
 # The positive control: a model built with a planted toxic expert (tools/plant.py, `make planted`) carries a record of
@@ -274,9 +257,8 @@ if planted_record.exists() and suppression_meta is not None:
           f"rank {planted['rank']} of {planted['n_neurons']}"
           + (f"; writer score rank {planted['writer_rank']}" if "writer_rank" in planted else "")
           + f"; SGM alpha {planted['alpha_sgm']:.3f} (damping by the {planted['score']} score)")
-changed = None if "sgm" not in alphas else (alphas["sgm"] != 1) | (shifts["sgm"] != 0 if "sgm" in shifts else False)
 print(f"{len(items)} {cfg['split']} items in {len(groups)} (condition, label) groups; methods {', '.join(methods)}; "
-      f"{0 if changed is None else int(changed.sum())} neurons {'mapped' if 'sgm' in shifts else 'damped'}"
+      f"{int((alphas['sgm'] != 1).sum()) if 'sgm' in alphas else 0} neurons damped"
       + (f"; generating on {', '.join(f'{n}={e.url}' for n, e in served.items())}" if served else ""))
 
 
@@ -292,9 +274,8 @@ resume = served_models.AnswerCache(Path(run_dir) / f"{cfg['report']}.partial" / 
 if resume.values:
     print(f"note: resuming a killed run: {len(resume.values)} answers kept in {resume.path}")
 resume_model = [model_meta, str(resolve_model_path(cfg["model"])), cfg["device"], cfg["max_new_tokens"]]
-alpha_sha256 = {neurons: hashlib.sha256(alpha.numpy().tobytes() + (shifts[neurons].numpy().tobytes()
-                                                                    if neurons in shifts else b"")).hexdigest()
-                for neurons, alpha in alphas.items()}  # a shift is part of the key (act-mean's alpha is all ones)
+alpha_sha256 = {n: hashlib.sha256(torch.cat([a, shifts.get(n, a[:0])]).numpy().tobytes()).hexdigest()  # a map: + shift
+                for n, a in alphas.items()}
 
 
 answers = {}   # method -> list of answer strings (items order)

@@ -490,3 +490,20 @@ def transport_scale_shift(omega, beta, strength):
     x + lambda (omega x + beta - x) = scale * x + shift: scale = 1 + lambda (omega - 1), shift = lambda beta."""
     omega, beta = torch.as_tensor(omega).float(), torch.as_tensor(beta).float()
     return 1 + strength * (omega - 1), strength * beta
+
+
+def transport_conditions(alphas, tensors, strength, sites, seed):
+    """04_evaluate.py's conditions for a transport map (tensors omega, beta): sets alphas["sgm"] and
+    alphas["random"], and each alphas["sgm@s"] already there, to their scale, and returns their shifts. random: the
+    same (omega, beta) pairs moved together by matched_random_control's permutations; sgm@s: lambda s (the scale
+    unclipped: a map may scale up). A damping artifact (alpha only) changes nothing and has no shifts: {}."""
+    if "omega" not in tensors:
+        return {}
+    sizes = [len(part) for part in split_by_site(tensors["omega"], sites)]
+    shuffled = matched_random_control(torch.stack([tensors["omega"], tensors["beta"]], 1), sizes, seed)
+    maps = dict(sgm=transport_scale_shift(tensors["omega"], tensors["beta"], strength),
+                random=transport_scale_shift(shuffled[:, 0], shuffled[:, 1], strength))
+    maps.update({name: transport_scale_shift(tensors["omega"], tensors["beta"], strength * float(name[4:]))
+                 for name in alphas if name.startswith("sgm@")})
+    alphas.update({name: scale for name, (scale, _) in maps.items()})
+    return {name: shift for name, (_, shift) in maps.items()}

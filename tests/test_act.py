@@ -329,7 +329,7 @@ def test_evaluate_applies_the_map_and_its_control(tiny_act):
     perplexity = {row["method"]: row["perplexity"] for row in results["fluency"]}
     # act-mean's alpha is all ones: only its shift can move the perplexity away from base's
     assert perplexity["sgm"] != perplexity["base"] and perplexity["random"] != perplexity["base"]
-    with pytest.raises(UserError, match="transport map") as error:
+    with pytest.raises(UserError, match="det0/damp: SGM has no neuron") as error:
         run_stage("04_evaluate.py", "--model", "tiny", "--run", "t", "--data", data, "--methods", "base,det0",
                   cwd=folder)
     assert "\n" not in error.value.message
