@@ -1,7 +1,9 @@
-"""Stage 3: expertise (AUROC, or the writer score) -> one damping factor alpha per neuron -> runs/<run>/suppression.pt
+"""Stage 3: expertise (AUROC, or the writer score) -> a damping factor alpha (or a transport map) per neuron
+-> runs/<run>/suppression.pt
 
     python 03_suppress.py --run demo                          # SGM/AurA soft damping (what `make suppress` runs)
     python 03_suppress.py --run demo --method det0 --top-k 500
+    python 03_suppress.py --run demo --method act --out suppression-act.pt           # transport (Linear-AcT)
 
 Methods (alpha multiplies the neuron's input to down_proj; 1 = untouched, 0 = silenced):
   aura       SGM's default (AurA):  alpha = 1 - 2 (AUROC - 0.5) = 2 (1 - AUROC) if AUROC > 0.5, else 1.
@@ -10,6 +12,23 @@ Methods (alpha multiplies the neuron's input to down_proj; 1 = untouched, 0 = si
   damp       multiply the top-k neurons by --damp-factor, others 1.
   published  COMPATIBILITY ONLY: the published multimodal code's threshold 0.3 with the same formula, which
              AMPLIFIES neurons with AUROC in (0.3, 0.5) (alpha up to 1.4). Kept to reproduce their numbers.
+Transport at the same neurons (a peer of damping, not SGM; the same hook site, artifact and random control):
+  act        Linear-AcT (Rodriguez et al. ICLR 2025, apple/ml-act): per neuron the affine map omega x + beta that
+             carries its toxic calibration rows' distribution onto its clean rows' (1-D optimal transport from
+             sorted samples: both sorted, coupled quantile by quantile, least squares over the pairs; see
+             transport_maps), applied at every position as x + lambda (omega x + beta - x), lambda = --strength.
+  act-mean   its mean-only form, omega = 1, beta = mean(clean) - mean(toxic): a per-neuron shift (the neuron-level
+             face of mean-difference steering: CAA, ActAdd, ITI).
+  Every neuron by default; --top-k k maps only the k most expert by --score (--layers, --select, --normalise
+  narrow the set as for damping); the others keep omega = 1, beta = 0. suppression.pt then holds omega and
+  beta beside alpha (all 1); damping methods write alpha alone, byte for byte as before transport existed.
+  The rows are 01's, one per calibration item (or continuation), each neuron POOLED over the item's positions
+  (mean by default): the same rows 02 scores, read from activations.npz (the one expertise.npz was scored from,
+  checked). apple/ml-act also estimates from activations pooled per sentence (mean pooling in its toxicity
+  setup), then applies the map to every token; a mean over T positions is narrower than the per-token values it
+  averages, so omega is fitted on a narrower range than the map meets in generation, and beta on the pooled
+  means, which per-token means equal only when every row has as many positions. Whether that matters is
+  measured against per-token estimates in RESULTS (not yet: issue 30).
 Knobs: --strength s scales the damping, alpha_s = clip(1 - s (1 - alpha), 0, 1) (s = 1 is the method itself,
 s = 0 is the unmodified model); --top-k k keeps only the k most expert neurons (0 = all, aura/published);
 --layers a:b restricts to decoder layers a..b-1; --normalise layer rescales expertise within each layer so that
@@ -48,6 +67,14 @@ the original loads it with AutoModelForImageTextToText.from_pretrained, no hooks
 shuffled within each layer with --seed, which must equal 04's --seed, 0 by default), so that base, sgm and
 random can all be served (04_evaluate.py --endpoint; docs/MODELS.md, "Past one GPU"). suppression.pt is SGM's alpha
 either way.
+A transport map bakes too: its scale 1 + lambda (omega - 1) folds into the columns as alpha does, and its shift
+lambda beta needs a bias on down_proj (b = W @ shift: what the shifted neurons write). Families whose text config
+has `mlp_bias` take it (Llama-based: LLaVA-1.5, LLaVA-NeXT on Vicuna/Llama, `tiny`); the others (Gemma 3, so
+the demo; Qwen2/2.5/3-VL, Idefics3/SmolVLM, PaliGemma, InternVL3, mixture-of-experts) build down_proj without
+a bias and their loader would drop one, so they are refused in one line: evaluate them in process (04).
+
+    python 03_suppress.py --run llava15 --method act --export exports/llava15-act
+
 A checkpoint without a chat template also gets sgm_chat_template.jinja, a template that renders a chat request
 exactly as the in-process fallback prompt (image placeholder, then the text): serve it with
 `vllm serve DIR --chat-template DIR/sgm_chat_template.jinja`; in-process loading ignores the file.
@@ -70,14 +97,16 @@ from sgm.artifacts import (check_writable, disk_fault, load_npz, lock_folder, sa
                            write_text)
 from sgm.endpoint import TEMPLATE_FILE, fallback_chat_template  # noqa: E402
 from sgm.models import load_model, resolve_model_path  # noqa: E402
-from sgm.neurons import EXPERTISE_SCORES, fold_alpha, matched_random_control, neurons_per_layer  # noqa: E402
+from sgm.neurons import (EXPERTISE_SCORES, FusedExperts, fold_alpha, matched_random_control,  # noqa: E402
+                         neurons_per_layer, transport_scale_shift)
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
     run="demo",          # reads runs/<run>/expertise.npz, writes runs/<run>/suppression.pt
-    method="aura",       # aura | det0 | damp | published
-    strength=1.0,        # 1 = the method as published; 0 = no change; >1 damps harder (clipped at alpha 0)
-    top_k=0,             # aura/published: only the k highest-AUROC neurons (0 = all); det0/damp: required
+    method="aura",       # aura | det0 | damp | published (damping, alpha) | act | act-mean (transport, see above)
+    strength=1.0,        # 1 = the method as published; 0 = no change; >1 damps harder (clipped at alpha 0);
+                         # act/act-mean: lambda of x + lambda (omega x + beta - x)
+    top_k=0,             # aura/published/act: only the k most expert neurons (0 = all); det0/damp: required
     damp_factor=0.5,     # damp: alpha of the top-k neurons
     layers="",           # "a:b" = decoder layers a..b-1 only (empty = all)
     normalise="",        # "layer" = rescale AUROC within each layer (see above); empty = as measured
@@ -93,7 +122,9 @@ defaults = dict(
     seed=0,              # --random-control: the shuffle's seed (04_evaluate.py --seed, 0 by default)
     score="auto",        # auto (= 02_score.py --score, recorded in expertise.npz) | activation | writer | writer-t
 )
-METHODS = ("aura", "det0", "damp", "published")
+DAMPING = ("aura", "det0", "damp", "published")  # alpha only: suppression.pt holds alpha, as it always did
+TRANSPORT = ("act", "act-mean")                   # a map per neuron: suppression.pt also holds omega and beta
+METHODS = DAMPING + TRANSPORT
 SELECTIONS = ("all", "significant")
 
 
@@ -108,8 +139,8 @@ def top_k_mask(auroc, k):
 
 def alpha_from_auroc(auroc, method="aura", strength=1.0, top_k=0, damp_factor=0.5, eligible=None):
     """alpha per neuron (float64). `eligible` (bool mask) limits which neurons may be changed."""
-    if method not in METHODS:
-        fail(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    if method not in DAMPING:
+        fail(f"unknown --method {method!r}; use one of {', '.join(DAMPING)}")
     eligible = np.ones(auroc.size, dtype=bool) if eligible is None else eligible
     scores = np.where(eligible, auroc, -np.inf)  # ineligible neurons can never be in a top-k
     if method in ("det0", "damp"):
@@ -125,6 +156,46 @@ def alpha_from_auroc(auroc, method="aura", strength=1.0, top_k=0, damp_factor=0.
     alpha = 1.0 - strength * (1.0 - alpha)
     # Clip to [0, 1] — except the published variant, whose point is that it can amplify.
     return np.clip(alpha, 0.0, None if method == "published" else 1.0)
+
+
+def quantile_coupling(n_toxic, n_clean):
+    """The 1-D optimal transport plan between two empirical distributions of n_toxic and n_clean points, for
+    sorted samples: (toxic rank, clean rank, weight) per cell. Toxic point i holds the quantile levels
+    [i/n_toxic, (i+1)/n_toxic), clean point j [j/n_clean, (j+1)/n_clean); each cell is one interval between
+    consecutive breakpoints of both grids, weighted by its width (the weights sum to 1). With equal counts it is
+    the i-th smallest toxic value matched to the i-th smallest clean one, weight 1/n each."""
+    # In units of 1 / (n_toxic n_clean), so every breakpoint is an integer.
+    cuts = np.union1d(np.arange(n_toxic + 1) * n_clean, np.arange(n_clean + 1) * n_toxic)
+    low, high = cuts[:-1], cuts[1:]
+    return low // n_clean, low // n_toxic, (high - low) / (n_toxic * n_clean)
+
+
+def transport_maps(activations, labels, mean_only=False, chunk_neurons=4096):
+    """Per neuron, the affine map omega x + beta carrying its toxic rows' values onto its clean rows' (float64).
+    Linear-AcT (Rodriguez et al. ICLR 2025): sort both samples, couple them quantile by quantile
+    (quantile_coupling: the 1-D optimal transport plan), and fit clean ~ omega toxic + beta by least squares over
+    the coupled pairs, weighted by the plan. So beta = mean(clean) - omega mean(toxic) and
+    omega = cov_plan(toxic, clean) / var(toxic) >= 0 (a monotone coupling never anti-correlates). A neuron constant
+    on the toxic rows has no slope to fit: omega = 1 there (the shift of the means). mean_only: omega = 1, beta =
+    mean(clean) - mean(toxic) (mean-difference steering at each neuron). `activations` (rows x neurons, an array
+    or artifacts.StoredMatrix) is read a column chunk at a time."""
+    toxic = np.asarray(labels).astype(bool)
+    if toxic.all() or not toxic.any():
+        fail("transport needs both toxic and clean calibration rows; activations.npz has only one kind")
+    n_neurons = activations.shape[1]
+    rank_toxic, rank_clean, weight = quantile_coupling(int(toxic.sum()), int((~toxic).sum()))
+    omega, beta = np.ones(n_neurons), np.zeros(n_neurons)
+    for start in range(0, n_neurons, chunk_neurons):
+        block = np.asarray(activations[:, start:start + chunk_neurons], dtype=np.float64)
+        a, b = np.sort(block[toxic], axis=0)[rank_toxic], np.sort(block[~toxic], axis=0)[rank_clean]
+        mean_a, mean_b = weight @ a, weight @ b
+        if not mean_only:
+            varies = a[-1] > a[0]  # sorted: constant exactly when the ends agree (a sum of equal values can round)
+            variance = np.where(varies, weight @ (a - mean_a) ** 2, 1.0)
+            omega[start:start + block.shape[1]] = np.where(varies, weight @ ((a - mean_a) * (b - mean_b)) / variance,
+                                                           1.0)
+        beta[start:start + block.shape[1]] = mean_b - omega[start:start + block.shape[1]] * mean_a
+    return omega, beta
 
 
 def normalise_per_layer(auroc, sizes):
@@ -156,9 +227,45 @@ def layer_mask(layers, sizes):
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".index.json")
 
 
-def export_checkpoint(out_dir, alpha, meta, cfg):
+def make_room_for_bias(model, sites, shift):
+    """Before a transport map with a shift is baked: each down_proj Linear needs a bias (fold_alpha gives it
+    W @ shift), and the saved checkpoint must load it back. That holds where the text config has `mlp_bias`
+    (Llama-family text models: LLaVA-1.5, LLaVA-NeXT on Vicuna/Llama, `tiny`): it is set, and every MLP Linear the
+    loader will then expect a bias on gets a zero one. Other families (Gemma 3 and so the demo, Qwen2/2.5/3-VL,
+    Idefics3/SmolVLM, PaliGemma, InternVL3, mixture-of-experts) build their MLPs without a bias, so their loader
+    would drop it silently: refused, in one line."""
+    shifted = [name for (name, site), part in zip(sites, torch.split(shift, [s.in_features for _, s in sites]))
+               if part.any()]
+    if any(isinstance(site, FusedExperts) for name, site in sites if name in shifted):
+        fail("cannot export a transport map with a shift into fused mixture-of-experts layers (no expert bias): "
+             "evaluate it in process with 04_evaluate.py, or export --method act with a zero shift")
+    text_config = model.config.get_text_config()
+    if not hasattr(text_config, "mlp_bias"):
+        fail(f"cannot export a transport map into {model.config.model_type}: its shift needs a bias on each "
+             "down_proj, which this family's MLPs lack and its loader would drop (no mlp_bias in its text config; "
+             "Llama-based families take it): evaluate it in process with 04_evaluate.py instead")
+    text_config.mlp_bias = True
+    with torch.device("meta"):
+        expected = set(type(model)(model.config).state_dict())
+    have = set(model.state_dict())
+    for key in sorted(expected - have):
+        module = model.get_submodule(key.removesuffix(".bias"))
+        if not key.endswith(".bias") or not isinstance(module, torch.nn.Linear):
+            fail(f"cannot export a transport map into {model.config.model_type}: with mlp_bias its checkpoint "
+                 f"would also need {key}, which is not an MLP bias")
+        module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
+                                                     device=module.weight.device), requires_grad=False)
+    unheld = [name for name in shifted if f"{name}.bias" not in expected]
+    if unheld:
+        fail(f"cannot export a transport map into {model.config.model_type}: its loader builds {unheld[0]} "
+             "without a bias even with mlp_bias: evaluate it in process with 04_evaluate.py instead")
+
+
+def export_checkpoint(out_dir, alpha, meta, cfg, transport=None):
     """Fold alpha into a fresh copy of the model and save it to out_dir (written beside it, then renamed).
-    With cfg["random_control"], alpha is first shuffled into 04_evaluate.py's matched random control."""
+    With cfg["random_control"], alpha is first shuffled into 04_evaluate.py's matched random control.
+    transport (omega, beta): the map at the stage's strength, its scale folded as alpha is and its shift as a
+    down_proj bias (make_room_for_bias says which families take one)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / "SGM_EXPORT.md").exists():
         fail(f"{out_dir} exists and is not an SGM export: choose a new --export folder")
@@ -177,8 +284,16 @@ def export_checkpoint(out_dir, alpha, meta, cfg):
         fail("some weights were offloaded to disk (--device auto without enough GPU and CPU memory): "
              "export on a machine that holds the whole model, e.g. --device cpu")
     if cfg["random_control"]:  # the same shuffle as 04_evaluate.py's `random` method with --seed
-        alpha = matched_random_control(alpha, [size for _, size in meta["sites"]], cfg["seed"])
-    fold_alpha(sites, alpha)
+        shuffled = matched_random_control(alpha if transport is None else torch.stack([alpha, *transport], 1),
+                                          [size for _, size in meta["sites"]], cfg["seed"])
+        alpha, transport = (shuffled, None) if transport is None else (shuffled[:, 0], shuffled[:, 1:].unbind(1))
+    shift = None
+    if transport is not None:  # x + lambda (omega x + beta - x) = scale x + shift, alpha (all ones) times scale
+        scale, shift = transport_scale_shift(*transport, meta["settings"]["strength"])
+        alpha = alpha * scale
+        if shift.any():
+            make_room_for_bias(model, sites, shift)
+    fold_alpha(sites, alpha, shift)
 
     tmp, old = (out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{part}") for part in ("tmp", "old"))
     try:
@@ -195,7 +310,7 @@ def export_checkpoint(out_dir, alpha, meta, cfg):
             write_text(tmp / TEMPLATE_FILE, fallback_chat_template(processor))
         write_text(tmp / "SGM_EXPORT.md", export_note(name, alpha, meta, str(model.dtype).removeprefix("torch."),
                                                       cfg["seed"] if cfg["random_control"] else None,
-                                                      (tmp / TEMPLATE_FILE).exists()))
+                                                      (tmp / TEMPLATE_FILE).exists(), shift))
         if out_dir.exists():  # an earlier export: swap it out, so a reader never sees a half-written folder
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
@@ -211,7 +326,7 @@ def export_checkpoint(out_dir, alpha, meta, cfg):
           "(loads with AutoModelForImageTextToText.from_pretrained, no hooks)")
 
 
-def export_note(name, alpha, meta, dtype, random_seed=None, chat_template_file=False):
+def export_note(name, alpha, meta, dtype, random_seed=None, chat_template_file=False, shift=None):
     changed = alpha != 1
     per_layer = torch.split(alpha, neurons_per_layer(meta["sites"]))  # a MoE layer's routed + shared experts
     layers = [i for i, a in enumerate(per_layer) if (a != 1).any()]
@@ -231,7 +346,11 @@ def export_note(name, alpha, meta, dtype, random_seed=None, chat_template_file=F
         "mixture-of-experts layer, each expert's down projection, per neuron of that expert). It "
         "gives the logits of the original model with the suppression hooks of this repository, and loads "
         "with `AutoModelForImageTextToText.from_pretrained` like the original, with no hooks. Nothing else "
-        "(vision tower, attention, embeddings, tokenizer, processor) was changed.", "", *template,
+        "(vision tower, attention, embeddings, tokenizer, processor) was changed.", "", *template, *([] if shift is None
+        else [f"Transport (`{meta['settings']['method']}`, strength {meta['settings']['strength']}): alpha below is "
+              "the map's scale 1 + lambda (omega - 1), and its shift lambda beta is baked as a bias on each "
+              f"down_proj, W @ shift ({int((shift != 0).sum())} neurons shifted, mlp_bias set in the text config; "
+              "biases that are all zero were added where the loader expects one).", ""]),
         f"- source model: `{name}` (alpha computed on `{meta['model']}`)",
         f"- method: `{meta['settings']['method']}`, settings {json.dumps(meta['settings'])}",
         f"- calibration: {json.dumps(meta['calibration'])}",
@@ -257,8 +376,8 @@ if __name__ == "__main__":
         fail(f"--fdr must be between 0 and 1 (e.g. 0.05), got {cfg['fdr']}")
     # A negative strength would turn every damping into amplification, which the clip then erases: no change.
     check_range(cfg, "strength", low=0, fix="0 leaves the model as it is, 1 is the method, 2 damps twice as hard")
-    check_range(cfg, "top_k", low=0 if cfg["method"] in ("aura", "published") else 1,
-                fix="how many of the most expert neurons to change (aura/published: 0 = all; det0/damp need k >= 1)")
+    check_range(cfg, "top_k", low=0 if cfg["method"] in ("aura", "published", *TRANSPORT) else 1,
+                fix="how many of the most expert neurons to change (aura/published/act: 0 = all; det0/damp: k >= 1)")
     # damp scales neurons down; above 1 it would amplify them
     check_range(cfg, "damp_factor", low=0, high=1, fix="the alpha of the top-k neurons, e.g. 0.5 (0 = det0)")
     check_range(cfg, "seed", low=0, fix="any seed >= 0 (the random control's; 04_evaluate.py --seed)")
@@ -309,30 +428,59 @@ if __name__ == "__main__":
         print("WARNING: no neuron is eligible, so alpha = 1 everywhere (the unmodified model)")
     elif cfg["method"] in ("det0", "damp") and n_eligible < cfg["top_k"]:
         print(f"note: only {n_eligible} eligible neurons, fewer than --top-k {cfg['top_k']}: all of them change")
-    alpha = alpha_from_auroc(auroc, cfg["method"], cfg["strength"], cfg["top_k"], cfg["damp_factor"], eligible)
-
-    changed = alpha != 1
-    print(f"method {cfg['method']} strength {cfg['strength']}: {int(changed.sum())} of {alpha.size} neurons "
-          f"changed, {int((alpha < 0.5).sum())} with alpha < 0.5, min alpha {alpha.min():.3f}, "
-          f"total damping sum(1 - alpha) = {(1 - alpha).sum():.1f}")
+    tensors, transport = {}, None
+    if cfg["method"] in TRANSPORT:  # a map per neuron from 02's own rows; alpha stays 1 (see the docstring)
+        if cfg["top_k"] > auroc.size:
+            fail(f"--top-k must be between 0 and {auroc.size}, got {cfg['top_k']}")
+        chosen = eligible & (top_k_mask(np.where(eligible, auroc, -np.inf), cfg["top_k"]) if cfg["top_k"] else True)
+        rows, rows_meta = load_npz(f"{run_dir}/activations.npz", rerun_hint="01_collect.py", required=["labels"],
+                                   in_file=["activations"])
+        if rows_meta["fingerprint"] != upstream["upstream"]["activations.npz"]:
+            fail(f"{run_dir}/activations.npz is not the one expertise.npz was scored from: rerun 02_score.py")
+        omega, beta = transport_maps(rows["activations"], rows["labels"], cfg["method"] == "act-mean")
+        omega, beta = np.where(chosen, omega, 1.0), np.where(chosen, beta, 0.0)
+        alpha = np.ones(auroc.size)
+        tensors = dict(omega=torch.tensor(omega, dtype=torch.float32), beta=torch.tensor(beta, dtype=torch.float32))
+        transport = dict(n_toxic=int(rows["labels"].sum()), n_clean=int((rows["labels"] == 0).sum()),
+                         rows=f"pooled ({rows_meta['settings'].get('pooling', 'mean')}) calibration rows",
+                         n_mapped=int(chosen.sum()))
+        changed = (omega != 1) | (beta != 0)
+        print(f"method {cfg['method']} strength {cfg['strength']}: {int(changed.sum())} of {alpha.size} neurons "
+              f"mapped from {transport['n_toxic']} toxic onto {transport['n_clean']} clean rows; omega median "
+              f"{np.median(omega[chosen]) if chosen.any() else 1:.3f}, mean |beta| "
+              f"{np.abs(beta[chosen]).mean() if chosen.any() else 0:.4g}")
+    else:
+        alpha = alpha_from_auroc(auroc, cfg["method"], cfg["strength"], cfg["top_k"], cfg["damp_factor"], eligible)
+        changed = alpha != 1
+        print(f"method {cfg['method']} strength {cfg['strength']}: {int(changed.sum())} of {alpha.size} neurons "
+              f"changed, {int((alpha < 0.5).sum())} with alpha < 0.5, min alpha {alpha.min():.3f}, "
+              f"total damping sum(1 - alpha) = {(1 - alpha).sum():.1f}")
     meta = dict({k: upstream[k] for k in ("model", "sites", "dtype", "data", "data_checksum")},
                 stage="03_suppress", upstream={"expertise.npz": upstream["fingerprint"]},
                 calibration=upstream["upstream_settings"], score=score,
                 settings={k: cfg[k] for k in ("method", "strength", "top_k", "damp_factor", "layers", "normalise",
                                               "select", "fdr")},
                 n_eligible=n_eligible, n_changed=int(changed.sum()), n_alpha_below_half=int((alpha < 0.5).sum()))
-    saved = save_pt(f"{run_dir}/{cfg['out']}", {"alpha": torch.tensor(alpha, dtype=torch.float32)}, meta)
+    if transport:  # only then: an alpha-only artifact keeps exactly the meta it always had
+        meta["upstream"]["activations.npz"] = upstream["upstream"]["activations.npz"]
+        meta["transport"] = transport
+    saved = save_pt(f"{run_dir}/{cfg['out']}", {"alpha": torch.tensor(alpha, dtype=torch.float32), **tensors}, meta)
 
     fig, (ax_hist, ax_layer) = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax_hist.hist(alpha[changed], bins=50, color="C3")
-    ax_hist.set(xlabel="alpha (changed neurons only)", ylabel="neurons",
+    shown, what = ((omega, "omega") if cfg["method"] == "act" else (beta, "beta")) if transport else (alpha, "alpha")
+    ax_hist.hist(shown[changed], bins=50, color="C3")
+    ax_hist.set(xlabel=f"{what} (changed neurons only)", ylabel="neurons",
                 title=f"{cfg['method']} x{cfg['strength']}: {int(changed.sum())} neurons changed")
     per_layer = [(1 - a).sum() for a in np.split(alpha, np.cumsum(sizes)[:-1])]
+    if transport:
+        per_layer = [np.abs(b).sum() for b in np.split(cfg["strength"] * beta, np.cumsum(sizes)[:-1])]
     ax_layer.bar(range(len(sizes)), per_layer, color="C3")
-    ax_layer.set(xlabel="decoder layer", ylabel="sum of (1 - alpha)", title="damping per layer")
+    ax_layer.set(xlabel="decoder layer", ylabel="sum of |lambda beta|" if transport else "sum of (1 - alpha)",
+                 title="shift per layer" if transport else "damping per layer")
     fig.tight_layout()
     save_figure(fig, f"{run_dir}/{cfg['out'].rsplit('.', 1)[0]}.png", dpi=110)
     plt.close(fig)
     print(f"wrote {run_dir}/{cfg['out']} (fingerprint {saved['fingerprint'][:12]})")
     if cfg["export"]:
-        export_checkpoint(cfg["export"], torch.tensor(alpha, dtype=torch.float32), saved, cfg)
+        export_checkpoint(cfg["export"], torch.tensor(alpha, dtype=torch.float32), saved, cfg,
+                          (tensors["omega"], tensors["beta"]) if transport else None)

@@ -8,10 +8,10 @@
 
 Methods (all on the same items, greedy decoding, so every comparison is paired):
   base        the unmodified model
-  sgm         the damping factors of runs/<run>/suppression.pt (stage 3)
+  sgm         the damping factors of runs/<run>/suppression.pt (stage 3), or its transport map (03 --method act)
   random      control: the same alpha values shuffled across neurons within each layer (same damping per
               layer, random neurons; a mixture-of-experts layer's routed experts and shared expert each apart)
-              — an effect that also shows here is not due to the chosen neurons
+              — an effect that also shows here is not due to the chosen neurons (a map: its (omega, beta) pairs)
   det0, damp  baselines: zero (det0) or halve (damp) the top-k neurons by expertise, k = SGM's number of
               neurons with alpha < 0.5 (`--top-k` overrides); the ranking is read from SGM's alpha
   prompt      a static safety instruction (SAFETY_INSTRUCTION below) before the item's text (AdaShield-style)
@@ -78,7 +78,7 @@ from sgm.artifacts import check_same_model, load_npz, load_pt, lock_folder, writ
 from sgm.judges import (JUDGE, REFUSAL, REFUSAL_PHRASES, check_judges, detoxify_judge, guard_judge, judge_toxicity,
                         llm_judge, probe_correct, probe_words)
 from sgm.models import continuation_nll, load_model, resolve_model_path, text_nll
-from sgm.neurons import matched_random_control, split_by_site, suppress_neurons
+from sgm.neurons import matched_random_control, split_by_site, suppress_neurons, transport_conditions
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -215,7 +215,7 @@ else:
 if reused and model is not None and reused["sites"] != model_meta["sites"]:
     fail(f"--base-from {cfg['base_from']} was made on other neuron sites than model {cfg['model']!r}: rerun it")
 alphas = {"base": torch.ones(sum(module.in_features for _, module in sites))} if model is not None else {}
-suppression_meta = None  # e.g. `--methods base` evaluates the model as it is, such as an exported checkpoint
+suppression_meta, shifts = None, {}  # e.g. `--methods base`: the model as it is; shifts: 03 --method act's maps
 if any(neurons_of(method) != "base" for method in methods):
     tensors, suppression_meta = load_pt(f"{run_dir}/{cfg['suppression']}", rerun_hint="03_suppress.py")
     if model is None:  # served: the neuron sites are the suppression's (the servers run its exports)
@@ -232,14 +232,15 @@ if any(neurons_of(method) != "base" for method in methods):
         alphas["sgm"], [t.numel() for t in split_by_site(alphas["sgm"], sites)], cfg["seed"])
     # det0/damp: the k most expert neurons; alpha falls as AUROC rises, so the lowest alphas are the top-k.
     k = cfg["top_k"] or int((alphas["sgm"] < 0.5).sum())
-    if {"det0", "damp"} & set(methods) and k == 0:
-        fail("det0/damp: SGM has no neuron with alpha < 0.5 to match; pass --top-k K")
+    if {"det0", "damp"} & set(methods) and (k == 0 or "omega" in tensors):  # a transport map has no alpha to rank
+        fail("det0/damp: SGM has no neuron with alpha < 0.5 to match; pass --top-k K (or use 03's det0/damp)")
     top = torch.argsort(alphas["sgm"], stable=True)[:k]
     alphas["base"] = torch.ones_like(alphas["sgm"])
     alphas["det0"] = alphas["base"].clone().index_fill_(0, top, 0.0)
     alphas["damp"] = alphas["base"].clone().index_fill_(0, top, 0.5)
     for strength in strengths:
         alphas[f"sgm@{strength:g}"] = (1 - strength * (1 - alphas["sgm"])).clamp(min=0)
+    shifts = transport_conditions(alphas, tensors, suppression_meta["settings"]["strength"], sites, cfg["seed"])
     if {"det0", "damp"} & set(methods):
         print(f"det0/damp change the top {k} neurons")
 # The positive control: a model built with a planted toxic expert (tools/plant.py, `make planted`) carries a record of
@@ -273,7 +274,8 @@ resume = served_models.AnswerCache(Path(run_dir) / f"{cfg['report']}.partial" / 
 if resume.values:
     print(f"note: resuming a killed run: {len(resume.values)} answers kept in {resume.path}")
 resume_model = [model_meta, str(resolve_model_path(cfg["model"])), cfg["device"], cfg["max_new_tokens"]]
-alpha_sha256 = {neurons: hashlib.sha256(alpha.numpy().tobytes()).hexdigest() for neurons, alpha in alphas.items()}
+alpha_sha256 = {n: hashlib.sha256(torch.cat([a, shifts.get(n, a[:0])]).numpy().tobytes()).hexdigest()  # a map: + shift
+                for n, a in alphas.items()}
 
 
 answers = {}   # method -> list of answer strings (items order)
@@ -307,7 +309,7 @@ for method in methods:
             nll = server.text_nll(fluency_items, f"{neurons_of(method)}: text perplexity")
             perplexity[neurons_of(method)] = None if nll is None else float(np.exp(nll.mean()))
     else:
-        with suppress_neurons(sites, alphas[neurons_of(method)]):
+        with suppress_neurons(sites, alphas[neurons_of(method)], shifts.get(neurons_of(method))):
             texts, ids = generate(model, processor, shown, cfg["max_new_tokens"], cfg["batch_size"],
                                   desc=f"{method}: generate",
                                   cache=(resume, [*resume_model, alpha_sha256[neurons_of(method)]]))
@@ -318,7 +320,7 @@ for method in methods:
     if cfg["samples"]:  # N sampled answers per item, seeded per method so that a rerun samples the same
         torch.manual_seed(cfg["seed"])
         repeated = [item for item in shown[:len(items)] for _ in range(cfg["samples"])]
-        with suppress_neurons(sites, alphas[neurons_of(method)]):
+        with suppress_neurons(sites, alphas[neurons_of(method)], shifts.get(neurons_of(method))):
             sampled, _ = generate(model, processor, repeated, cfg["max_new_tokens"], cfg["batch_size"],
                                   desc=f"{method}: sample x{cfg['samples']}", top_k=cfg["sample_top_k"])
         samples[method] = sampled
@@ -369,7 +371,7 @@ if cfg["selectivity"]:
         text (None when that server gives no log-probabilities)."""
         if served:
             return served[neurons].continuation_nll(teacher_items, teacher_texts, f"{neurons}: teacher-forced")
-        with suppress_neurons(sites, alphas[neurons]):
+        with suppress_neurons(sites, alphas[neurons], shifts.get(neurons)):
             return continuation_nll(model, processor, teacher_items, teacher_tokens, cfg["batch_size"],
                                     f"{neurons}: teacher-forced")
     base_nll = teacher_nll("base")

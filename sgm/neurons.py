@@ -375,31 +375,45 @@ def record_writes(model, sites):
 
 
 @contextmanager
-def suppress_neurons(sites, alpha):
-    """Multiply each down_proj input by alpha (flat, all sites) while inside. Sites whose alpha is all ones are
-    not touched, so they cost nothing and stay bit-identical.
+def suppress_neurons(sites, alpha, shift=None):
+    """Multiply each down_proj input by alpha (flat, all sites) while inside; with `shift` (flat, as alpha: a
+    transport map, 03_suppress.py --method act) set it to alpha * x + shift instead. Sites whose alpha is all
+    ones (and shift all zeros) are not touched, so they cost nothing and stay bit-identical.
 
-    A Linear gets a forward pre-hook (removed on exit, also on error). Fused experts have no per-expert module
-    to hook, so alpha is folded into their down_proj rows in place (the same product fold_alpha bakes) and the
-    original values of the changed entries are put back on exit, bit for bit; a copy of those entries is held
-    meanwhile (at most the experts' down_proj size)."""
+    A Linear gets a forward pre-hook (removed on exit, also on error): x * alpha in the activation's dtype, or,
+    with a shift, (alpha * x + shift) computed in float32 and cast back (bf16/fp16 safe). Fused experts have no
+    per-expert module to hook, so alpha is folded into their down_proj rows in place (the same product
+    fold_alpha bakes) and the original values of the changed entries are put back on exit, bit for bit; a copy
+    of those entries is held meanwhile (at most the experts' down_proj size). A routed neuron's shift is what its
+    expert writes for it, W_e @ shift_e, added to the experts' output on the tokens routed to that expert,
+    times the router's weight, as the expert's own output is (a routed neuron is 0 on the other tokens, and
+    stays 0 there: its expert does not run)."""
     handles, saved = [], []
+    shifts = [None] * len(sites) if shift is None else split_by_site(torch.as_tensor(shift).float(), sites)
     try:
-        for (name, site), factor in zip(sites, split_by_site(torch.as_tensor(alpha).float(), sites)):
-            if torch.all(factor == 1):
+        for (name, site), factor, offset in zip(sites, split_by_site(torch.as_tensor(alpha).float(), sites), shifts):
+            if offset is not None and not offset.any():
+                offset = None
+            if torch.all(factor == 1) and offset is None:
                 continue
             if isinstance(site, FusedExperts):
                 columns = site.columns()
                 if columns.is_meta:
                     fail(f"cannot damp {name}: its weights are offloaded (device_map put them on disk); give the "
                          "model enough GPU/CPU memory, or export with 03_suppress.py --export and serve that")
+                if offset is not None:  # what each expert writes for its neurons' shifts, from the unscaled weights
+                    table = torch.einsum("ei,eih->eh", offset.view(site.n_experts, site.width).to(columns.device),
+                                         columns.float())
+                    handles.append(site.experts.register_forward_hook(
+                        lambda module, args, kwargs, output, table=table: routed_shift(table, args, kwargs, output),
+                        with_kwargs=True))
                 factor = factor.view(site.n_experts, site.width).to(columns.device)
                 changed = factor != 1
                 with torch.no_grad():
                     saved.append((columns, changed, columns[changed].clone()))
                     columns.mul_(factor.to(columns.dtype)[..., None])
                 continue
-            cast = {}  # alpha in the activation's dtype and device, made once per (dtype, device)
+            cast = {}  # alpha (and shift) in the activation's dtype (float32 with a shift) and device, made once
 
             def hook(module, args, factor=factor, cast=cast):
                 x = args[0]
@@ -407,7 +421,14 @@ def suppress_neurons(sites, alpha):
                 if key not in cast:
                     cast[key] = factor.to(dtype=x.dtype, device=x.device)
                 return (x * cast[key],) + tuple(args[1:])
-            handles.append(site.register_forward_pre_hook(hook))
+
+            def affine_hook(module, args, factor=factor, offset=offset, cast=cast):
+                x = args[0]
+                if x.device not in cast:
+                    cast[x.device] = (factor.to(x.device), offset.to(x.device))
+                scale, add = cast[x.device]
+                return (torch.addcmul(add, x.float(), scale).to(x.dtype),) + tuple(args[1:])
+            handles.append(site.register_forward_pre_hook(hook if offset is None else affine_hook))
         yield
     finally:
         for handle in handles:
@@ -417,23 +438,72 @@ def suppress_neurons(sites, alpha):
                 columns[changed] = original
 
 
+def routed_shift(table, args, kwargs, output):
+    """The experts' output plus, per token, sum over its chosen experts e of router weight x table[e] (table:
+    experts x hidden, float32); an index past the last expert (padding in some implementations) adds nothing."""
+    top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+    top_k_weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+    padded = torch.cat([table, table.new_zeros(1, table.shape[1])]).to(output.device)
+    index = top_k_index.clamp(max=table.shape[0]).to(output.device)
+    added = torch.einsum("tk,tkh->th", top_k_weights.float().to(output.device), padded[index])
+    return (output.float() + added).to(output.dtype)
+
+
 @torch.no_grad()
-def fold_alpha(sites, alpha):
+def fold_alpha(sites, alpha, shift=None):
     """Bake alpha into the weights: column m of a down_proj Linear times alpha_m (the same logits as the hooks
-    without hooks); for fused experts, each expert's down projection row for its neuron m."""
-    for (_, site), factor in zip(sites, split_by_site(torch.as_tensor(alpha).float(), sites)):
+    without hooks); for fused experts, each expert's down projection row for its neuron m. With `shift` (a
+    transport map), each down_proj Linear also gets the bias W @ shift (computed from the unscaled weight, added
+    to its own bias if it has one); fused experts have no bias to hold a shift and are refused.
+    (03_suppress.py --export first checks that the checkpoint's loader will read such a bias back.)"""
+    shifts = [None] * len(sites) if shift is None else split_by_site(torch.as_tensor(shift).float(), sites)
+    for (name, site), factor, offset in zip(sites, split_by_site(torch.as_tensor(alpha).float(), sites), shifts):
         if isinstance(site, FusedExperts):
+            if offset is not None and offset.any():
+                fail(f"cannot bake a transport shift into {name}: fused experts have no bias (evaluate it in "
+                     "process with 04_evaluate.py instead)")
             columns = site.columns()
             columns.mul_(factor.view(site.n_experts, site.width, 1).to(columns.device, columns.dtype))
-        else:
-            site.weight.mul_(factor.to(site.weight.device, site.weight.dtype)[None, :])
+            continue
+        if offset is not None and offset.any():
+            written = site.weight.float() @ offset.to(site.weight.device)
+            if site.bias is None:
+                site.bias = torch.nn.Parameter(written.to(site.weight.dtype), requires_grad=False)
+            else:
+                site.bias.copy_((site.bias.float() + written).to(site.bias.dtype))
+        site.weight.mul_(factor.to(site.weight.device, site.weight.dtype)[None, :])
 
 
 def matched_random_control(alpha, sizes, seed):
     """SGM's alpha values shuffled across neurons within each site (`sizes`: neurons per site; a site is a
     decoder layer's MLP, or a mixture-of-experts layer's routed experts or shared expert): the same damping per
     site on random neurons, with a torch generator seeded `seed`. 04_evaluate.py's `random` method and the
-    export that serves it (03_suppress.py --random-control)."""
+    export that serves it (03_suppress.py --random-control). `alpha` may also be neurons x k (a transport map's
+    alpha, omega and beta side by side): the rows move together, by the same permutations as a vector's."""
     generator = torch.Generator().manual_seed(seed)
     alpha = torch.as_tensor(alpha)
-    return torch.cat([site[torch.randperm(site.numel(), generator=generator)] for site in torch.split(alpha, sizes)])
+    return torch.cat([site[torch.randperm(len(site), generator=generator)] for site in torch.split(alpha, sizes)])
+
+
+def transport_scale_shift(omega, beta, strength):
+    """A transport map (omega, beta per neuron; 03_suppress.py --method act) applied at strength lambda,
+    x + lambda (omega x + beta - x) = scale * x + shift: scale = 1 + lambda (omega - 1), shift = lambda beta."""
+    omega, beta = torch.as_tensor(omega).float(), torch.as_tensor(beta).float()
+    return 1 + strength * (omega - 1), strength * beta
+
+
+def transport_conditions(alphas, tensors, strength, sites, seed):
+    """04_evaluate.py's conditions for a transport map (tensors omega, beta): sets alphas["sgm"] and
+    alphas["random"], and each alphas["sgm@s"] already there, to their scale, and returns their shifts. random: the
+    same (omega, beta) pairs moved together by matched_random_control's permutations; sgm@s: lambda s (the scale
+    unclipped: a map may scale up). A damping artifact (alpha only) changes nothing and has no shifts: {}."""
+    if "omega" not in tensors:
+        return {}
+    sizes = [len(part) for part in split_by_site(tensors["omega"], sites)]
+    shuffled = matched_random_control(torch.stack([tensors["omega"], tensors["beta"]], 1), sizes, seed)
+    maps = dict(sgm=transport_scale_shift(tensors["omega"], tensors["beta"], strength),
+                random=transport_scale_shift(shuffled[:, 0], shuffled[:, 1], strength))
+    maps.update({name: transport_scale_shift(tensors["omega"], tensors["beta"], strength * float(name[4:]))
+                 for name in alphas if name.startswith("sgm@")})
+    alphas.update({name: scale for name, (scale, _) in maps.items()})
+    return {name: shift for name, (_, shift) in maps.items()}
