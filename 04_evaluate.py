@@ -240,7 +240,7 @@ if any(neurons_of(method) != "base" for method in methods):
     alphas["damp"] = alphas["base"].clone().index_fill_(0, top, 0.5)
     for strength in strengths:
         alphas[f"sgm@{strength:g}"] = (1 - strength * (1 - alphas["sgm"])).clamp(min=0)
-    shifts = transport_conditions(alphas, tensors, suppression_meta["settings"]["strength"], sites, cfg["seed"])
+    shifts = transport_conditions(alphas, tensors, suppression_meta.get("settings", {}), sites, cfg["seed"])
     if {"det0", "damp"} & set(methods):
         print(f"det0/damp change the top {k} neurons")
 # The positive control: a model built with a planted toxic expert (tools/plant.py, `make planted`) carries a record of

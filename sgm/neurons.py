@@ -492,13 +492,17 @@ def transport_scale_shift(omega, beta, strength):
     return 1 + strength * (omega - 1), strength * beta
 
 
-def transport_conditions(alphas, tensors, strength, sites, seed):
-    """04_evaluate.py's conditions for a transport map (tensors omega, beta): sets alphas["sgm"] and
-    alphas["random"], and each alphas["sgm@s"] already there, to their scale, and returns their shifts. random: the
-    same (omega, beta) pairs moved together by matched_random_control's permutations; sgm@s: lambda s (the scale
-    unclipped: a map may scale up). A damping artifact (alpha only) changes nothing and has no shifts: {}."""
+def transport_conditions(alphas, tensors, settings, sites, seed):
+    """04_evaluate.py's conditions for a transport map (tensors omega, beta; settings: 03's, with its strength):
+    sets alphas["sgm"] and alphas["random"], and each alphas["sgm@s"] already there, to their scale, and returns
+    their shifts. random: the same (omega, beta) pairs moved together by matched_random_control's permutations;
+    sgm@s: lambda s (the scale unclipped: a map may scale up). A damping artifact (alpha only) changes nothing and
+    has no shifts: {}."""
     if "omega" not in tensors:
         return {}
+    if "strength" not in settings:
+        fail("a transport map without its strength in the suppression's settings: rerun 03_suppress.py")
+    strength = settings["strength"]
     sizes = [len(part) for part in split_by_site(tensors["omega"], sites)]
     shuffled = matched_random_control(torch.stack([tensors["omega"], tensors["beta"]], 1), sizes, seed)
     maps = dict(sgm=transport_scale_shift(tensors["omega"], tensors["beta"], strength),
