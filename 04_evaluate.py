@@ -258,7 +258,7 @@ if planted_record.exists() and suppression_meta is not None:
           + (f"; writer score rank {planted['writer_rank']}" if "writer_rank" in planted else "")
           + f"; SGM alpha {planted['alpha_sgm']:.3f} (damping by the {planted['score']} score)")
 print(f"{len(items)} {cfg['split']} items in {len(groups)} (condition, label) groups; methods {', '.join(methods)}; "
-      f"{int((alphas['sgm'] != 1).sum()) if 'sgm' in alphas else 0} neurons damped"
+      f"{int(((alphas['sgm'] != 1) | (shifts.get('sgm', 0) != 0)).sum()) if 'sgm' in alphas else 0} neurons changed"
       + (f"; generating on {', '.join(f'{n}={e.url}' for n, e in served.items())}" if served else ""))
 
 
