@@ -10,7 +10,8 @@ Absolute seconds go to bench.json too, but the ratios are the result:
                activations) vs the per-neuron sklearn.metrics.roc_auc_score loop of the original code, timed
                on a column subset and extrapolated per neuron; and vs a plain np.sort of the same matrix.
   suppression  greedy generation with neurons.suppress_neurons hooks vs the same model without hooks, and
-               with alpha folded into the weights (neurons.fold_alpha on a second copy) vs without.
+               with alpha folded into the weights (neurons.fold_alpha on a second copy) vs without; and with a
+               transport map's hooks (03 --method act: every neuron, x * scale + shift in float32) vs without.
   collection   forward of the language-model body (no LM head, as 01_collect.py) with neurons.record_neurons
                hooks vs without; and the full model forward (with the LM head) vs the body.
   writer       one responses-mode calibration step (greedy continuation of `prompts` x `new_tokens`, then the
@@ -166,12 +167,23 @@ def generate_hooked():
         return generate_greedy(model)
 
 
+# A transport map (03_suppress.py --method act) changes every neuron: every site gets the float32 affine hook.
+act_scale = 1 + 0.01 * torch.from_numpy(rng.standard_normal(n_neurons)).float()
+act_shift = 0.001 * torch.from_numpy(rng.standard_normal(n_neurons)).float()
+
+
+def generate_transported():
+    with suppress_neurons(sites, act_scale, act_shift):
+        return generate_greedy(model)
+
+
 with torch.no_grad():  # sanity: the hooks and the folded weights are the same model
     with suppress_neurons(sites, alpha):
         hooked_logits = model(**gen_batch).logits
     fold_max_abs_diff = float((hooked_logits - baked(**gen_batch).logits).abs().max())
 generation = interleaved({"base": lambda: generate_greedy(model), "hooked": generate_hooked,
-                          "baked": lambda: generate_greedy(baked)}, cfg["repeats"], "generation")
+                          "baked": lambda: generate_greedy(baked), "transport": generate_transported},
+                         cfg["repeats"], "generation")
 del baked
 
 # ---- collection: body forward with recording hooks, without, and the full model --------------------------------
@@ -304,6 +316,7 @@ result = dict(
     auroc_max_abs_diff=float(np.abs(ours[columns] - reference).max()),
     suppress_overhead=generation["hooked"] / generation["base"],
     baked_overhead=generation["baked"] / generation["base"],
+    transport_overhead=generation["transport"] / generation["base"],
     fold_max_abs_logit_diff=fold_max_abs_diff,
     collect_overhead=collection["recorded"] / collection["body"],
     lm_head_cost=collection["full"] / collection["body"],
@@ -317,7 +330,8 @@ result = dict(
     seconds=dict(auroc_ours=scoring["ours"], auroc_sort=scoring["sort"],
                  sklearn_per_neuron=sklearn_per_neuron, sklearn_extrapolated=sklearn_total,
                  generate_base=generation["base"], generate_hooked=generation["hooked"],
-                 generate_baked=generation["baked"], forward_body=collection["body"],
+                 generate_baked=generation["baked"], generate_transport=generation["transport"],
+                 forward_body=collection["body"],
                  forward_recorded=collection["recorded"], forward_full=collection["full"],
                  calibration_plain=calibration["plain"], calibration_writer=calibration["writer"],
                  nll_full=nll_time["full"], nll_chunked=nll_time["chunked"]),
@@ -338,6 +352,7 @@ rows = [  # (what, measured, target as text, met)
     ("AUROC: max |ours - sklearn|", result["auroc_max_abs_diff"], "<= 1e-6", result["auroc_max_abs_diff"] <= 1e-6),
     ("generate: hooks / base", result["suppress_overhead"], "<= 1.05x", result["suppress_overhead"] <= 1.05),
     ("generate: folded / base", result["baked_overhead"], "~1.00x", abs(result["baked_overhead"] - 1) <= 0.05),
+    ("generate: act hooks / base", result["transport_overhead"], "<= 1.05x", result["transport_overhead"] <= 1.05),
     ("logits: max |hooks - folded|", result["fold_max_abs_logit_diff"], "float32 rounding", None),
     ("collect: recorded / body", result["collect_overhead"], "<= 1.10x", result["collect_overhead"] <= 1.10),
     ("collect: full model / body (LM head)", result["lm_head_cost"],
