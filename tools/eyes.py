@@ -209,9 +209,9 @@ def cell_labels(tokenizer, drawn, layout):
     return labels
 
 
-def targets(tokenizer, embed, texts):
-    """(ids, embeddings, mask): each text's tokens packed from slot 0, the LM's own input embeddings of them
-    (scale included), zeros after; texts over SLOTS tokens are cut (count them: `cut`)."""
+def token_slots(tokenizer, texts):
+    """(ids, mask, cut): each text's tokens packed from slot 0 (`mask`: the slots that hold one); texts over SLOTS
+    tokens are cut (`cut` counts them)."""
     ids = torch.zeros(len(texts), SLOTS, dtype=torch.long)
     mask = torch.zeros(len(texts), SLOTS, dtype=torch.bool)
     cut = 0
@@ -221,6 +221,13 @@ def targets(tokenizer, embed, texts):
         tokens = tokens[:SLOTS]
         ids[row, :len(tokens)] = torch.tensor(tokens)
         mask[row, :len(tokens)] = True
+    return ids, mask, cut
+
+
+def targets(tokenizer, embed, texts):
+    """(ids, embeddings, mask, cut): token_slots and the LM's own input embeddings of them (scale included), zeros
+    after."""
+    ids, mask, cut = token_slots(tokenizer, texts)
     with torch.no_grad():
         wanted = embed(ids) * mask[..., None]
     return ids, wanted, mask, cut
@@ -342,17 +349,11 @@ def make_batch(rng, texts, tokenizer, image_processor):
     0 (`mask`: which slots hold one), the token id in each dense cell (-1: none; cell_labels) and how many texts
     were cut at SLOTS tokens."""
     drawn = [render(text, rng) for text in texts]
-    ids = torch.zeros(len(texts), SLOTS, dtype=torch.long)
-    mask = torch.zeros(len(texts), SLOTS, dtype=torch.bool)
+    ids, mask, cut = token_slots(tokenizer, [text for _, text, _ in drawn])
     dense = torch.full((len(texts), CELLS * CELLS), -1, dtype=torch.long)
-    cut = 0
     for row, (_, text, layout) in enumerate(drawn):
-        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-        cut += len(tokens) > SLOTS
-        tokens = torch.tensor(tokens[:SLOTS])
-        ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, True
-        labels = torch.from_numpy(cell_labels(tokenizer, text, layout)).view(-1)
-        dense[row] = torch.where(labels >= 0, tokens[labels.clamp(min=0)], -1)
+        labels = torch.from_numpy(cell_labels(tokenizer, text, layout)).view(-1)  # token indices < SLOTS
+        dense[row] = torch.where(labels >= 0, ids[row][labels.clamp(min=0)], -1)
     pixels = image_processor([image for image, _, _ in drawn], return_tensors="pt")["pixel_values"]
     return dict(pixels=pixels, ids=ids, mask=mask, dense=dense, cut=cut)
 
