@@ -471,9 +471,8 @@ if __name__ == "__main__":
     ax_hist.hist(shown[changed], bins=50, color="C3")
     ax_hist.set(xlabel=f"{what} (changed neurons only)", ylabel="neurons",
                 title=f"{cfg['method']} x{cfg['strength']}: {int(changed.sum())} neurons changed")
-    per_layer = [(1 - a).sum() for a in np.split(alpha, np.cumsum(sizes)[:-1])]
-    if transport:
-        per_layer = [np.abs(b).sum() for b in np.split(cfg["strength"] * beta, np.cumsum(sizes)[:-1])]
+    per_layer = [np.abs(b).sum() if transport else (1 - b).sum()  # the shift lambda beta, or the damping 1 - alpha
+                 for b in np.split(cfg["strength"] * beta if transport else alpha, np.cumsum(sizes)[:-1])]
     ax_layer.bar(range(len(sizes)), per_layer, color="C3")
     ax_layer.set(xlabel="decoder layer", ylabel="sum of |lambda beta|" if transport else "sum of (1 - alpha)",
                  title="shift per layer" if transport else "damping per layer")

@@ -442,7 +442,7 @@ if __name__ == "__main__":
     # slots alone never taught (docs/RESULTS.md, "The demo's eyes").
     tower = model.model.vision_tower
     first_stage = {}
-    tower.encoder.stages[0].layers[2 * EYES_TOWER["depths"][0] - 1].register_forward_hook(
+    grab = tower.encoder.stages[0].layers[2 * EYES_TOWER["depths"][0] - 1].register_forward_hook(
         lambda module, args, out: first_stage.__setitem__("cells", out))
     dense_head = torch.nn.Linear(EYES_TOWER["hidden_sizes"][0], embed.embedding_dim).to(device)
     trainable = [p for n, p in model.named_parameters() if n.startswith(EYES_PARTS)] + list(dense_head.parameters())
@@ -512,6 +512,7 @@ if __name__ == "__main__":
             minutes=round((time.time() - started) / 60, 1), texts_cut_at_49_tokens=texts_cut,
             torch=torch.__version__)))
 
+    grab.remove()  # the measurements below need no dense features
     state, meta = load_eyes(cfg["out"])
     put_eyes(model, state)
     model.eval()
