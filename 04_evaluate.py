@@ -37,9 +37,11 @@ side by side in each row's `judges` and in answers.jsonl, their verdicts cached 
 Also per row: `refusal_rate` (judges.REFUSAL_PHRASES, to expose over-refusal) and the toxic-language rate split
 by whether the judge flags the prompt itself ("copied": toxicity the model may just repeat, which MLP neurons
 may not control) or not ("novel").
-Fluency: perplexity of reference prose (MM-TOXIC-QA's `book` items, which are not generated on) under each
-method, teacher-forced, text tokens only; and perplexity of each method's answers to the benign standard
-items under the unmodified model (are the answers still language?).
+Fluency: perplexity of reference prose (MM-TOXIC-QA's `book` items, which are not generated on) and of a second
+genre (--fluency-also, the split's standard `news` items) under each method, teacher-forced, text tokens only,
+each with its change vs base and a 95% paired bootstrap interval over the texts (a damping can cost little on
+books and much on other text); and perplexity of each method's answers to the benign standard items under the
+unmodified model (are the answers still language?).
 Served models (--endpoint NAME=URL,...; sgm/endpoint.py): each generating method comes from an OpenAI-compatible
 server (vLLM, TGI, ...) serving a checkpoint with its alpha baked in (03_suppress.py --export, --random-control
 for random), keyed by the neurons it runs with: base, sgm, random, det0, damp, sgm@s (prompt and sgm+prompt use
@@ -62,7 +64,6 @@ import hashlib
 import io
 import json
 import shutil
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -76,7 +77,7 @@ from sgm import endpoint as served_models
 from sgm import report
 from sgm.artifacts import check_same_model, load_npz, load_pt, lock_folder, write_set
 from sgm.judges import (JUDGE, REFUSAL, REFUSAL_PHRASES, check_judges, detoxify_judge, guard_judge, judge_toxicity,
-                        llm_judge, probe_correct, probe_words)
+                        llm_judge, probe_accuracy, probe_correct)
 from sgm.models import continuation_nll, load_model, resolve_model_path, text_nll
 from sgm.neurons import matched_random_control, split_by_site, suppress_neurons, transport_conditions
 
@@ -96,6 +97,9 @@ defaults = dict(
     limits="standard=100,typographic=16,jailbreak=16",
     fluency_category="book",    # items of this category are not generated on but give the text perplexity
     perplexity_items=32,        # how many of them (a seeded sample; 0 = all)
+    fluency_also="news",        # second genres: perplexity also on this split's standard items of these categories
+                                # (comma-separated, "" = none; they are generated on as well): a change can cost
+                                # little on books and much on other plain text
     selectivity=True,           # teacher-forced selectivity on the standard toxic items (see below)
     samples=0,                  # N > 0: also N sampled answers per item (top-k), for the RealToxicityPrompts
                                 # metrics expected maximum toxicity and toxicity probability (N x the cost)
@@ -191,6 +195,13 @@ if not fluency_items:
 if not fluency_items:
     fail(f"no texts to measure fluency on: {cfg['data']} has neither {cfg['fluency_category']!r} items nor benign "
          "standard items in this split; add some, or name a category with --fluency-category")
+fluency_texts = (cfg["fluency_category"] if fluency_items[0]["category"] == cfg["fluency_category"]
+                 else "benign standard")
+more_genres = {genre: select(items, condition="standard", category=genre) for genre in cfg["fluency_also"].split(",")
+               if genre and genre != fluency_texts}  # a second genre's texts are generated on too
+for genre in [genre for genre, texts in more_genres.items() if not texts]:
+    print(f"note: no standard {genre!r} items in split {cfg['split']}: no {genre} perplexity (--fluency-also)")
+    del more_genres[genre]
 groups = sorted({(item["condition"], item["label"]) for item in items})
 rng = np.random.default_rng(cfg["seed"])
 sample = []
@@ -278,21 +289,23 @@ alpha_sha256 = {n: hashlib.sha256(torch.cat([a, shifts.get(n, a[:0])]).numpy().t
                 for n, a in alphas.items()}
 
 
-answers = {}   # method -> list of answer strings (items order)
-scores = {}    # method -> toxicity probabilities
-perplexity = {}  # method -> perplexity of the fluency texts (exp of the mean per-item NLL)
-tokens = {}      # method -> generated token ids per item
+answers, scores, tokens = {}, {}, {}  # method -> answer strings (items order), toxicity probabilities, token ids
+text_nlls = {}  # neurons -> genre -> per-text NLL of the fluency texts (perplexity = exp of their mean)
 samples, sample_scores = {}, {}  # method -> sampled answers (items x N, flat) and their toxicity (items x N)
 # Text perplexity on (a seeded sample of) the fluency texts: is language ability kept?
 if 0 < cfg["perplexity_items"] < len(fluency_items):
     fluency_items = [fluency_items[i] for i in sorted(rng.choice(len(fluency_items), cfg["perplexity_items"],
                                                                  replace=False))]
+genre_rng = np.random.default_rng([cfg["seed"], 1])  # the second genres' sample leaves the book sample as it was
+fluency_sets = {fluency_texts: fluency_items, **{
+    genre: [texts[i] for i in sorted(genre_rng.choice(len(texts), cfg["perplexity_items"], replace=False))]
+    if 0 < cfg["perplexity_items"] < len(texts) else texts for genre, texts in more_genres.items()}}
 
 
 probe_answers = {}  # method -> answers to the visual probe
 if reused:  # --base-from: base's answers, their scores and its fluency from the earlier report (no base pass)
     answers["base"], tokens["base"], probe_answers["base"] = reused["answers"], reused["tokens"], reused["probe_answers"]
-    scores["base"], perplexity["base"] = reused["scores"], reused["perplexity"]
+    scores["base"], text_nlls["base"] = reused["scores"], reused["text_nlls"]
     if cfg["samples"]:
         samples["base"] = reused["samples"]
         sample_scores["base"] = judge_toxicity(reused["samples"]).reshape(len(items), cfg["samples"])
@@ -305,16 +318,17 @@ for method in methods:
     if neurons_of(method) in served:  # the server of a checkpoint with these neurons baked in (--endpoint)
         server = served[neurons_of(method)]
         texts, ids = server.generate(shown, cfg["max_new_tokens"], desc=f"{method}: generate at {server.url}")
-        if neurons_of(method) not in perplexity:  # None: the server gives no log-probabilities
-            nll = server.text_nll(fluency_items, f"{neurons_of(method)}: text perplexity")
-            perplexity[neurons_of(method)] = None if nll is None else float(np.exp(nll.mean()))
+        if neurons_of(method) not in text_nlls:  # None: the server gives no log-probabilities
+            text_nlls[neurons_of(method)] = {genre: server.text_nll(texts, f"{neurons_of(method)}: {genre} perplexity")
+                                             for genre, texts in fluency_sets.items()}
     else:
         with suppress_neurons(sites, alphas[neurons_of(method)], shifts.get(neurons_of(method))):
             texts, ids = generate(model, processor, shown, cfg["max_new_tokens"], cfg["batch_size"],
                                   desc=f"{method}: generate",
                                   cache=(resume, [*resume_model, alpha_sha256[neurons_of(method)]]))
-            if neurons_of(method) not in perplexity:  # fluency depends on the neurons only, not on the prompt
-                perplexity[neurons_of(method)] = float(np.exp(text_nll(model, processor, fluency_items).mean()))
+            if neurons_of(method) not in text_nlls:  # fluency depends on the neurons only, not on the prompt
+                text_nlls[neurons_of(method)] = {genre: text_nll(model, processor, texts)
+                                                 for genre, texts in fluency_sets.items()}
     answers[method], tokens[method], probe_answers[method] = texts[:len(items)], ids[:len(items)], texts[len(items):]
     scores[method] = judge_toxicity(answers[method])
     if cfg["samples"]:  # N sampled answers per item, seeded per method so that a rerun samples the same
@@ -335,6 +349,8 @@ for method in methods:
         scores[method] = np.where(flagged, judge_toxicity([REFUSAL])[0], scores[source])
         probe_flagged = judge_toxicity(probe_answers[source]) >= cfg["judge_threshold"]
         probe_answers[method] = [REFUSAL if f else a for f, a in zip(probe_flagged, probe_answers[source])]
+perplexity = {neurons: None if nll[fluency_texts] is None else float(np.exp(nll[fluency_texts].mean()))
+              for neurons, nll in text_nlls.items()}  # the first genre's (books): tune's budget, the sweep's plot
 refused = {m: np.array([any(p in a.lower() for p in REFUSAL_PHRASES) for a in answers[m]]) for m in methods}
 # The request an item makes: its text, or for typographic items the text inside the image. "Copied" toxicity:
 # the request itself is flagged. The extra judges read it as the request too.
@@ -447,32 +463,15 @@ for method in methods:
                          judges={judge: judge_rate(verdicts[judge][method][index]) for judge in extra_judges},
                          **sampled_metrics(method, index)))
 
-probe = []  # visual probe accuracy (sgm/judges.py's probe_correct), overall and per kind
-if probe_items:
-    # Chance: one over the number of distinct answers of the probe's kind (the part of the id before the number).
-    kinds = [item["id"].rsplit("-", 2)[0] for item in probe_items]
-    options = {kind: len({p["answer"] for p, k in zip(probe_items, kinds) if k == kind}) for kind in set(kinds)}
-    chance = float(np.mean([1 / options[kind] for kind in kinds]))
-    for method in methods:
-        right = np.array([probe_correct(a, p["answer"]) for a, p in zip(probe_answers[method], probe_items)])
-        ci = binomtest(int(right.sum()), len(right)).proportion_ci(method="wilson")
-        # Per kind too, with the most frequent answer: a blind model that always says "blue" scores the
-        # share of blue squares, which a per-kind view exposes.
-        by_kind = {}
-        for kind in sorted(options):
-            mine = [k == kind for k in kinds]
-            said = Counter(probe_words(a) for a, m in zip(probe_answers[method], mine) if m)
-            by_kind[kind] = dict(accuracy=float(right[mine].mean()), chance=1 / options[kind],
-                                 most_said=said.most_common(1)[0][0])  # ties: the first said wins
-        probe.append(dict(method=method, n=len(right), accuracy=float(right.mean()),
-                          accuracy_ci=[float(ci.low), float(ci.high)], chance=chance, by_kind=by_kind))
+# The visual probe: accuracy per method with its chance level, overall and per kind (sgm/judges.py)
+probe = probe_accuracy(probe_items, {method: probe_answers[method] for method in methods}) if probe_items else []
 
 meta = dict(model_meta, stage="04_evaluate", data=cfg["data"], data_checksum=data_checksum,
             suppression=suppression_meta and dict(fingerprint=suppression_meta["fingerprint"],
                                                   **suppression_meta["settings"]),
             calibration=suppression_meta and suppression_meta["calibration"], planted=planted,
             settings={k: cfg[k] for k in ("split", "conditions", "methods", "limits", "fluency_category",
-                                          "perplexity_items", "selectivity", "top_k", "max_new_tokens",
+                                          "fluency_also", "perplexity_items", "selectivity", "top_k", "max_new_tokens",
                                           "judge_threshold", "judges", "guard_model", "samples", "sample_top_k",
                                           "seed", "batch_size", "device", "base_from", "endpoint")},
             # Served methods: which server generated for which neurons, and what it offered (never a key).
@@ -485,11 +484,12 @@ meta = dict(model_meta, stage="04_evaluate", data=cfg["data"], data_checksum=dat
             demo_note="demo = Gemma-3-270M (text) in a LLaVA wrapper whose images carry no information: "
                       "results are about the text pathway only" if cfg["model"] in ("demo", "demo-planted") else None)
 meta["peak_rss_mb"] = peak_rss_mb()  # this process's peak memory: every model pass is behind us here
-fluency_texts = (cfg["fluency_category"] if fluency_items[0]["category"] == cfg["fluency_category"]
-                 else "benign standard")
+# Per genre: perplexity, its change vs base with a paired bootstrap interval over the texts, and the per-text NLLs
+# (--base-from reads base's back); the first genre's numbers also stand at the top level (the books').
 fluency = [dict(method=method, texts=fluency_texts, n=len(fluency_items), perplexity=perplexity[neurons_of(method)],
                 change_vs_base=None if None in (perplexity[neurons_of(method)], perplexity["base"]) else
                 perplexity[neurons_of(method)] / perplexity["base"] - 1,
+                genres=report.genre_perplexity(text_nlls[neurons_of(method)], text_nlls["base"], cfg["seed"]),
                 answer_perplexity=answer_perplexity.get(method), n_answers=len(benign_answers)) for method in methods]
 answers_jsonl = "".join(
     json.dumps(dict(id=item["id"], method=method, condition=item["condition"], label=item["label"],

@@ -276,3 +276,29 @@ def probe_words(answer):
     """The first word of an answer (what a one-word reply says), for the per-kind 'most said' column."""
     words = re.findall(r"[a-z0-9]+", answer.lower())
     return words[0] if words else ""
+
+
+def probe_accuracy(probe_items, probe_answers):
+    """04's visual probe rows: per method (`probe_answers`: method -> answers in probe_items' order), the accuracy
+    with its 95% Wilson interval and its chance level, overall and per kind (the part of the id before the number).
+    Chance: one over the number of distinct answers of the item's kind. Per kind also the most frequent answer: a
+    blind model that always says "blue" scores the share of blue squares, which the per-kind view exposes."""
+    from collections import Counter
+
+    from scipy.stats import binomtest
+    kinds = [item["id"].rsplit("-", 2)[0] for item in probe_items]
+    options = {kind: len({p["answer"] for p, k in zip(probe_items, kinds) if k == kind}) for kind in set(kinds)}
+    chance = float(np.mean([1 / options[kind] for kind in kinds]))
+    probe = []
+    for method, answers in probe_answers.items():
+        right = np.array([probe_correct(a, p["answer"]) for a, p in zip(answers, probe_items)])
+        ci = binomtest(int(right.sum()), len(right)).proportion_ci(method="wilson")
+        by_kind = {}
+        for kind in sorted(options):
+            mine = [k == kind for k in kinds]
+            said = Counter(probe_words(a) for a, m in zip(answers, mine) if m)
+            by_kind[kind] = dict(accuracy=float(right[mine].mean()), chance=1 / options[kind],
+                                 most_said=said.most_common(1)[0][0])  # ties: the first said wins
+        probe.append(dict(method=method, n=len(right), accuracy=float(right.mean()),
+                          accuracy_ci=[float(ci.low), float(ci.high)], chance=chance, by_kind=by_kind))
+    return probe

@@ -30,8 +30,9 @@ def by_method_condition_label(rows):
 # ---- reading an earlier report (--base-from) ------------------------------------------------------------------
 
 # What base's answers and fluency depend on: --base-from takes them only from a report made with the same.
-BASE_SETTINGS = ("split", "conditions", "limits", "fluency_category", "perplexity_items", "max_new_tokens",
-                 "judge_threshold", "judges", "guard_model", "samples", "sample_top_k", "seed", "batch_size", "device")
+BASE_SETTINGS = ("split", "conditions", "limits", "fluency_category", "fluency_also", "perplexity_items",
+                 "max_new_tokens", "judge_threshold", "judges", "guard_model", "samples", "sample_top_k", "seed",
+                 "batch_size", "device")
 
 
 def read_base(path, cfg, data_checksum, items, probe_items):
@@ -55,7 +56,8 @@ def read_base(path, cfg, data_checksum, items, probe_items):
                       scores=np.array([r["toxicity"] for r in standard], dtype=np.float64),
                       samples=[s for r in standard for s in r["samples"] or ()] if cfg["samples"] else None,
                       probe_answers=[r["answer"] for r in probe],
-                      perplexity=None if fluency["perplexity"] is None else float(fluency["perplexity"]),
+                      text_nlls={g["texts"]: None if g["nll"] is None else np.array(g["nll"], dtype=np.float64)
+                                 for g in fluency["genres"]},
                       answer_perplexity=fluency["answer_perplexity"], sites=meta["sites"],
                       found=dict(model=meta["model"], dtype=meta["dtype"], data_checksum=meta["data_checksum"],
                                  **{k: meta["settings"].get(k) for k in BASE_SETTINGS}))
@@ -70,6 +72,30 @@ def read_base(path, cfg, data_checksum, items, probe_items):
     if reused["ids"] != [item["id"] for item in items] or reused["probe_ids"] != [item["id"] for item in probe_items]:
         fail(f"--base-from {answers_path} holds other items than this run, or in another order: {redo}")
     return reused
+
+
+# ---- fluency per genre -----------------------------------------------------------------------------------------
+
+def genre_perplexity(nlls, base_nlls, seed):
+    """Per genre (`nlls`: genre -> per-text mean NLL under a method, None where a server gives no log-probabilities;
+    `base_nlls` the same under base): the perplexity exp(mean NLL), its change vs base's on the same texts and a 95%
+    paired bootstrap interval of that change. The change is exp(mean of the per-text NLL differences) - 1, so the
+    interval is the percentile bootstrap of that mean over the texts, mapped through exp - 1."""
+    from scipy.stats import bootstrap
+    genres = []
+    for genre, nll in nlls.items():
+        base = base_nlls[genre]
+        entry = dict(texts=genre, n=None if nll is None else len(nll), nll=None if nll is None else nll.tolist(),
+                     perplexity=None if nll is None else float(np.exp(nll.mean())), change_vs_base=None, change_ci=None)
+        if nll is not None and base is not None:
+            difference = nll - base
+            entry["change_vs_base"] = float(np.expm1(difference.mean()))
+            if len(difference) >= 2 and np.ptp(difference) > 0:  # all equal (base itself): no interval to draw
+                ci = bootstrap((difference,), np.mean, n_resamples=2000, random_state=seed,
+                               method="percentile").confidence_interval
+                entry["change_ci"] = [float(np.expm1(ci.low)), float(np.expm1(ci.high))]
+        genres.append(entry)
+    return genres
 
 
 # ---- the positive control -------------------------------------------------------------------------------------
@@ -150,12 +176,15 @@ def markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extr
                   "|---|---|---:|---|---|---:|---:|---:|---:|" + "---:|" * (len(extra_judges) + bool(cfg["samples"]))]
         lines += [rate_line(row, cfg, extra_judges) for row in rows if row["condition"] == condition]
         lines.append("")
-    lines += [f"## Fluency (lower is better): perplexity of {fluency[0]['n']} {fluency[0]['texts']} texts under each "
-              f"method; perplexity of each method's answers to the {fluency[0]['n_answers']} benign standard items "
-              "under the unmodified model", "", "| method | text perplexity | vs base | answer perplexity |",
-              "|---|---:|---:|---:|"]
-    lines += [f"| {f['method']} | " + (NA if f["perplexity"] is None else f"{f['perplexity']:.2f}") + " | "
-              + (NA if f["change_vs_base"] is None else f"{100 * f['change_vs_base']:+.1f}%") + " | "
+    genres = fluency[0]["genres"]
+    lines += ["## Fluency (lower is better): perplexity of " + " and ".join(f"{g['n']} {g['texts']} texts"
+                                                                           for g in genres)
+              + " under each method, its change vs base with a 95% paired bootstrap interval over the texts; "
+              f"perplexity of each method's answers to the {fluency[0]['n_answers']} benign standard items under the "
+              "unmodified model", "",
+              "| method |" + "".join(f" {g['texts']} perplexity | vs base [95% CI] |" for g in genres)
+              + " answer perplexity |", "|---|" + "---:|---|" * len(genres) + "---:|"]
+    lines += [f"| {f['method']} |" + "".join(genre_cells(g) for g in f["genres"]) + " "
               + ((NA if not_offered("base") else "–") if f["answer_perplexity"] is None
                  else f"{f['answer_perplexity']:.2f}") + " |" for f in fluency]
     lines.append("")
@@ -243,8 +272,11 @@ def markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extr
     for f in fluency[1:]:
         if neurons_of(f["method"]) == "base" or f["change_vs_base"] is None:
             continue  # same neurons as base: same perplexity; or not available from its server
-        lines.append(f"- fluency: {f['method']} changes the perplexity of the {f['texts']} texts by "
-                     f"{100 * f['change_vs_base']:+.1f}% ({fluency[0]['perplexity']:.2f} -> {f['perplexity']:.2f}).")
+        lines.append(f"- fluency: {f['method']} changes the perplexity of " + "; of ".join(
+            f"the {g['texts']} texts by {100 * g['change_vs_base']:+.1f}%"
+            + (f" [{100 * g['change_ci'][0]:+.1f}%, {100 * g['change_ci'][1]:+.1f}%]" if g["change_ci"] else "")
+            + f" ({b['perplexity']:.2f} -> {g['perplexity']:.2f})"
+            for g, b in zip(f["genres"], genres) if g["change_vs_base"] is not None) + ".")
     for entry in selectivity:
         if entry["selectivity"] is not None:
             low, high = entry["selectivity_ci"]
@@ -253,6 +285,16 @@ def markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extr
             lines.append(f"- selectivity: {entry['method']} {entry['selectivity']:+.3f} nats/token "
                          f"[{low:+.3f}, {high:+.3f}]: {verdict}.")
     return lines
+
+
+def genre_cells(genre):
+    """One genre's two cells of the fluency table: perplexity, and its change vs base [95% CI]."""
+    if genre["perplexity"] is None:
+        return f" {NA} | {NA} |"
+    change = "–" if genre["change_vs_base"] is None else f"{100 * genre['change_vs_base']:+.1f}%"
+    if genre["change_ci"]:
+        change += f" [{100 * genre['change_ci'][0]:+.1f}, {100 * genre['change_ci'][1]:+.1f}]"
+    return f" {genre['perplexity']:.2f} | {change} |"
 
 
 # ---- plots ----------------------------------------------------------------------------------------------------

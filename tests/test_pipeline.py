@@ -443,3 +443,67 @@ def test_collect_limit_is_a_seeded_sample_not_the_first_items(tmp_path):
     assert chosen["a"] == chosen["b"] and len(chosen["a"]) == 5 and set(chosen["a"]) <= set(calibration)
     assert chosen["a"] != calibration[:5] and chosen["a"] != chosen["c"]
     assert chosen["a"] == sorted(chosen["a"], key=calibration.index)  # file order kept
+
+
+def test_second_genre_perplexity_equals_a_plain_forward_and_survives_base_from(tmp_path, tiny):
+    """--fluency-also news: the split's standard news items get their own perplexity beside the books', each text's
+    NLL equal to a plain unpadded forward of that text alone, the change vs base equal to the ratio of the two
+    perplexities with a bootstrap interval around it; --base-from reads base's per-text NLLs back unchanged."""
+    data = write_items(tmp_path / "items.jsonl", splits=("test",))
+    extra = [dict(id=f"test-standard-{category}-{k}", split="test", label="benign", category=category,
+                  condition="standard", task="continue", text=text, image="", source="tests", image_text="")
+             for category, texts in (("book", ["the old mill stood by the stream", "she read until the lamp went out",
+                                               "rain fell on the quiet town"]),
+                                     ("news", ["the council met on tuesday to discuss roads",
+                                               "a new bridge opened in the city", "schools reopen next week"]))
+             for k, text in enumerate(texts)]
+    with open(data, "a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in extra)
+    model, processor, sites, model_meta = tiny
+    n = sum(m.in_features for _, m in sites)
+    save_pt(tmp_path / "runs/tiny/suppression.pt", {"alpha": torch.full((n,), 0.3)},
+            dict(model_meta, data_checksum=load_items(data)[1], settings={}, calibration={}))
+    run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base,sgm", "--max-new-tokens", "3",
+              "--selectivity", "false", cwd=tmp_path)
+    run = tmp_path / "runs/tiny"
+    results = json.loads((run / "results.json").read_text())
+    fluency = {f["method"]: f for f in results["fluency"]}
+    assert [g["texts"] for g in fluency["base"]["genres"]] == ["book", "news"]
+    assert [g["n"] for g in fluency["base"]["genres"]] == [3, 3]
+    # news is also generated on (a benign standard item), books are not
+    assert next(r for r in results["rows"] if (r["method"], r["label"]) == ("base", "benign"))["n"] == 6 + 3
+    loaded = {item["id"]: item for item in load_items(data)[0]}  # as the stage reads them
+    for genre, (base_genre, sgm_genre) in zip(("book", "news"), zip(fluency["base"]["genres"],
+                                                                      fluency["sgm"]["genres"])):
+        expected = []
+        for row in extra:
+            if row["category"] != genre:
+                continue
+            batch = common.encode(processor, [loaded[row["id"]]], "cpu")
+            with torch.no_grad():
+                logits = model(**batch).logits[0, :-1].double()
+            targets = batch["input_ids"][0, 1:]
+            counted = targets != model.config.image_token_id
+            nll = -torch.log_softmax(logits, -1)[counted].gather(1, targets[counted, None])
+            expected.append(float(nll.mean()))
+        assert np.allclose(base_genre["nll"], expected, rtol=1e-4), (genre, base_genre["nll"], expected)
+        assert base_genre["perplexity"] == pytest.approx(np.exp(np.mean(base_genre["nll"])), rel=1e-12)
+        ratio = sgm_genre["perplexity"] / base_genre["perplexity"] - 1
+        assert sgm_genre["change_vs_base"] == pytest.approx(ratio, rel=1e-9, abs=1e-12) and ratio != 0
+        low, high = sgm_genre["change_ci"]
+        assert low <= sgm_genre["change_vs_base"] <= high and low < high
+        assert base_genre["change_vs_base"] == 0 and base_genre["change_ci"] is None
+    assert fluency["sgm"]["perplexity"] == fluency["sgm"]["genres"][0]["perplexity"]  # the books' at the top
+    assert "| news perplexity | vs base [95% CI] |" in (run / "results.md").read_text()
+
+    run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base", "--report", "base",
+              "--max-new-tokens", "3", "--selectivity", "false", cwd=tmp_path)
+    run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base,sgm", "--max-new-tokens", "3",
+              "--selectivity", "false", "--base-from", "runs/tiny/base.json", "--report", "again", cwd=tmp_path)
+    again = json.loads((run / "again.json").read_text())
+    assert again["fluency"] == results["fluency"]
+
+    run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base", "--max-new-tokens", "3",
+              "--selectivity", "false", "--fluency-also", "", "--report", "books", cwd=tmp_path)
+    (books,) = json.loads((run / "books.json").read_text())["fluency"]
+    assert [g["texts"] for g in books["genres"]] == ["book"]

@@ -99,6 +99,19 @@ VARIANTS = {
                                                                                               "the largest Welch t"),
     "writer-t-det0-128": ("--writer toxic-odds", "--score writer-t --method det0 --top-k 128", "the 128 writers "
                                                                                                "with the largest t"),
+    # Added 2026-12-05 with transport (issue 30), before any of their tune runs; what was already seen on dev, on
+    # runs/demo's calibration (the published one): every neuron, act lambda 1 25% -> 3% at +236% book perplexity,
+    # act-mean lambda 1 / 0.5 / 0.25 at +78% / +25% / +9%. So: weaker lambdas, and fewer neurons at full lambda.
+    "act-0.25":         ("", "--method act --strength 0.25", "Linear-AcT on every neuron, lambda 0.25"),
+    "act-mean-0.25":    ("", "--method act-mean --strength 0.25", "mean shift (omega 1) on every neuron, lambda "
+                                                                   "0.25"),
+    "act-mean-0.5":     ("", "--method act-mean --strength 0.5", "mean shift on every neuron, lambda 0.5"),
+    "act-top-2048":     ("", "--method act --top-k 2048", "Linear-AcT on the 2,048 best readers (AUROC), lambda 1"),
+    "act-mean-top-2048": ("", "--method act-mean --top-k 2048", "mean shift on the 2,048 best readers, lambda 1"),
+    "writer-t-act-128": ("--writer toxic-odds", "--score writer-t --method act --top-k 128", "Linear-AcT on the "
+                                                                                            "128 writers of largest t"),
+    "writer-t-act-mean-128": ("--writer toxic-odds", "--score writer-t --method act-mean --top-k 128",
+                              "mean shift on the 128 writers of largest t"),
 }
 
 
@@ -216,6 +229,9 @@ for name in names:
         n=toxic["n"], base_rate=base["harmful_rate"], rate=toxic["harmful_rate"], rate_ci=toxic["harmful_ci"],
         p_vs_base=toxic["p_vs_base"], benign_rate=benign["harmful_rate"] if benign else None,
         fluency_cost=fluency["sgm"]["change_vs_base"], answer_perplexity=fluency["sgm"].get("answer_perplexity"),
+        fluency_ci=fluency["sgm"]["genres"][0]["change_ci"],  # the second genres: reported, not in the rule
+        other_genres=[{k: g[k] for k in ("texts", "n", "change_vs_base", "change_ci")}
+                      for g in fluency["sgm"]["genres"][1:]],
         selectivity=selectivity.get("selectivity"), selectivity_ci=selectivity.get("selectivity_ci"),
         neurons_changed=load_pt(f"runs/{run}/{name}.pt", rerun_hint="03_suppress.py")[1]["n_changed"],
         verdicts=verdicts["sgm"], base_verdicts=verdicts["base"]))
@@ -257,19 +273,30 @@ lines = [f"# Tuning on dev: {cfg['model']}", "",
          f"Standard condition of the dev split, n = {reference['n']} toxic items, greedy; toxic-language rate "
          f"(alt-profanity-check >= {cfg['judge_threshold']}) with its 95% Wilson interval. Base: "
          f"{pct(reference['base_rate'])}. p vs base / vs {reference['variant']}: exact McNemar on the same items. "
-         f"Fluency cost: book-prose perplexity vs base (budget +{100 * cfg['max_fluency_cost']:.0f}%). "
+         f"Fluency cost: book-prose perplexity vs base (budget +{100 * cfg['max_fluency_cost']:.0f}%), with its "
+         "95% paired bootstrap interval over the texts; other text: the same on 04's second genres (--fluency-also, "
+         "reported beside, not part of the rule). "
          "Selectivity: teacher-forced ΔNLL, offensive minus clean, nats/token (positive = selective).", "",
          f"| variant | what changes | toxic rate | p vs base | p vs {reference['variant']} | benign rate "
-         "| fluency cost | selectivity |",
-         "|---|---|---|---:|---:|---:|---:|---|"]
+         "| fluency cost | other text | selectivity |",
+         "|---|---|---|---:|---:|---:|---:|---:|---|"]
+
+
+def cost(change, ci):
+    return f"{100 * change:+.1f}%" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+
+
 for r in results:
     mark = "**" if chosen is r else ""
     selective = ("—" if r["selectivity"] is None else
                  f"{r['selectivity']:+.3f} [{r['selectivity_ci'][0]:+.3f}, {r['selectivity_ci'][1]:+.3f}]")
     lines.append(f"| {mark}{r['variant']}{mark} | {r['why']} | {pct(r['rate'])} [{pct(r['rate_ci'][0])}, "
                  f"{pct(r['rate_ci'][1])}] | {fmt_p(r['p_vs_base'])} | {r['p_vs_reference']:.3g} | "
-                 f"{pct(r['benign_rate'])} | {100 * r['fluency_cost']:+.1f}%"
-                 f"{'' if r['within_budget'] else ' (over)'} | {selective} |")
+                 f"{pct(r['benign_rate'])} | {cost(r['fluency_cost'], r['fluency_ci'])}"
+                 f"{'' if r['within_budget'] else ' (over)'} | "
+                 + ("; ".join(f"{g['texts']} ({g['n']}) {cost(g['change_vs_base'], g['change_ci'])}"
+                              for g in r["other_genres"] if g["change_vs_base"] is not None) or "—")
+                 + f" | {selective} |")
 lines.append("")
 if chosen is None:
     lines.append("No variant stays within the fluency budget: dev chooses none; keep the published defaults.")
