@@ -4,6 +4,7 @@
     python 03_suppress.py --run demo                          # SGM/AurA soft damping (what `make suppress` runs)
     python 03_suppress.py --run demo --method det0 --top-k 500
     python 03_suppress.py --run demo --method act --out suppression-act.pt           # transport (Linear-AcT)
+    python 03_suppress.py --run demo --method act-mean --strength 0.25 --stack suppression.pt --out sgm-act.pt
 
 Methods (alpha multiplies the neuron's input to down_proj; 1 = untouched, 0 = silenced):
   aura       SGM's default (AurA):  alpha = 1 - 2 (AUROC - 0.5) = 2 (1 - AUROC) if AUROC > 0.5, else 1.
@@ -22,6 +23,10 @@ Transport at the same neurons (a peer of damping, not SGM; the same hook site, a
   Every neuron by default; --top-k k maps only the k most expert by --score (--layers, --select, --normalise
   narrow the set as for damping); the others keep omega = 1, beta = 0. suppression.pt then holds omega and
   beta beside alpha (all 1); damping methods write alpha alone, byte for byte as before transport existed.
+  Stacked (sgm+act): --stack FILE takes alpha from a damping artifact (a file of this run's folder, or a path:
+  the published SGM's suppression.pt, the writers' det0 file of another calibration run of the same model and
+  data) and keeps it beside the map: each neuron is transported, then damped, alpha (x + lambda (omega x +
+  beta - x)), so a silenced neuron stays silent and its shift goes with it.
   The rows are 01's, one per calibration item (or continuation), each neuron POOLED over the item's positions
   (mean by default): the same rows 02 scores, read from activations.npz (the one expertise.npz was scored from,
   checked). apple/ml-act also estimates from activations pooled per sentence (mean pooling in its toxicity
@@ -93,8 +98,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import check_range, fail, parse_overrides, run_name  # noqa: E402
-from sgm.artifacts import (check_writable, disk_fault, load_npz, lock_folder, save_figure, save_pt,  # noqa: E402
-                           write_text)
+from sgm.artifacts import (check_writable, disk_fault, load_npz, load_pt, lock_folder, save_figure,  # noqa: E402
+                           save_pt, write_text)
 from sgm.endpoint import TEMPLATE_FILE, fallback_chat_template  # noqa: E402
 from sgm.models import load_model, resolve_model_path  # noqa: E402
 from sgm.neurons import (EXPERTISE_SCORES, FusedExperts, fold_alpha, matched_random_control,  # noqa: E402
@@ -121,6 +126,7 @@ defaults = dict(
     random_control=False,  # --export: bake 04_evaluate.py's matched random control instead of SGM's alpha
     seed=0,              # --random-control: the shuffle's seed (04_evaluate.py --seed, 0 by default)
     score="auto",        # auto (= 02_score.py --score, recorded in expertise.npz) | activation | writer | writer-t
+    stack="",            # act/act-mean: a damping artifact whose alpha the map is stacked with (see above)
 )
 DAMPING = ("aura", "det0", "damp", "published")  # alpha only: suppression.pt holds alpha, as it always did
 TRANSPORT = ("act", "act-mean")                   # a map per neuron: suppression.pt also holds omega and beta
@@ -261,6 +267,20 @@ def make_room_for_bias(model, sites, shift):
              "without a bias even with mlp_bias: evaluate it in process with 04_evaluate.py instead")
 
 
+def stacked_alpha(path, run_dir, upstream):
+    """03 --stack: the alpha of a damping artifact (a file name in run_dir, or a path) made on the same model sites
+    and data as this run's expertise.npz, as float64, and its record for suppression.pt's meta."""
+    path = Path(run_dir) / path if Path(path).name == path else Path(path)
+    tensors, meta = load_pt(path, rerun_hint="03_suppress.py")
+    if "omega" in tensors:
+        fail(f"--stack {path} is a transport map: stack on a damping artifact (aura, det0, damp), e.g. suppression.pt")
+    if meta["sites"] != upstream["sites"] or meta["data_checksum"] != upstream["data_checksum"]:
+        fail(f"--stack {path} was made on another model or data build than {run_dir}/expertise.npz: stack a "
+             "damping of the same model and data")
+    return tensors["alpha"].double().numpy(), dict(file=str(path), fingerprint=meta["fingerprint"],
+                                                     score=meta.get("score"), settings=meta["settings"])
+
+
 def export_checkpoint(out_dir, alpha, meta, cfg, transport=None):
     """Fold alpha into a fresh copy of the model and save it to out_dir (written beside it, then renamed).
     With cfg["random_control"], alpha is first shuffled into 04_evaluate.py's matched random control.
@@ -288,9 +308,8 @@ def export_checkpoint(out_dir, alpha, meta, cfg, transport=None):
                                           [size for _, size in meta["sites"]], cfg["seed"])
         alpha, transport = (shuffled, None) if transport is None else (shuffled[:, 0], shuffled[:, 1:].unbind(1))
     shift = None
-    if transport is not None:  # x + lambda (omega x + beta - x) = scale x + shift, alpha (all ones) times scale
-        scale, shift = transport_scale_shift(*transport, meta["settings"]["strength"])
-        alpha = alpha * scale
+    if transport is not None:  # alpha (x + lambda (omega x + beta - x)) = scale x + shift (alpha: 1, or --stack's)
+        alpha, shift = transport_scale_shift(*transport, meta["settings"]["strength"], alpha)
         if shift.any():
             make_room_for_bias(model, sites, shift)
     fold_alpha(sites, alpha, shift)
@@ -348,7 +367,10 @@ def export_note(name, alpha, meta, dtype, random_seed=None, chat_template_file=F
         "with `AutoModelForImageTextToText.from_pretrained` like the original, with no hooks. Nothing else "
         "(vision tower, attention, embeddings, tokenizer, processor) was changed.", "", *template, *([] if shift is None
         else [f"Transport (`{meta['settings']['method']}`, strength {meta['settings']['strength']}): alpha below is "
-              "the map's scale 1 + lambda (omega - 1), and its shift lambda beta is baked as a bias on each "
+              "the map's scale 1 + lambda (omega - 1)"
+              + (f", times the alpha of {meta['stacked_on']['file']} (stacked, as is the shift)"
+                 if meta.get("stacked_on") else "")
+              + ", and its shift lambda beta is baked as a bias on each "
               f"down_proj, W @ shift ({int((shift != 0).sum())} neurons shifted, mlp_bias set in the text config; "
               "biases that are all zero were added where the loader expects one).", ""]),
         f"- source model: `{name}` (alpha computed on `{meta['model']}`)",
@@ -383,6 +405,8 @@ if __name__ == "__main__":
     check_range(cfg, "seed", low=0, fix="any seed >= 0 (the random control's; 04_evaluate.py --seed)")
     if cfg["score"] != "auto" and cfg["score"] not in EXPERTISE_SCORES:
         fail(f"unknown --score {cfg['score']!r}; use auto (02's choice) or one of {', '.join(EXPERTISE_SCORES)}")
+    if cfg["stack"] and cfg["method"] not in TRANSPORT:
+        fail(f"--stack stacks a transport map on a damping: use it with --method act or act-mean, not {cfg['method']}")
     if cfg["random_control"] and not cfg["export"]:
         fail("--random-control true bakes the random control into an export: add --export DIR")
     if Path(cfg["out"]).name != cfg["out"] or cfg["out"] in ("", ".", ".."):
@@ -440,13 +464,16 @@ if __name__ == "__main__":
         omega, beta = transport_maps(rows["activations"], rows["labels"], cfg["method"] == "act-mean")
         omega, beta = np.where(chosen, omega, 1.0), np.where(chosen, beta, 0.0)
         alpha = np.ones(auroc.size)
+        if cfg["stack"]:  # sgm+act: the damping's alpha, after the map (transport_scale_shift)
+            alpha, stacked_on = stacked_alpha(cfg["stack"], run_dir, upstream)
         tensors = dict(omega=torch.tensor(omega, dtype=torch.float32), beta=torch.tensor(beta, dtype=torch.float32))
         transport = dict(n_toxic=int(rows["labels"].sum()), n_clean=int((rows["labels"] == 0).sum()),
                          rows=f"pooled ({rows_meta['settings'].get('pooling', 'mean')}) calibration rows",
                          n_mapped=int(chosen.sum()))
-        changed = (omega != 1) | (beta != 0)
+        changed = (omega != 1) | (beta != 0) | (alpha != 1)
         print(f"method {cfg['method']} strength {cfg['strength']}: {int(changed.sum())} of {alpha.size} neurons "
-              f"mapped from {transport['n_toxic']} toxic onto {transport['n_clean']} clean rows; omega median "
+              + (f"changed ({int((alpha != 1).sum())} damped by {cfg['stack']}), " if cfg["stack"] else "")
+              + f"mapped from {transport['n_toxic']} toxic onto {transport['n_clean']} clean rows; omega median "
               f"{np.median(omega[chosen]) if chosen.any() else 1:.3f}, mean |beta| "
               f"{np.abs(beta[chosen]).mean() if chosen.any() else 0:.4g}")
     else:
@@ -464,6 +491,8 @@ if __name__ == "__main__":
     if transport:  # only then: an alpha-only artifact keeps exactly the meta it always had
         meta["upstream"]["activations.npz"] = upstream["upstream"]["activations.npz"]
         meta["transport"] = transport
+        if cfg["stack"]:
+            meta["stacked_on"] = stacked_on
     saved = save_pt(f"{run_dir}/{cfg['out']}", {"alpha": torch.tensor(alpha, dtype=torch.float32), **tensors}, meta)
 
     fig, (ax_hist, ax_layer) = plt.subplots(1, 2, figsize=(11, 3.8))

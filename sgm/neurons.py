@@ -485,29 +485,37 @@ def matched_random_control(alpha, sizes, seed):
     return torch.cat([site[torch.randperm(len(site), generator=generator)] for site in torch.split(alpha, sizes)])
 
 
-def transport_scale_shift(omega, beta, strength):
+def transport_scale_shift(omega, beta, strength, alpha=None):
     """A transport map (omega, beta per neuron; 03_suppress.py --method act) applied at strength lambda,
-    x + lambda (omega x + beta - x) = scale * x + shift: scale = 1 + lambda (omega - 1), shift = lambda beta."""
+    x + lambda (omega x + beta - x) = scale * x + shift: scale = 1 + lambda (omega - 1), shift = lambda beta.
+    Stacked with a damping (03 --stack: alpha per neuron, applied after the map, so a silenced neuron stays silent):
+    alpha (x + lambda (omega x + beta - x)), both scale and shift times alpha."""
     omega, beta = torch.as_tensor(omega).float(), torch.as_tensor(beta).float()
-    return 1 + strength * (omega - 1), strength * beta
+    scale, shift = 1 + strength * (omega - 1), strength * beta
+    if alpha is None:
+        return scale, shift
+    alpha = torch.as_tensor(alpha).float()
+    return alpha * scale, alpha * shift
 
 
 def transport_conditions(alphas, tensors, settings, sites, seed):
     """04_evaluate.py's conditions for a transport map (tensors omega, beta; settings: 03's, with its strength):
     sets alphas["sgm"] and alphas["random"], and each alphas["sgm@s"] already there, to their scale, and returns
-    their shifts. random: the same (omega, beta) pairs moved together by matched_random_control's permutations;
-    sgm@s: lambda s (the scale unclipped: a map may scale up). A damping artifact (alpha only) changes nothing and
-    has no shifts: {}."""
+    their shifts. random: the same (alpha, omega, beta) triples moved together by matched_random_control's
+    permutations; sgm@s: lambda s (the scale unclipped: a map may scale up), alpha as it is. alpha is all ones
+    unless the map was stacked on a damping (03 --stack), then each neuron is transported, then damped. A damping
+    artifact (alpha only) changes nothing and has no shifts: {}."""
     if "omega" not in tensors:
         return {}
     if "strength" not in settings:
         fail("a transport map without its strength in the suppression's settings: rerun 03_suppress.py")
     strength = settings["strength"]
     sizes = [len(part) for part in split_by_site(tensors["omega"], sites)]
-    shuffled = matched_random_control(torch.stack([tensors["omega"], tensors["beta"]], 1), sizes, seed)
-    maps = dict(sgm=transport_scale_shift(tensors["omega"], tensors["beta"], strength),
-                random=transport_scale_shift(shuffled[:, 0], shuffled[:, 1], strength))
-    maps.update({name: transport_scale_shift(tensors["omega"], tensors["beta"], strength * float(name[4:]))
-                 for name in alphas if name.startswith("sgm@")})
+    triples = torch.stack([tensors["omega"], tensors["beta"], tensors["alpha"]], 1)
+    shuffled = matched_random_control(triples, sizes, seed)
+    maps = dict(sgm=transport_scale_shift(*triples.unbind(1)[:2], strength, tensors["alpha"]),
+                random=transport_scale_shift(shuffled[:, 0], shuffled[:, 1], strength, shuffled[:, 2]))
+    maps.update({name: transport_scale_shift(tensors["omega"], tensors["beta"], strength * float(name[4:]),
+                                             tensors["alpha"]) for name in alphas if name.startswith("sgm@")})
     alphas.update({name: scale for name, (scale, _) in maps.items()})
     return {name: shift for name, (_, shift) in maps.items()}

@@ -18,7 +18,7 @@ from common import UserError, encode
 from sgm.artifacts import load_npz, load_pt, save_npz
 from sgm.models import load_model
 from sgm.neurons import (FusedExperts, fold_alpha, matched_random_control, neuron_sites, suppress_neurons,
-                         transport_scale_shift)
+                         transport_conditions, transport_scale_shift)
 
 suppress = load_stage("03_suppress.py")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -343,3 +343,70 @@ def test_export_refuses_a_family_without_a_down_proj_bias(tmp_path):
     with pytest.raises(UserError, match="cannot export a transport map into gemma3.*mlp_bias") as error:
         suppress.make_room_for_bias(model, sites, shift)
     assert "\n" not in error.value.message
+
+
+# ---- stacked: sgm+act (03 --stack), transport then damping ---------------------------------------------------------
+
+
+def test_stacked_map_transports_then_damps_in_the_hooks_the_export_and_04(tiny_act, tiny):
+    """03 --stack keeps a damping's alpha beside the map; the hooks, the baked export and 04's sgm and random all
+    apply alpha (x + lambda (omega x + beta - x)), computed here by hand: a silenced neuron stays silent, its shift
+    too."""
+    from transformers import AutoModelForImageTextToText
+    folder, data = tiny_act
+    model, processor, sites, _ = tiny
+    run_stage("03_suppress.py", "--run", "t", "--method", "det0", "--top-k", 40, "--out", "det0.pt", cwd=folder)
+    run_stage("03_suppress.py", "--run", "t", "--method", "act", "--strength", 0.8, "--out", "plain-act.pt", cwd=folder)
+    run_stage("03_suppress.py", "--run", "t", "--method", "act", "--strength", 0.8, "--stack", "det0.pt",
+              "--out", "stacked.pt", "--export", folder / "stacked-export", cwd=folder)
+    damping, damping_meta = load_pt(folder / "runs/t/det0.pt", "")
+    plain, _ = load_pt(folder / "runs/t/plain-act.pt", "")
+    stacked, meta = load_pt(folder / "runs/t/stacked.pt", "")
+    assert torch.equal(stacked["alpha"], damping["alpha"]) and (stacked["alpha"] == 0).sum() == 40
+    assert torch.equal(stacked["omega"], plain["omega"]) and torch.equal(stacked["beta"], plain["beta"])
+    assert meta["stacked_on"]["fingerprint"] == damping_meta["fingerprint"]
+    assert meta["n_changed"] == int(((plain["omega"] != 1) | (plain["beta"] != 0) | (damping["alpha"] != 1)).sum())
+    alpha, omega, beta = (stacked[k].double() for k in ("alpha", "omega", "beta"))
+    scale, shift = (alpha * (1 + 0.8 * (omega - 1))).float(), (alpha * 0.8 * beta).float()  # by hand
+    assert (scale[alpha == 0] == 0).all() and (shift[alpha == 0] == 0).all()
+    batch = encode(processor, ITEMS, "cpu")
+    with torch.no_grad(), suppress_neurons(sites, scale, shift):
+        want = model(**batch).logits
+    with torch.no_grad():
+        baked = AutoModelForImageTextToText.from_pretrained(folder / "stacked-export").eval()(**batch).logits
+        unstacked = model(**batch).logits
+    torch.testing.assert_close(baked, want, rtol=1e-4, atol=1e-4)
+    assert "times the alpha of" in (folder / "stacked-export/SGM_EXPORT.md").read_text()
+    assert not torch.allclose(want, unstacked)
+
+    # 04's conditions: sgm as above; random moves the (alpha, omega, beta) triples together, one permutation
+    alphas = {"sgm": stacked["alpha"], "base": torch.ones_like(stacked["alpha"])}
+    shifts = transport_conditions(alphas, stacked, meta["settings"], sites, 0)
+    torch.testing.assert_close(alphas["sgm"], scale) and torch.testing.assert_close(shifts["sgm"], shift)
+    sizes = [size for _, size in meta["sites"]]
+    moved = matched_random_control(torch.stack([alpha, omega, beta], 1), sizes, 0)
+    torch.testing.assert_close(alphas["random"], (moved[:, 0] * (1 + 0.8 * (moved[:, 1] - 1))).float())
+    torch.testing.assert_close(shifts["random"], (moved[:, 0] * 0.8 * moved[:, 2]).float())
+    run_stage("04_evaluate.py", "--model", "tiny", "--run", "t", "--data", data, "--max-new-tokens", 3,
+              "--conditions", "standard", "--selectivity", "false", "--suppression", "stacked.pt",
+              "--methods", "base,sgm,sgm+prompt", "--report", "stacked", cwd=folder)
+    report = json.loads((folder / "runs/t/stacked.json").read_text())
+    assert {f["method"] for f in report["fluency"]} == {"base", "sgm", "sgm+prompt"}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--method", "det0", "--top-k", "5", "--stack", "det0.pt"], "--stack stacks a transport map on a damping"),
+    (["--method", "act", "--stack", "plain-act.pt"], "is a transport map: stack on a damping artifact"),
+    (["--method", "act", "--stack", "other.pt"], "was made on another model or data build"),
+])
+def test_bad_stacks_are_one_line(tiny_act, flags, message):
+    folder, _ = tiny_act
+    run_stage("03_suppress.py", "--run", "t", "--method", "det0", "--top-k", 40, "--out", "det0.pt", cwd=folder)
+    run_stage("03_suppress.py", "--run", "t", "--method", "act", "--out", "plain-act.pt", cwd=folder)
+    tensors, meta = load_pt(folder / "runs/t/det0.pt", "")
+    from sgm.artifacts import save_pt
+    save_pt(folder / "runs/t/other.pt", tensors, {k: v for k, v in dict(meta, data_checksum="f" * 64).items()
+                                                   if k not in ("fingerprint", "meta_sha256")})
+    with pytest.raises(UserError, match=message) as error:
+        run_stage("03_suppress.py", "--run", "t", *flags, "--out", "never.pt", cwd=folder)
+    assert "\n" not in error.value.message and not (folder / "runs/t/never.pt").exists()
