@@ -410,3 +410,40 @@ def test_bad_stacks_are_one_line(tiny_act, flags, message):
     with pytest.raises(UserError, match=message) as error:
         run_stage("03_suppress.py", "--run", "t", *flags, "--out", "never.pt", cwd=folder)
     assert "\n" not in error.value.message and not (folder / "runs/t/never.pt").exists()
+
+
+def test_routed_shift_adds_nothing_for_a_padding_expert_index():
+    """Some mixture-of-experts implementations pad the routing with an index one past the last expert: that slot
+    adds nothing; the others add router weight x their expert's row."""
+    from sgm.neurons import routed_shift
+    table = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    output = torch.ones(2, 4, dtype=torch.bfloat16)
+    index, weights = torch.tensor([[0, 3], [2, 1]]), torch.tensor([[0.7, 0.3], [0.5, 0.5]])
+    for args, kwargs in (((None, index, weights), {}), ((None,), dict(top_k_index=index, top_k_weights=weights))):
+        got = routed_shift(table, args, kwargs, output)
+        want = 1 + torch.stack([0.7 * table[0], 0.5 * table[2] + 0.5 * table[1]])
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float())
+
+
+def test_bfloat16_export_holds_the_shift_in_bfloat16_and_keeps_the_hooks_logits(tiny_act, tiny):
+    """--export --dtype bfloat16 of a map: the bias is saved in bf16 and the reloaded model's logits stay within
+    bf16 rounding of the float32 hooks'."""
+    from transformers import AutoModelForImageTextToText
+    folder, _ = tiny_act
+    model, processor, sites, _ = tiny
+    run_stage("03_suppress.py", "--run", "t", "--method", "act-mean", "--strength", 2, "--out", "mean2.pt",
+              "--export", folder / "bf16-export", "--dtype", "bfloat16", cwd=folder)
+    tensors, _ = load_pt(folder / "runs/t/mean2.pt", "")
+    batch = encode(processor, ITEMS, "cpu")
+    with torch.no_grad(), suppress_neurons(sites, *transport_scale_shift(tensors["omega"], tensors["beta"], 2)):
+        want = model(**batch).logits
+    with torch.no_grad():
+        base = model(**batch).logits
+    reloaded = AutoModelForImageTextToText.from_pretrained(folder / "bf16-export").eval()
+    biases = [m.bias for n, m in reloaded.named_modules() if n.endswith("mlp.down_proj")]
+    assert biases and all(b is not None and b.dtype == torch.bfloat16 for b in biases)
+    with torch.no_grad():
+        got = reloaded(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}).logits
+    error, moved = (got.float() - want).abs().max(), (want - base).abs().max()
+    assert error < 0.1 * moved, (error, moved)  # bf16 rounding, far below what the shift changes
