@@ -32,8 +32,9 @@ Transport at the same neurons (a peer of damping, not SGM; the same hook site, a
   checked). apple/ml-act also estimates from activations pooled per sentence (mean pooling in its toxicity
   setup), then applies the map to every token; a mean over T positions is narrower than the per-token values it
   averages, so omega is fitted on a narrower range than the map meets in generation, and beta on the pooled
-  means, which per-token means equal only when every row has as many positions. Whether that matters is
-  measured against per-token estimates in RESULTS (not yet: issue 30).
+  means, which per-token means equal only when every row has as many positions. Measured on the demo's
+  default calibration (responses): every row pools exactly 32 continuation tokens (n_positions min = max = 32
+  in activations.npz), so act-mean's beta IS the per-token estimate; act's omega is not (docs/RESULTS.md).
 Knobs: --strength s scales the damping, alpha_s = clip(1 - s (1 - alpha), 0, 1) (s = 1 is the method itself,
 s = 0 is the unmodified model); --top-k k keeps only the k most expert neurons (0 = all, aura/published);
 --layers a:b restricts to decoder layers a..b-1; --normalise layer rescales expertise within each layer so that
