@@ -98,7 +98,8 @@ sweep: $(R)/suppression.pt
 # Choose the configuration on dev (tools/tune.py): calibration and suppression variants through all four stages,
 # one rule picks the best -> runs/tune/tune.md (runs/tune-<RUN>/ for another run). The first nine variants took
 # 54 min on the demo (2 cores); the four added on 2026-11-30 took 19 min (significant, prompt-positions) and 30 min
-# (the two samples-4 ones, with a rerun of published).
+# (the two samples-4 ones, with a rerun of published); on 2026-12-05 base, published, writer-t-det0-128 and the seven
+# transport variants (act*) took 30 min, the published calibration rerun included.
 tune: $(VENV)/.installed $(DATA)
 	$(PY) -m tools.tune --model $(MODEL) --data $(DATA) --out $(if $(filter demo,$(RUN)),tune,tune-$(RUN)) $(TUNE_ARGS)
 

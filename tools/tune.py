@@ -2,7 +2,7 @@
 through stages 1-4 on `dev` (never `test`), compared by one rule fixed before any result was seen
 -> runs/tune/tune.json, tune.md, tune.png
 
-    python -m tools.tune --model demo                                  # what `make tune` runs (20 variants; the first 9 took 54 min on 2 CPU cores)
+    python -m tools.tune --model demo                                  # what `make tune` runs (27 variants; the first 9 took 54 min on 2 CPU cores)
     python -m tools.tune --model tiny --collect-args "--mode prompts" --variants published,max-pooling   # smoke run
 
 Each variant changes one thing against the published configuration (PUBLISHED below: responses calibration,
