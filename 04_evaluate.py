@@ -319,16 +319,16 @@ for method in methods:
         server = served[neurons_of(method)]
         texts, ids = server.generate(shown, cfg["max_new_tokens"], desc=f"{method}: generate at {server.url}")
         if neurons_of(method) not in text_nlls:  # None: the server gives no log-probabilities
-            text_nlls[neurons_of(method)] = {genre: server.text_nll(texts, f"{neurons_of(method)}: {genre} perplexity")
-                                             for genre, texts in fluency_sets.items()}
+            text_nlls[neurons_of(method)] = {genre: server.text_nll(genre_texts, f"{method}: {genre} perplexity")
+                                             for genre, genre_texts in fluency_sets.items()}
     else:
         with suppress_neurons(sites, alphas[neurons_of(method)], shifts.get(neurons_of(method))):
             texts, ids = generate(model, processor, shown, cfg["max_new_tokens"], cfg["batch_size"],
                                   desc=f"{method}: generate",
                                   cache=(resume, [*resume_model, alpha_sha256[neurons_of(method)]]))
             if neurons_of(method) not in text_nlls:  # fluency depends on the neurons only, not on the prompt
-                text_nlls[neurons_of(method)] = {genre: text_nll(model, processor, texts)
-                                                 for genre, texts in fluency_sets.items()}
+                text_nlls[neurons_of(method)] = {genre: text_nll(model, processor, genre_texts)
+                                                 for genre, genre_texts in fluency_sets.items()}
     answers[method], tokens[method], probe_answers[method] = texts[:len(items)], ids[:len(items)], texts[len(items):]
     scores[method] = judge_toxicity(answers[method])
     if cfg["samples"]:  # N sampled answers per item, seeded per method so that a rerun samples the same
