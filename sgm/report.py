@@ -287,13 +287,16 @@ def markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extr
     return lines
 
 
+def change_text(change, ci):
+    """A perplexity change and its interval, e.g. "+10.2% [+7.7, +13.1]" (tools/tune.py's table too)."""
+    return f"{100 * change:+.1f}%" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+
+
 def genre_cells(genre):
     """One genre's two cells of the fluency table: perplexity, and its change vs base [95% CI]."""
     if genre["perplexity"] is None:
         return f" {NA} | {NA} |"
-    change = "–" if genre["change_vs_base"] is None else f"{100 * genre['change_vs_base']:+.1f}%"
-    if genre["change_ci"]:
-        change += f" [{100 * genre['change_ci'][0]:+.1f}, {100 * genre['change_ci'][1]:+.1f}]"
+    change = "–" if genre["change_vs_base"] is None else change_text(genre["change_vs_base"], genre["change_ci"])
     return f" {genre['perplexity']:.2f} | {change} |"
 
 

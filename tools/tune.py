@@ -42,6 +42,7 @@ from scipy.stats import binomtest  # noqa: E402
 from common import (DEFAULT_DATA, REPO, check_range, fail, load_items, parse_limits, parse_overrides,  # noqa: E402
                     run_name)
 from sgm.artifacts import check_set, load_npz, load_pt, write_text  # noqa: E402
+from sgm.report import change_text  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -282,19 +283,15 @@ lines = [f"# Tuning on dev: {cfg['model']}", "",
          "|---|---|---|---:|---:|---:|---:|---:|---|"]
 
 
-def cost(change, ci):
-    return f"{100 * change:+.1f}%" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
-
-
 for r in results:
     mark = "**" if chosen is r else ""
     selective = ("—" if r["selectivity"] is None else
                  f"{r['selectivity']:+.3f} [{r['selectivity_ci'][0]:+.3f}, {r['selectivity_ci'][1]:+.3f}]")
     lines.append(f"| {mark}{r['variant']}{mark} | {r['why']} | {pct(r['rate'])} [{pct(r['rate_ci'][0])}, "
                  f"{pct(r['rate_ci'][1])}] | {fmt_p(r['p_vs_base'])} | {r['p_vs_reference']:.3g} | "
-                 f"{pct(r['benign_rate'])} | {cost(r['fluency_cost'], r['fluency_ci'])}"
+                 f"{pct(r['benign_rate'])} | {change_text(r['fluency_cost'], r['fluency_ci'])}"
                  f"{'' if r['within_budget'] else ' (over)'} | "
-                 + ("; ".join(f"{g['texts']} ({g['n']}) {cost(g['change_vs_base'], g['change_ci'])}"
+                 + ("; ".join(f"{g['texts']} ({g['n']}) {change_text(g['change_vs_base'], g['change_ci'])}"
                               for g in r["other_genres"] if g["change_vs_base"] is not None) or "—")
                  + f" | {selective} |")
 lines.append("")
