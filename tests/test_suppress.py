@@ -142,6 +142,10 @@ def test_select_significant_composes_with_top_k_layers_and_det0(tmp_path):
     (["--select", "significant", "--fdr", "1.5"], "--fdr must be between 0 and 1"),
     (["--select", "best"], "unknown --select 'best'"),
     (["--method", "zero"], "unknown --method 'zero'"),
+    (["--method", "act", "--top-k", "-1"], "--top-k"),  # transport (tests/test_act.py)
+    (["--method", "act", "--strength", "-0.5"], "--strength"),
+    (["--method", "transport"], "unknown --method 'transport'"),
+    (["--method", "det0", "--top-k", "5", "--stack", "det0.pt"], "--stack stacks a transport map on a damping"),
 ])
 def test_bad_select_options_fail_before_anything_is_loaded(tmp_path, flags, message):
     # No expertise.npz exists: the option error must come first (a missing file would say "not found").
