@@ -513,7 +513,7 @@ def transport_conditions(alphas, tensors, settings, sites, seed):
     sizes = [len(part) for part in split_by_site(tensors["omega"], sites)]
     triples = torch.stack([tensors["omega"], tensors["beta"], tensors["alpha"]], 1)
     shuffled = matched_random_control(triples, sizes, seed)
-    maps = dict(sgm=transport_scale_shift(*triples.unbind(1)[:2], strength, tensors["alpha"]),
+    maps = dict(sgm=transport_scale_shift(tensors["omega"], tensors["beta"], strength, tensors["alpha"]),
                 random=transport_scale_shift(shuffled[:, 0], shuffled[:, 1], strength, shuffled[:, 2]))
     maps.update({name: transport_scale_shift(tensors["omega"], tensors["beta"], strength * float(name[4:]),
                                              tensors["alpha"]) for name in alphas if name.startswith("sgm@")})
