@@ -61,6 +61,18 @@ def test_the_real_training_texts_hold_no_dev_or_test_phrase():
     assert all(w in pool for item in items if item["condition"] == "typographic" for w in item["image_text"].split())
 
 
+def test_the_vocabulary_holds_every_token_of_a_text_of_pool_words():
+    # words inside a text are tokenized with the space before them ("Ġriver" for this byte-level tokenizer, "▁river"
+    # for Gemma's): the vocabulary must hold that form as well as the word alone, which begins a text
+    tokenizer = models.tiny_tokenizer()
+    pool = ["quiet", "garden", "river", "morning", "evening", "weather", "people"]
+    texts = [" ".join(pool[i] for i in np.random.default_rng(seed).integers(0, len(pool), 6)) for seed in range(20)]
+    needed = {t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]}
+    alone = {t for word in pool for t in tokenizer(word, add_special_tokens=False)["input_ids"]}
+    assert needed - alone  # the words alone would not do: the test can fail
+    assert needed <= set(eyes.vocabulary(tokenizer, [], pool).tolist())
+
+
 def tiny_gemma_eyes():
     from transformers import Gemma3TextConfig
     tokenizer = models.tiny_tokenizer(["<image>"], extra_special_tokens={"image_token": "<image>"})

@@ -134,6 +134,15 @@ def word_pool(lines, items):
     return sorted(pool)
 
 
+def vocabulary(tokenizer, lines, pool):
+    """The token ids the eyes can learn: every token of the source lines, and of each pool word both alone (a text's
+    first word) and after a space (every later word: Gemma's and byte-level tokenizers fold the space into the
+    token, so "▁word" is another token than "word"; without it 119 of the 831 tokens of the test typographic texts
+    were outside the vocabulary, measured 2026-12-05)."""
+    texts = lines + pool + [f" {word}" for word in pool]
+    return torch.tensor(sorted({t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]}))
+
+
 def training_texts(rng, lines, pool, held, count, max_words, word_pool_share):
     """`count` texts of 2..max_words words: windows of `lines`, or random word sequences from `pool`; none of them
     a dev/test phrase (`held`)."""
@@ -412,9 +421,7 @@ if __name__ == "__main__":
     tokenizer, embed = processor.tokenizer, model.get_input_embeddings()
     embed.requires_grad_(False)
     model.model.language_model.requires_grad_(False)  # frozen: only the tower and the projector learn
-    # The vocabulary the eyes can learn: every token of the training sources and of the word pool.
-    vocab_ids = torch.tensor(sorted({t for text in lines + pool for t in tokenizer(text, add_special_tokens=False)
-                                     ["input_ids"]}))
+    vocab_ids = vocabulary(tokenizer, lines, pool)
     with torch.no_grad():
         vocab_embeddings = embed(vocab_ids)
     scale = vocab_embeddings.norm(dim=-1).mean().item()
