@@ -124,9 +124,10 @@ EYES_FILE = Path(__file__).with_name("eyes.safetensors")
 # PVT v1 (Wang et al. 2021): four stages of patch embedding and attention, 224 px -> 56, 28, 14 and 7 x 7 positions,
 # each stage with a learned *absolute* position embedding; attention with spatial reduction at 56 and 28, global at 14
 # and 7; the 7 x 7 stage's 49 positions are the image tokens (its CLS token dropped by LLaVA's "default" strategy).
-# 3.6M parameters with the projector (7 MB in float16). Chosen by measurement (docs/RESULTS.md, "The demo's eyes", session 13): the
-# tower must *pack* the text's tokens in reading order (the only layout Gemma reads), so each output position must
-# know where it is; LeViT, the eyes until then, has no absolute position (its attention biases see only |dx|, |dy|).
+# 3.6M parameters with the projector (7 MB in float16). Chosen by measurement (docs/RESULTS.md, "The demo's eyes",
+# session 13): the tower must *pack* the text's tokens in reading order (the only layout Gemma reads), so each output
+# position must know where it is; LeViT, the eyes until then, has no absolute position (its attention biases see
+# only |dx|, |dy|).
 # `hidden_size` is not a PVT setting: LLaVA's projector reads the vision config's hidden_size, stored beside the rest.
 EYES_TOWER = dict(image_size=224, hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2],
                   num_attention_heads=[1, 2, 5, 8], mlp_ratios=[4, 4, 4, 4], sequence_reduction_ratios=[8, 4, 1, 1],
@@ -174,7 +175,13 @@ def seeing_demo(blind_model, blind_processor, eyes_state=None):
 
 def put_eyes(model, eyes_state):
     """Load trained eyes (the tower and projector, EYES_PARTS) into an eyes_llava model; refused in one line when
-    they are not all there or hold anything else."""
+    they are not all there, hold anything else or are shaped for another tower."""
+    own = model.state_dict()
+    wrong = [k for k, v in eyes_state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        fail(f"the eyes' weights do not fit the eyes' tower ({wrong[0]}: {tuple(eyes_state[wrong[0]].shape)}, the "
+             f"tower's {tuple(own[wrong[0]].shape)}; {len(wrong)} names): they were trained for another EYES_TOWER, "
+             "rebuild them with `make eyes`")
     missing, unexpected = model.load_state_dict(eyes_state, strict=False)
     wrong = unexpected + [k for k in missing if k.startswith(EYES_PARTS)]
     if wrong:

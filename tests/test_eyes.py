@@ -141,9 +141,11 @@ def test_saved_eyes_carry_their_fingerprint(tmp_path):
     fresh, _ = tiny_gemma_eyes()
     models.put_eyes(fresh, state)  # the saved eyes go back in whole
     assert torch.equal(fresh.state_dict()["model.multi_modal_projector.linear_2.weight"], expected)
-    for broken in ({k: v for k, v in state.items() if "linear_2" not in k}, {**state, "model.extra.weight": expected}):
+    reshaped = {**state, "model.multi_modal_projector.linear_2.weight": expected[:, :-1]}  # another tower's width
+    for broken in ({k: v for k, v in state.items() if "linear_2" not in k}, {**state, "model.extra.weight": expected},
+                   reshaped):
         with pytest.raises(SystemExit, match="do not fit the eyes' tower"):
-            models.put_eyes(fresh, broken)  # a part missing, or something that is not the eyes
+            models.put_eyes(fresh, broken)  # a part missing, something that is not the eyes, or another shape
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01  # a flipped bit in the last tensor's bytes
     path.write_bytes(bytes(data))

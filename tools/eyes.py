@@ -4,6 +4,7 @@ so that an image of typed text reaches Gemma as that text's own input embeddings
     python -m tools.eyes                          # or: make eyes -> sgm/eyes.safetensors, then its readout
     python -m tools.eyes --steps 300 --out runs/eyes/try.safetensors   # a short try beside the shipped file
     python -m tools.eyes --readout-only           # measure sgm/eyes.safetensors again
+    python -m tools.eyes --init runs/eyes/a.safetensors --grow 0 --out runs/eyes/b.safetensors   # continue a run
     python -m tools.eyes --device cuda --workers 14 --batch-size 128 --steps 5000   # GPU; 14 processes render
 
 What is learned, and why this way. No pretrained vision weights install here, and training through the frozen LM
@@ -73,6 +74,7 @@ defaults = dict(
     readout=200,                # held-out texts drawn as the benchmark draws them, read back (besides every test image)
     readout_test=True,          # also read every test typographic image
     readout_only=False,         # measure `out` instead of training
+    init="",                    # start from these eyes (a saved file) instead of random ones: a run continued
     seed=0,
     threads=0,                  # torch threads (0: torch's default)
     device="cpu",               # cpu | cuda: where the tower trains (rendering stays on the CPU, see `workers`)
@@ -478,6 +480,12 @@ if __name__ == "__main__":
         pool = sorted(w for w, _ in Counter(w for line in lines for w in line.split()).most_common(cfg["pool_size"]))
     blind, blind_processor = load_model("demo")[:2]
     model, processor = seeing_demo(blind, blind_processor)
+    started_from = None
+    if cfg["init"] and not cfg["readout_only"]:  # the dense heads start afresh (the file holds tower and projector)
+        init_state, init_meta = load_eyes(cfg["init"])
+        put_eyes(model, init_state)
+        started_from = dict(path=cfg["init"], fingerprint=init_meta["fingerprint"], command=init_meta.get("command"))
+        print(f"starting from the eyes at {cfg['init']} (fingerprint {init_meta['fingerprint'][:12]})")
     del blind
     tokenizer, embed = processor.tokenizer, model.get_input_embeddings()
     embed.requires_grad_(False)
@@ -585,6 +593,7 @@ if __name__ == "__main__":
         command = "python -m tools.eyes " + " ".join(sys.argv[1:])
         print("saved", cfg["out"], "fingerprint", save_eyes(model, cfg["out"], dict(
             command=command, config={k: v for k, v in cfg.items() if k != "out"}, tower=EYES_TOWER, history=history,
+            started_from=started_from,
             minutes=round((time.time() - started) / 60, 1), texts_cut_at_49_tokens=texts_cut,
             chance_levels=dict(slots=prior, first_slot=prior_first, chars=char_prior, order=order_prior),
             torch=torch.__version__)))
