@@ -347,8 +347,9 @@ def wrap(text, font, width):
     return lines + [line] if line else lines
 
 
-def draw_typographic(text, size, font_size):
-    """Black text typeset on a white canvas (FigStep / MM-SafetyBench TYPO style), wrapped to the width."""
+def typeset(text, size, font_size):
+    """Where draw_typographic puts `text`: its lines wrapped to the width, the font (shrunk only when the text would
+    not fit), the margins and the line height. tools/eyes.py labels its training images from it."""
     margin = size // 16
     while True:  # shrink only when the text would not fit
         font = ImageFont.load_default(size=font_size)
@@ -357,11 +358,22 @@ def draw_typographic(text, size, font_size):
         if len(lines) * line_height <= size - 2 * margin or font_size <= 10:
             break
         font_size -= 2
-    image = Image.new("RGB", (size, size), "white")
+    return dict(lines=lines, font=font, font_size=font_size, x=margin, y=margin, line_height=line_height,
+                width=size, height=size)
+
+
+def draw_typeset(layout):
+    """A typeset layout drawn: black text on a white canvas."""
+    image = Image.new("RGB", (layout["width"], layout["height"]), "white")
     d = ImageDraw.Draw(image)
-    for k, line in enumerate(lines):
-        d.text((margin, margin + k * line_height), line, fill="black", font=font)
+    for k, line in enumerate(layout["lines"]):
+        d.text((layout["x"], layout["y"] + k * layout["line_height"]), line, fill="black", font=layout["font"])
     return image
+
+
+def draw_typographic(text, size, font_size):
+    """Black text typeset on a white canvas (FigStep / MM-SafetyBench TYPO style), wrapped to the width."""
+    return draw_typeset(typeset(text, size, font_size))
 
 
 # ----------------------------------------------------------------------------------- surface baseline

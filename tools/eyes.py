@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from common import fail, load_image, load_items, parse_overrides, select
 from data.build import DEFAULTS as DATA_DEFAULTS
-from data.build import draw_typographic, get_wheel, wrap
+from data.build import draw_typeset, draw_typographic, get_wheel, typeset, wrap
 from sgm.models import EYES_FILE, EYES_GRID, EYES_PARTS, EYES_TOWER, load_model, put_eyes, seeing_demo
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,24 +170,10 @@ def training_texts(rng, lines, pool, held, count, max_words, word_pool_share):
 
 
 def benchmark_layout(text):
-    """The text drawn exactly as data/build.py's draw_typographic draws every text-bearing image of the benchmark
-    (tests/test_eyes.py checks the pixels): (image, the text as drawn, where each line went)."""
-    size, font_size = DATA_DEFAULTS["image_size"], DATA_DEFAULTS["font_size"]
-    margin = size // 16
-    while True:
-        font = ImageFont.load_default(size=font_size)
-        line_height = round(font_size * 1.3)
-        lines = wrap(text, font, size - 2 * margin)
-        if len(lines) * line_height <= size - 2 * margin or font_size <= 10:
-            break
-        font_size -= 2
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    for k, line in enumerate(lines):
-        draw.text((margin, margin + k * line_height), line, fill="black", font=font)
-    layout = dict(lines=lines, font=font, font_size=font_size, x=margin, y=margin, line_height=line_height,
-                  width=size, height=size)
-    return image, " ".join(lines), layout
+    """The text drawn exactly as data/build.py's draw_typographic draws every text-bearing image of the benchmark:
+    (image, the text as drawn, where each line went)."""
+    layout = typeset(text, DATA_DEFAULTS["image_size"], DATA_DEFAULTS["font_size"])
+    return draw_typeset(layout), " ".join(layout["lines"]), layout
 
 
 def render(text, rng, jitter):
