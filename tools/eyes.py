@@ -330,8 +330,8 @@ def fingerprint(state):
 
 
 def save_eyes(model, path, meta):
-    """The tower and projector (float16; any integer buffer as it is) in one
-    safetensors file whose metadata holds their fingerprint."""
+    """The tower and projector (float16; any integer buffer as it is) in one safetensors file whose metadata holds
+    their fingerprint."""
     from safetensors.torch import save_file
     state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in model.state_dict().items() if k.startswith(EYES_PARTS)}  # integer buffers stay integers
