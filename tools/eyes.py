@@ -466,8 +466,11 @@ if __name__ == "__main__":
         pool = sorted(w for w, _ in Counter(w for line in lines for w in line.split()).most_common(cfg["pool_size"]))
     blind, blind_processor = load_model("demo")[:2]
     model, processor = seeing_demo(blind, blind_processor)
+    if cfg["init"] and cfg["readout_only"]:
+        fail("--init starts training from saved eyes and --readout-only trains nothing: to measure eyes, give them "
+             "as --out")
     started_from = None
-    if cfg["init"] and not cfg["readout_only"]:  # the dense heads start afresh (the file holds tower and projector)
+    if cfg["init"]:  # the dense heads start afresh (the file holds the tower and projector only)
         init_state, init_meta = load_eyes(cfg["init"])
         put_eyes(model, init_state)
         started_from = dict(path=cfg["init"], fingerprint=init_meta["fingerprint"], command=init_meta.get("command"))
