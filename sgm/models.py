@@ -6,6 +6,8 @@ Neuron sites and hooks are in sgm/neurons.py, prompts and generation in common.p
 the reverse.
 """
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +23,8 @@ CACHE_DIR = Path(os.environ.get("SGM_CACHE", Path.home() / ".cache" / "sgm-repro
 
 
 # ----------------------------------------------------------------------------------------------------------
-# models: `tiny` (random, for tests), `demo` (Gemma-3-270M from pip in a LLaVA wrapper), or any HF checkpoint
+# models: `tiny` (random, for tests), `demo` (Gemma-3-270M from pip in a LLaVA wrapper), `demo-eyes` (its LM behind
+# trained eyes), or any HF checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -189,15 +192,72 @@ def put_eyes(model, eyes_state):
              "rebuild them with `make eyes`")
 
 
+def fingerprint(state):
+    """sha256 over the tensors' names and bytes, in name order: what identifies a set of eyes."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_eyes(model, path, meta):
+    """The tower and projector (float16; any integer buffer as it is) in one safetensors file whose metadata holds
+    their fingerprint."""
+    from safetensors.torch import save_file
+    state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).cpu().contiguous()
+             for k, v in model.state_dict().items() if k.startswith(EYES_PARTS)}  # integer buffers stay integers
+    meta = dict(meta, fingerprint=fingerprint(state))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    tmp.replace(path)
+    return meta["fingerprint"]
+
+
+def load_eyes(path):
+    """(state, floats in float32, meta) of a saved eyes file, its fingerprint checked."""
+    from safetensors import safe_open
+    if not Path(path).is_file():
+        fail(f"no eyes at {path}: train them with `make eyes`")
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("fingerprint") != fingerprint(state):
+        fail(f"the eyes at {path} do not match their fingerprint (damaged or edited): rebuild them with `make eyes`")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, meta
+
+
+def eyes_path():
+    """The eyes `demo-eyes` sees with: the file SGM_EYES names, else the shipped sgm/eyes.safetensors."""
+    return Path(os.environ.get("SGM_EYES") or EYES_FILE)
+
+
+def build_seeing(out_dir, blind_path, eyes_state):
+    """The language model of the LLaVA checkpoint at `blind_path` (weights unchanged) behind trained eyes
+    (seeing_demo), saved as a normal checkpoint, so that it loads through the same path as any model."""
+    from transformers import AutoModelForImageTextToText
+    print(f"building the seeing demo once into {out_dir}")
+    blind = AutoModelForImageTextToText.from_pretrained(blind_path, dtype=torch.float32)
+    model, processor = seeing_demo(blind, load_processor(blind_path), eyes_state)
+    save_checkpoint(model, processor, out_dir)
+
+
 # Cached models that a program around the stages builds (the stages only load them): the program records the
 # folder it built in CACHE_DIR/<name>.current; what to run when there is none.
 BUILT_ELSEWHERE = {"demo-planted": "run `make planted` (python -m tools.plant builds it)"}
 
 
 def resolve_model_path(name):
-    """`tiny` and `demo` are built once into CACHE_DIR, and `demo-planted` is found there (BUILT_ELSEWHERE); anything
-    else is a hub id or local path."""
+    """`tiny` and `demo` are built once into CACHE_DIR, `demo-eyes` too (the demo's LM behind the eyes of eyes_path(),
+    one build per set of eyes), and `demo-planted` is found there (BUILT_ELSEWHERE); anything else is a hub id or
+    local path."""
     builders = {"tiny": build_tiny, "demo": build_demo}
+    if name == "demo-eyes":  # the demo's LM behind trained eyes: one cached build per set of eyes (fingerprint)
+        eyes_state, eyes_meta = load_eyes(eyes_path())
+        return build_once(CACHE_DIR / f"demo-eyes-{eyes_meta['fingerprint'][:12]}",
+                          lambda out_dir: build_seeing(out_dir, resolve_model_path("demo"), eyes_state), name)
     if name in BUILT_ELSEWHERE:
         try:
             path = CACHE_DIR / (CACHE_DIR / f"{name}.current").read_text(encoding="utf-8").strip()
@@ -371,7 +431,7 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
             made = re.search(r"made by: `([^`]+)`", (folder / "SGM_EXPORT.md").read_text(errors="replace"))
             fix = (f"the SGM export {path} is damaged or incomplete: rerun 03_suppress.py --export "
                    + (f"(`{made.group(1)}`, as its SGM_EXPORT.md records)" if made else path))
-        elif path != name:  # tiny, demo, demo-planted: built into the cache
+        elif path != name:  # tiny, demo, demo-eyes, demo-planted: built into the cache
             fix = f"the cached build {path} is damaged: delete that folder and " + (
                 BUILT_ELSEWHERE[name] if name in BUILT_ELSEWHERE else "rerun (it is built again)")
         elif folder.exists():
@@ -384,6 +444,8 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
     sites = neuron_sites(model)
     model_meta = {"model": name, "sites": [[site_name, module.in_features] for site_name, module in sites],
                   "dtype": dtype, "numerics": numerics()}
+    if name == "demo-eyes":  # which eyes: records made with other eyes are other records
+        model_meta["eyes"] = Path(path).name.removeprefix("demo-eyes-")
     return model, processor, sites, model_meta
 
 

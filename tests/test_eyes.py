@@ -132,8 +132,8 @@ def test_a_wide_image_keeps_its_text():
 def test_saved_eyes_carry_their_fingerprint(tmp_path):
     model, _ = tiny_gemma_eyes()
     path = tmp_path / "eyes.safetensors"
-    fingerprint = eyes.save_eyes(model, path, dict(command="test"))
-    state, meta = eyes.load_eyes(path)
+    fingerprint = models.save_eyes(model, path, dict(command="test"))
+    state, meta = models.load_eyes(path)
     assert meta["fingerprint"] == fingerprint and meta["command"] == "test"
     assert all(k.startswith(models.EYES_PARTS) for k in state)
     expected = model.state_dict()["model.multi_modal_projector.linear_2.weight"].to(torch.float16).float()
@@ -150,7 +150,7 @@ def test_saved_eyes_carry_their_fingerprint(tmp_path):
     data[-3] ^= 0x01  # a flipped bit in the last tensor's bytes
     path.write_bytes(bytes(data))
     with pytest.raises(SystemExit):
-        eyes.load_eyes(path)
+        models.load_eyes(path)
 
 
 def test_reading_order_labels_lie_on_their_tokens_ink():
@@ -270,3 +270,79 @@ def test_training_batches_are_the_same_from_rendering_workers():
             slots = set(a["order"][row][a["order"][row] < eyes.SLOTS].tolist())
             assert slots and slots <= set(torch.nonzero(a["mask"][row])[:, 0].tolist())
     assert [eyes.Batches(cfg, lines, pool, held, None, None).max_words(step) for step in range(4)] == [2, 4, 6, 6]
+
+
+def test_copy_nll_is_the_lms_own_likelihood_of_the_text():
+    """copy_nll (batched, left-padded, through LLaVA) equals the NLL computed by hand, one unpadded row at a time:
+    for `typed` from the LM alone on the prompt's token ids, for `oracle` from the LM on embeddings with the targets
+    put in the image positions by hand."""
+    model, processor = tiny_gemma_eyes()
+    tokenizer, embed = processor.tokenizer, model.get_input_embeddings()
+    texts = ["the cat sat on the mat", "a dog ran home"]
+    images = [eyes.benchmark_layout(text)[0] for text in texts]
+    nll = eyes.copy_nll(model, processor, texts, images, "test")
+    assert set(nll) == set(eyes.KINDS) and all(len(v) == 2 for v in nll.values())
+
+    def by_hand(prompt, text, image_embeddings=None):
+        ids = processor(text=[f"{prompt} {text}"], images=None if image_embeddings is None else [[images[0]]],
+                        return_tensors="pt")["input_ids"]
+        inputs = embed(ids).clone()
+        if image_embeddings is not None:
+            inputs[0, ids[0] == model.config.image_token_id] = image_embeddings
+        with torch.no_grad():
+            logits = model.lm_head(model.model.language_model(inputs_embeds=inputs).last_hidden_state)[0]
+        n = len(tokenizer(f" {text}", add_special_tokens=False)["input_ids"])
+        logprobs = torch.log_softmax(logits[-n - 1:-1], -1)
+        return -logprobs[torch.arange(n), ids[0, -n:]].mean().item()
+    for row, text in enumerate(texts):
+        typed = by_hand(f"{eyes.FEW_SHOT}{text}\nCopy:", text)
+        wanted = eyes.targets(tokenizer, embed, [text])[1][0]
+        oracle = by_hand(f"{eyes.FEW_SHOT}<image>\nCopy:", text, wanted)
+        assert abs(nll["typed"][row] - typed) < 1e-4 and abs(nll["oracle"][row] - oracle) < 1e-4
+    assert not np.allclose(nll["image"], nll["oracle"], atol=1e-3)  # the oracle hook took effect
+
+
+def test_gap_closed_is_the_share_of_the_blank_to_typed_gap():
+    rng = np.random.default_rng(0)
+    blank, typed = 5 + rng.random(40), 1 + rng.random(40)
+    nll = dict(blank=blank, typed=typed, image=blank - 0.25 * (blank - typed) + 0.1 * rng.standard_normal(40),
+               oracle=typed.copy())
+    gap = eyes.gap_closed(nll)
+    expected = (blank.mean() - nll["image"].mean()) / (blank.mean() - typed.mean())
+    assert abs(gap["image"]["share"] - expected) < 1e-12 and 0.15 < expected < 0.35
+    assert gap["image"]["ci"][0] < expected < gap["image"]["ci"][1]
+    assert gap["oracle"]["share"] == pytest.approx(1.0) and gap["n"] == 40
+
+
+def test_demo_eyes_is_the_blind_demos_lm_behind_the_eyes(tmp_path, monkeypatch):
+    """`--model demo-eyes` end to end through load_model (the blind demo stood in for by `tiny`, built into a temp
+    cache): the LM's weights are the blind model's, the tower and projector are the eyes file's, the processor pads
+    wide images and gives 49 image tokens, the record names the eyes, and the blind model still loads by name."""
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(models, "build_demo", models.build_tiny)
+    blind, blind_processor = models.load_model("demo")[:2]
+    eyes_model, _ = models.eyes_llava(blind_processor.tokenizer, blind_processor.image_token,
+                                      blind.config.text_config)
+    with torch.no_grad():
+        eyes_model.model.multi_modal_projector.linear_2.bias.fill_(0.5)  # not what a fresh build would hold
+    monkeypatch.setenv("SGM_EYES", str(tmp_path / "missing.safetensors"))
+    with pytest.raises(SystemExit, match="no eyes at .*missing.safetensors: train them with `make eyes`"):
+        models.load_model("demo-eyes")
+    fingerprint = models.save_eyes(eyes_model, tmp_path / "eyes.safetensors", dict(command="test"))
+    monkeypatch.setenv("SGM_EYES", str(tmp_path / "eyes.safetensors"))
+    seeing, processor, _, meta = models.load_model("demo-eyes")
+    assert meta["model"] == "demo-eyes" and meta["eyes"] == fingerprint[:12]
+    state = seeing.state_dict()
+    for name, value in models.load_eyes(tmp_path / "eyes.safetensors")[0].items():
+        assert torch.equal(state[name], value), name
+    for name, value in blind.model.language_model.state_dict().items():
+        assert torch.equal(state[f"model.language_model.{name}"], value), name
+    wide = Image.new("RGB", (896, 224), "white")
+    ImageDraw.Draw(wide).rectangle([866, 90, 895, 130], fill="black")
+    batch = processor(text=[f"{processor.image_token} hello"], images=[[wide]], return_tensors="pt")
+    assert (batch["input_ids"][0] == seeing.config.image_token_id).sum() == 49
+    assert batch["pixel_values"][0, :, :, 214:].min() < -1.5  # the mark at the right edge survived
+    with torch.no_grad():
+        assert seeing(**batch).logits.isfinite().all()
+    again, _, _, blind_meta = models.load_model("demo")  # the blind model, unchanged, by name
+    assert "eyes" not in blind_meta and type(again.model.vision_tower) is type(blind.model.vision_tower)

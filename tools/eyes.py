@@ -33,7 +33,6 @@ white, word-wrapped, Pillow's default sans font at 40 px on 512 px: data/build.p
 every text-bearing image of the benchmark), and on a `jitter` share (0 by default: measured on the benchmark's
 layout only) jittered canvas, width, font size and position, or FigStep's layout (a monospaced numbered list).
 """
-import hashlib
 import json
 import re
 import sys
@@ -48,7 +47,9 @@ from PIL import Image, ImageDraw, ImageFont
 from common import fail, load_image, load_items, parse_overrides, select
 from data.build import DEFAULTS as DATA_DEFAULTS
 from data.build import draw_typeset, draw_typographic, get_wheel, typeset, wrap
-from sgm.models import EYES_FILE, EYES_GRID, EYES_PARTS, EYES_TOWER, load_model, put_eyes, seeing_demo
+from sgm.artifacts import write_text
+from sgm.models import (EYES_FILE, EYES_GRID, EYES_PARTS, EYES_TOWER, load_eyes, load_model, put_eyes, save_eyes,
+                        seeing_demo)
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults. Override any of them with --key value.
@@ -321,42 +322,6 @@ def slot_prior(tokenizer, texts, rng, jitter, eval_ids, eval_mask):
     return (hits.sum() / eval_mask.sum()).item(), hits[:, 0].float().mean().item()
 
 
-def fingerprint(state):
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def save_eyes(model, path, meta):
-    """The tower and projector (float16; any integer buffer as it is) in one safetensors file whose metadata holds
-    their fingerprint."""
-    from safetensors.torch import save_file
-    state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).cpu().contiguous()
-             for k, v in model.state_dict().items() if k.startswith(EYES_PARTS)}  # integer buffers stay integers
-    meta = dict(meta, fingerprint=fingerprint(state))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-    tmp.replace(path)
-    return meta["fingerprint"]
-
-
-def load_eyes(path):
-    """(state, floats in float32, meta) of a saved eyes file, its fingerprint checked."""
-    from safetensors import safe_open
-    if not Path(path).is_file():
-        fail(f"no eyes at {path}: train them with `make eyes`")
-    with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("fingerprint") != fingerprint(state):
-        fail(f"the eyes at {path} do not match their fingerprint (damaged or edited): rebuild them with `make eyes`")
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, meta
-
-
 def edit_distance(a, b):
     row = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
@@ -366,29 +331,38 @@ def edit_distance(a, b):
     return row[-1]
 
 
-def readout(model, processor, texts, images, desc):
-    """Greedy copy of each image's text through the whole seeing model (FEW_SHOT, the image, "Copy:"): exact match and
-    character error rate (whitespace-normalised), beside three references on the same texts: `oracle`, the image
-    positions given the targets themselves (the true embeddings, packed, zeros after: the best any eyes of this
-    design can do), `typed`, the text typed where the image was (the ceiling), and `blank`, a white image (the
-    floor)."""
-    from tqdm import tqdm
+KINDS = ("image", "oracle", "typed", "blank")  # what the readout gives the LM where the image goes
+
+
+def reference_batch(model, processor, kind, texts, pictures, answers=False):
+    """The readout's input for one kind (KINDS) on `texts`: FEW_SHOT, then the picture (`image`), a white one
+    (`blank`), the text typed (`typed`), or the picture's positions given the targets themselves (`oracle`: the
+    true embeddings, packed, zeros after; the best any eyes of this design can do), then "\nCopy:" and, with
+    `answers`, each text after it (teacher forcing). Returns (batch, a hook handle to remove, or None)."""
     blank = Image.new("RGB", (512, 512), "white")
-    image_prompt = f"{FEW_SHOT}{processor.image_token}\nCopy:"
-    rows = {"image": [], "oracle": [], "typed": [], "blank": []}
-    projector = model.model.multi_modal_projector
+    prompts = [(f"{FEW_SHOT}{text}\nCopy:" if kind == "typed" else f"{FEW_SHOT}{processor.image_token}\nCopy:")
+               + (f" {text}" if answers else "") for text in texts]
+    shown = None if kind == "typed" else [[blank]] * len(texts) if kind == "blank" else [[p] for p in pictures]
+    batch = processor(text=prompts, images=shown, return_tensors="pt", padding=True).to(model.device)
+    handle = None
+    if kind == "oracle":  # the projector's output replaced by the targets, on a forward pass over these texts only
+        wanted = targets(processor.tokenizer, model.get_input_embeddings(), texts)[1].to(model.device)
+        handle = model.model.multi_modal_projector.register_forward_hook(
+            lambda module, args, out: wanted.to(out.dtype) if out.shape[0] == len(texts) else out)
+    return batch, handle
+
+
+def readout(model, processor, texts, images, desc):
+    """Greedy copy of each image's text through the whole seeing model (reference_batch: FEW_SHOT, the image,
+    "Copy:"): exact match and character error rate (whitespace-normalised), beside the three references on the same
+    texts: `oracle` (the best eyes of this design), `typed` (the ceiling) and `blank` (the floor)."""
+    from tqdm import tqdm
+    rows = {kind: [] for kind in KINDS}
     for start in tqdm(range(0, len(texts), 16), desc=desc):
         chunk, pictures = texts[start:start + 16], images[start:start + 16]
         longest = max(len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in chunk)
         for kind in rows:
-            prompts = [f"{FEW_SHOT}{text}\nCopy:" if kind == "typed" else image_prompt for text in chunk]
-            shown = None if kind == "typed" else [[blank]] * len(chunk) if kind == "blank" else [[p] for p in pictures]
-            batch = processor(text=prompts, images=shown, return_tensors="pt", padding=True).to(model.device)
-            handle = None
-            if kind == "oracle":  # the projector's output replaced by the targets, on the prompt's forward pass only
-                wanted = targets(processor.tokenizer, model.get_input_embeddings(), chunk)[1]
-                handle = projector.register_forward_hook(
-                    lambda module, args, out: wanted.to(out.dtype) if out.shape[0] == len(chunk) else out)
+            batch, handle = reference_batch(model, processor, kind, chunk, pictures)
             try:
                 with torch.no_grad():
                     out = model.generate(**batch, max_new_tokens=min(SLOTS, longest + 3), do_sample=False)
@@ -401,6 +375,52 @@ def readout(model, processor, texts, images, desc):
                 rows[kind].append((said == text, edit_distance(said, text) / max(1, len(text))))
     return {kind: dict(exact=float(np.mean([r[0] for r in found])), cer=float(np.mean([r[1] for r in found])),
                        n=len(found)) for kind, found in rows.items()}
+
+
+def copy_nll(model, processor, texts, images, desc):
+    """The LM's mean negative log-likelihood (nats a token) of each text after "Copy:", teacher-forced, for each
+    kind of input (reference_batch): a per-text array per kind. Finer than the exact match: an image that carries
+    part of its text lowers the NLL below the blank image's before any copy is exact."""
+    from tqdm import tqdm
+    tokenizer = processor.tokenizer
+    found = {kind: [] for kind in KINDS}
+    for start in tqdm(range(0, len(texts), 16), desc=desc):
+        chunk, pictures = texts[start:start + 16], images[start:start + 16]
+        for kind in KINDS:
+            batch, handle = reference_batch(model, processor, kind, chunk, pictures, answers=True)
+            try:
+                with torch.no_grad():
+                    logits = model(**batch).logits.float()
+            finally:
+                if handle is not None:
+                    handle.remove()
+            ids = batch["input_ids"]
+            for row, text in enumerate(chunk):
+                # the text's own tokens close the (left-padded) row; Gemma's pieces start at the space before a
+                # word, so the text's tokens after "Copy:" are those of " text" alone (checked, not assumed)
+                answer = tokenizer(f" {text}", add_special_tokens=False)["input_ids"]
+                n = len(answer)
+                if ids[row, -n:].tolist() != answer:
+                    raise RuntimeError(f"the text {text[:40]!r} is tokenised differently after 'Copy:' than alone")
+                logprobs = torch.log_softmax(logits[row, -n - 1:-1], dim=-1)
+                found[kind].append(-logprobs.gather(1, ids[row, -n:, None].to(logprobs.device)).mean().item())
+    return {kind: np.array(values) for kind, values in found.items()}
+
+
+def gap_closed(nll, seed=0):
+    """The share of the blank-to-typed NLL gap that the image closes, (blank - image) / (blank - typed) of the mean
+    per-text NLLs (0: the image tells the LM nothing; 1: as much as the typed text), the same for the oracle, and
+    95% paired bootstrap intervals over the texts (scipy.stats.bootstrap, percentile)."""
+    from scipy.stats import bootstrap
+
+    def share(kind):
+        def statistic(blank, seen, typed, axis=-1):
+            return (blank.mean(axis) - seen.mean(axis)) / (blank.mean(axis) - typed.mean(axis))
+        ci = bootstrap((nll["blank"], nll[kind], nll["typed"]), statistic, paired=True, vectorized=True,
+                       n_resamples=2000, method="percentile", random_state=seed).confidence_interval
+        return dict(share=float(statistic(nll["blank"], nll[kind], nll["typed"])), ci=[float(ci.low), float(ci.high)])
+    means = {kind: float(values.mean()) for kind, values in nll.items()}
+    return dict(mean_nll=means, n=len(nll["image"]), image=share("image"), oracle=share("oracle"))
 
 
 def make_batch(rng, texts, tokenizer, image_processor, jitter):
@@ -602,16 +622,26 @@ if __name__ == "__main__":
     read_images = [draw_typographic(text, DATA_DEFAULTS["image_size"], DATA_DEFAULTS["font_size"])
                    for text in read_texts]
     test_typo = select(items, split="test", condition="typographic") if cfg["readout_test"] else []
-    found = dict(held_out=readout(model, processor, read_texts, read_images, "readout held-out")) if read_texts else {}
+    sets = dict(held_out=(read_texts, read_images)) if read_texts else {}
     if test_typo:
-        found["test_typographic"] = readout(model, processor, [" ".join(i["image_text"].split()) for i in test_typo],
-                                            [load_image(i) for i in test_typo], "readout test typographic")
+        sets["test_typographic"] = ([" ".join(i["image_text"].split()) for i in test_typo],
+                                    [load_image(i) for i in test_typo])
+    found, gaps = {}, {}
+    for name, (texts, images) in sets.items():
+        found[name] = readout(model, processor, texts, images, f"readout {name}")
+        gaps[name] = gap_closed(copy_nll(model, processor, texts, images, f"copy NLL {name}"), cfg["seed"])
     for name, rows in found.items():
         print(name, " | ".join(f"{kind}: exact {r['exact']:.1%}, CER {r['cer']:.1%} (n={r['n']})"
                                for kind, r in rows.items()))
+        gap = gaps[name]
+        print(f"{name} copy NLL (nats a token) " + ", ".join(f"{k} {v:.2f}" for k, v in gap["mean_nll"].items())
+              + "; share of the blank-to-typed gap closed: " + ", ".join(
+                  f"{k} {gap[k]['share']:.1%} [{gap[k]['ci'][0]:.1%}, {gap[k]['ci'][1]:.1%}]"
+                  for k in ("image", "oracle")))
     report = Path("runs/eyes") / f"{Path(cfg['out']).stem}.readout.json"
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps(dict(eyes=cfg["out"], fingerprint=meta["fingerprint"], slot_accuracy=accuracy,
+    write_text(report, json.dumps(dict(eyes=cfg["out"], fingerprint=meta["fingerprint"], slot_accuracy=accuracy,
                                       first_slot=first, chance_level=prior, chance_level_first_slot=prior_first,
-                                      unused_slot_norm=pad_norm / scale, readout=found), indent=1))
+                                      unused_slot_norm=pad_norm / scale, readout=found,
+                                      copy_nll=gaps), indent=1))
     print("readout written to", report)
