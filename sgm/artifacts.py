@@ -480,13 +480,16 @@ def load_pt(path, rerun_hint, required=None):
 
 
 def check_same_model(meta, model_meta, artifact, rerun_hint):
-    """Refuse an artifact made for another model (or another set of neuron sites)."""
+    """Refuse an artifact made for another model (or another set of neuron sites, or other eyes)."""
     if meta["model"] != model_meta["model"]:
         fail(f"{artifact} was made for model '{meta['model']}', not '{model_meta['model']}': "
              f"rerun {rerun_hint} with --model {model_meta['model']}")
     if meta["sites"] != model_meta["sites"]:
         fail(f"{artifact} has other neuron sites than model '{model_meta['model']}' "
              f"({len(meta['sites'])} vs {len(model_meta['sites'])} layers): rerun {rerun_hint}")
+    if meta.get("eyes") != model_meta.get("eyes"):  # demo-eyes: the same LM behind other eyes sees other images
+        fail(f"{artifact} was made with the eyes {meta.get('eyes')}, not the eyes {model_meta.get('eyes')} that "
+             f"'{model_meta['model']}' has now (SGM_EYES or sgm/eyes.safetensors): rerun {rerun_hint}")
 
 
 def write_text(path, text):

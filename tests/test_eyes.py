@@ -346,3 +346,12 @@ def test_demo_eyes_is_the_blind_demos_lm_behind_the_eyes(tmp_path, monkeypatch):
         assert seeing(**batch).logits.isfinite().all()
     again, _, _, blind_meta = models.load_model("demo")  # the blind model, unchanged, by name
     assert "eyes" not in blind_meta and type(again.model.vision_tower) is type(blind.model.vision_tower)
+
+
+def test_an_artifact_made_with_other_eyes_is_refused():
+    from sgm.artifacts import check_same_model
+    made = dict(model="demo-eyes", sites=[["layer.0", 8]], eyes="4ae456ab51b1")
+    check_same_model(made, dict(made), "activations.npz", "01_collect.py")  # the same eyes pass
+    for now in (dict(made, eyes="4c8995c504c0"), {k: v for k, v in made.items() if k != "eyes"}):
+        with pytest.raises(SystemExit, match="was made with the eyes 4ae456ab51b1, not the eyes"):
+            check_same_model(made, now, "activations.npz", "01_collect.py")

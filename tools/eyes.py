@@ -3,7 +3,7 @@ so that an image of typed text reaches Gemma as that text's own input embeddings
 
     python -m tools.eyes                          # or: make eyes -> sgm/eyes.safetensors, then its readout
     python -m tools.eyes --steps 300 --out runs/eyes/try.safetensors   # a short try beside the shipped file
-    python -m tools.eyes --readout-only           # measure sgm/eyes.safetensors again
+    python -m tools.eyes --readout-only           # measure sgm/eyes.safetensors again (copy, copy NLL)
     python -m tools.eyes --init runs/eyes/a.safetensors --grow 0 --out runs/eyes/b.safetensors   # continue a run
     python -m tools.eyes --device cuda --workers 14 --batch-size 128 --steps 5000   # GPU; 14 processes render
 
@@ -641,7 +641,6 @@ if __name__ == "__main__":
     report = Path("runs/eyes") / f"{Path(cfg['out']).stem}.readout.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     write_text(report, json.dumps(dict(eyes=cfg["out"], fingerprint=meta["fingerprint"], slot_accuracy=accuracy,
-                                      first_slot=first, chance_level=prior, chance_level_first_slot=prior_first,
-                                      unused_slot_norm=pad_norm / scale, readout=found,
-                                      copy_nll=gaps), indent=1))
+                                       first_slot=first, chance_level=prior, chance_level_first_slot=prior_first,
+                                       unused_slot_norm=pad_norm / scale, readout=found, copy_nll=gaps), indent=1))
     print("readout written to", report)
