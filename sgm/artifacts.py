@@ -492,6 +492,9 @@ def check_same_model(meta, model_meta, artifact, rerun_hint):
              f"'{model_meta['model']}' has now (SGM_EYES or sgm/eyes.safetensors): rerun {rerun_hint}")
 
 
-def write_text(path, text):
-    data = text.encode()
+def write_bytes(path, data):
     _atomic_write(path, lambda f: f.write(data), len(data))
+
+
+def write_text(path, text):
+    write_bytes(path, text.encode())

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from common import append_tokens, batches, encode, fail, input_device
+from sgm.artifacts import write_bytes
 from sgm.neurons import neuron_sites, writer_objective, writer_per_position
 
 # Converted demo weights live outside the repo (built once, ~1 GB); SGM_CACHE moves them.
@@ -204,15 +205,11 @@ def fingerprint(state):
 def save_eyes(model, path, meta):
     """The tower and projector (float16; any integer buffer as it is) in one safetensors file whose metadata holds
     their fingerprint."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in model.state_dict().items() if k.startswith(EYES_PARTS)}  # integer buffers stay integers
     meta = dict(meta, fingerprint=fingerprint(state))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-    tmp.replace(path)
+    write_bytes(path, save(state, metadata={k: json.dumps(v) for k, v in meta.items()}))  # atomic, faults in one line
     return meta["fingerprint"]
 
 
