@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from common import append_tokens, batches, encode, fail, input_device
+from sgm import packing
 from sgm.artifacts import write_bytes
 from sgm.neurons import neuron_sites, writer_objective, writer_per_position
 
@@ -128,13 +129,15 @@ EYES_FILE = Path(__file__).with_name("eyes.safetensors")
 # PVT v1 (Wang et al. 2021): four stages of patch embedding and attention, 224 px -> 56, 28, 14 and 7 x 7 positions,
 # each stage with a learned *absolute* position embedding; attention with spatial reduction at 56 and 28, global at 14
 # and 7; the 7 x 7 stage's 49 positions are the image tokens (its CLS token dropped by LLaVA's "default" strategy).
-# 3.6M parameters with the projector (7 MB in float16). Chosen by measurement (docs/RESULTS.md, "The demo's eyes",
-# session 13): the tower must *pack* the text's tokens in reading order (the only layout Gemma reads), so each output
-# position must know where it is; LeViT, the eyes until then, has no absolute position (its attention biases see
-# only |dx|, |dy|).
+# Chosen by measurement (docs/RESULTS.md, "The demo's eyes", session 13): the tower must *pack* the text's tokens in
+# reading order (the only layout Gemma reads), so each output position must know where it is; LeViT, the eyes until
+# then, has no absolute position (its attention biases see only |dx|, |dy|). Packing learned by gradient descent was
+# the wall (sessions 13-14), so the last stage (four blocks, MLP ratio 2) is set by hand (sgm/packing.py): stages
+# 1-3 and the projector learn to say where tokens start and what they are, the last stage counts and packs.
+# 5.1M parameters with the projector, 2.1M of them the packer's (rebuilt from code, never stored in the eyes file).
 # `hidden_size` is not a PVT setting: LLaVA's projector reads the vision config's hidden_size, stored beside the rest.
-EYES_TOWER = dict(image_size=224, hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2],
-                  num_attention_heads=[1, 2, 5, 8], mlp_ratios=[4, 4, 4, 4], sequence_reduction_ratios=[8, 4, 1, 1],
+EYES_TOWER = dict(image_size=224, hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 4],
+                  num_attention_heads=[1, 2, 5, 8], mlp_ratios=[4, 4, 4, 2], sequence_reduction_ratios=[8, 4, 1, 1],
                   hidden_size=256)
 EYES_GRID = 7  # image tokens per side: the last stage's 32-px cells
 EYES_PARTS = ("model.vision_tower.", "model.multi_modal_projector.")  # what the eyes file holds; the LM is never in it
@@ -160,7 +163,14 @@ def eyes_llava(tokenizer, image_token, text_config):
                          vision_feature_select_strategy="default",
                          tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False))
     torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config), processor
+    model = LlavaForConditionalGeneration(config)
+    packing.put_packer(model.model.vision_tower)
+    return model, processor
+
+
+def packer_state(model):
+    """The eyes' hand-set weights (sgm/packing.py) under the model's own names."""
+    return {"model.vision_tower." + k: v for k, v in packing.packer_weights(model.model.vision_tower.config).items()}
 
 
 def seeing_demo(blind_model, blind_processor, eyes_state=None):
@@ -186,11 +196,13 @@ def put_eyes(model, eyes_state):
         fail(f"the eyes' weights do not fit the eyes' tower ({wrong[0]}: {tuple(eyes_state[wrong[0]].shape)}, the "
              f"tower's {tuple(own[wrong[0]].shape)}; {len(wrong)} names): they were trained for another EYES_TOWER, "
              "rebuild them with `make eyes`")
+    packer = packer_state(model)
     missing, unexpected = model.load_state_dict(eyes_state, strict=False)
-    wrong = unexpected + [k for k in missing if k.startswith(EYES_PARTS)]
+    wrong = unexpected + [k for k in missing if k.startswith(EYES_PARTS) and k not in packer]
     if wrong:
         fail(f"the eyes' weights do not fit the eyes' tower ({wrong[0]}, {len(wrong)} names): "
              "rebuild them with `make eyes`")
+    packing.put_packer(model.model.vision_tower)  # hand-set, float32: never taken from a file
 
 
 def fingerprint(state):
@@ -204,11 +216,13 @@ def fingerprint(state):
 
 def save_eyes(model, path, meta):
     """The tower and projector (float16; any integer buffer as it is) in one safetensors file whose metadata holds
-    their fingerprint."""
+    their fingerprint, the learned weights' and the hand-set packer's together (the packer is not stored: it is
+    code, sgm/packing.py; `packer` is its own fingerprint, so that eyes trained with another packer are refused)."""
     from safetensors.torch import save
+    packer = packer_state(model)
     state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).cpu().contiguous()
-             for k, v in model.state_dict().items() if k.startswith(EYES_PARTS)}  # integer buffers stay integers
-    meta = dict(meta, fingerprint=fingerprint(state))
+             for k, v in model.state_dict().items() if k.startswith(EYES_PARTS) and k not in packer}
+    meta = dict(meta, fingerprint=fingerprint({**state, **packer}), packer=fingerprint(packer))
     write_bytes(path, save(state, metadata={k: json.dumps(v) for k, v in meta.items()}))  # atomic, faults in one line
     return meta["fingerprint"]
 
@@ -221,7 +235,12 @@ def load_eyes(path):
     with safe_open(str(path), framework="pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
         state = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("fingerprint") != fingerprint(state):
+    from transformers import PvtConfig
+    packer = {"model.vision_tower." + k: v for k, v in packing.packer_weights(PvtConfig(**EYES_TOWER)).items()}
+    if meta.get("packer") != fingerprint(packer):
+        fail(f"the eyes at {path} were trained with another packer than sgm/packing.py's (or before it): "
+             "rebuild them with `make eyes`")
+    if meta.get("fingerprint") != fingerprint({**state, **packer}):
         fail(f"the eyes at {path} do not match their fingerprint (damaged or edited): rebuild them with `make eyes`")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, meta
 
@@ -402,6 +421,11 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
     from transformers import AutoModelForImageTextToText
     if dtype not in DTYPES and dtype != "auto":
         fail(f"unknown --dtype {dtype!r}; use one of {sorted(DTYPES)} or auto")
+    if name == "demo-eyes":  # its tower packs tokens by hand-set arithmetic (sgm/packing.py) that needs float32
+        try:
+            packing.check_precision(DTYPES.get(dtype, torch.float32))  # "auto": the build is saved in float32
+        except ValueError as e:
+            fail(str(e))
     path = resolve_model_path(name)
     device_map = "auto" if device == "auto" else {"": device}
     try:

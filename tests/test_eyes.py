@@ -10,7 +10,7 @@ import torch
 from conftest import REPO
 from PIL import Image, ImageDraw
 
-from sgm import models
+from sgm import models, packing
 from tools import eyes
 
 HELD = ["the small dog ran under the big tree today", "why is the river so quiet in the evening"]
@@ -129,13 +129,19 @@ def test_a_wide_image_keeps_its_text():
     assert cropped[:, :, 200:].min() > cropped.min() + 0.5 or cropped.min() > -1.5  # cut: no black at all
 
 
-def test_saved_eyes_carry_their_fingerprint(tmp_path):
+def test_saved_eyes_carry_their_fingerprint(tmp_path, monkeypatch):
     model, _ = tiny_gemma_eyes()
     path = tmp_path / "eyes.safetensors"
     fingerprint = models.save_eyes(model, path, dict(command="test"))
     state, meta = models.load_eyes(path)
     assert meta["fingerprint"] == fingerprint and meta["command"] == "test"
     assert all(k.startswith(models.EYES_PARTS) for k in state)
+    packer = models.packer_state(model)
+    assert packer and not set(packer) & set(state)  # the hand-set packer is code, not stored
+    with monkeypatch.context() as patch:  # eyes trained with another packer are refused
+        patch.setattr(packing, "LAMBDA", packing.LAMBDA + 1)
+        with pytest.raises(SystemExit, match="trained with another packer"):
+            models.load_eyes(path)
     expected = model.state_dict()["model.multi_modal_projector.linear_2.weight"].to(torch.float16).float()
     assert torch.equal(state["model.multi_modal_projector.linear_2.weight"], expected)
     fresh, _ = tiny_gemma_eyes()
@@ -330,6 +336,8 @@ def test_demo_eyes_is_the_blind_demos_lm_behind_the_eyes(tmp_path, monkeypatch):
         models.load_model("demo-eyes")
     fingerprint = models.save_eyes(eyes_model, tmp_path / "eyes.safetensors", dict(command="test"))
     monkeypatch.setenv("SGM_EYES", str(tmp_path / "eyes.safetensors"))
+    with pytest.raises(SystemExit, match="needs float32"):
+        models.load_model("demo-eyes", dtype="bfloat16")  # the packer's arithmetic breaks in half precision
     seeing, processor, _, meta = models.load_model("demo-eyes")
     assert meta["model"] == "demo-eyes" and meta["eyes"] == fingerprint[:12]
     state = seeing.state_dict()
@@ -337,6 +345,8 @@ def test_demo_eyes_is_the_blind_demos_lm_behind_the_eyes(tmp_path, monkeypatch):
         assert torch.equal(state[name], value), name
     for name, value in blind.model.language_model.state_dict().items():
         assert torch.equal(state[f"model.language_model.{name}"], value), name
+    for name, value in models.packer_state(seeing).items():  # the hand-set packer survives the cached build
+        assert torch.equal(state[name], value), name
     wide = Image.new("RGB", (896, 224), "white")
     ImageDraw.Draw(wide).rectangle([866, 90, 895, 130], fill="black")
     batch = processor(text=[f"{processor.image_token} hello"], images=[[wide]], return_tensors="pt")
