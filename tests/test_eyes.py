@@ -172,7 +172,7 @@ def test_start_labels_lie_on_the_lines_ink_in_reading_order():
         tokens = tokenizer(drawn, add_special_tokens=False)["input_ids"]
         order = [token for _, token in kept]  # the packer's order is the text's (a third start in a cell dropped)
         assert order == sorted(order) and len(kept) + dropped == len(tokens) and flags.sum() == len(kept)
-        assert dropped <= len(tokens) // 10  # this test tokenizer's pieces are short: the demo drops 11 of 1,827
+        assert dropped <= len(tokens) // 10  # this test tokenizer's pieces are short: the demo drops 11 of 1,835
         pixels = np.asarray(image.convert("L")) < 128
         cell = image.size[0] / eyes.CELLS
         ink_rows = np.nonzero(pixels.any(1))[0]
@@ -301,6 +301,9 @@ def test_training_batches_are_the_same_from_rendering_workers():
         for row in range(2):  # each slot's token starts at a flagged unit, and every flagged unit is a slot's
             units = a["units"][row][a["mask"][row]]
             assert len(units) and torch.equal(torch.nonzero(a["starts"][row].view(-1))[:, 0], units.sort().values)
+            for slot in torch.nonzero(a["mask"][row])[:, 0].tolist():  # the spelling targets spell the slot's token
+                letters = "".join(chr(c + 32) for c in a["spell"][row, slot].tolist() if c < eyes.OTHER)
+                assert letters == processor.tokenizer.decode([a["ids"][row, slot]]).strip()[:eyes.SPELL]
     assert [eyes.Batches(cfg, lines, pool, held, None, None).max_words(step) for step in range(4)] == [2, 4, 6, 6]
 
 
