@@ -13,15 +13,16 @@ file: `put_packer` writes the same weights every time, and the tower stays a sto
 transformers install loads.
 
 How, in the stock blocks (pre-LayerNorm attention and a GELU MLP; all exact on integer counts):
-- The residual stream holds constants +-BIG from the position embedding, so every LayerNorm divides by the same
-  sigma (to ~1e-6) and the blocks are linear where they need to be; every read is taken against a channel that is
-  always zero, so LayerNorm's mean cancels.
+- The residual stream holds constants +-BIG from the position embedding (and +-PATCH_BIG in the patch embedding),
+  so every LayerNorm divides by the same sigma (to ~1e-6), and every write also writes minus its sum into a
+  balancing channel, so no LayerNorm subtracts a mean: the blocks are linear where they need to be, and a code
+  leaves the stage as it came in.
 - Block 0 (MLP): each unit's start logit -> a clean 0/1 flag (a steep difference of two GELUs).
-- Block 1 (attention): the starts in each 14-px row of cells up to and including this column. A softmax over a
-  set of fixed size averages with a known denominator: the query attends to the cells of its row to its left
-  (and itself) and to as many always-blank cells of the bottom row as make the set 7 large, so the average is
-  the count / 7.
-- Block 2 (attention, then MLP): the starts on all earlier rows (the same trick over the rows' last cells), so
+- Block 1 (attention): the starts in each row of 16-px cells up to and including this position. A softmax over a
+  set of fixed size averages with a known denominator: the query attends to the positions of its row at or left of
+  it and to as many always-blank positions of the bottom row as make the set 7 large, so the average is the
+  count / 7.
+- Block 2 (attention, then MLP): the starts on all earlier rows (the same trick over the rows' last positions), so
   each unit knows c, its 1-based place in reading order; the MLP writes c^2 (c + 2 sum_t relu(c - t), exact for
   integers, GELU at a steep scale standing in for relu).
 - Block 3 (attention, one head per unit): output position k scores each unit by lambda (2 (k + 1) c - c^2) (the
@@ -33,7 +34,6 @@ for texts of up to eight lines. The arithmetic needs float32 (the counts are com
 """
 import math
 
-import numpy as np
 import torch
 
 GRID = 7            # stage 4 is GRID x GRID positions (and CLS); each covers 2 x 2 cells of the 14 x 14 stage
@@ -45,7 +45,7 @@ CODE_IN = (2, 2 + CODE)  # stage-3 channels: the first start's code, then the se
 WIDTH, HEAD = 256, 32
 BIG = 1.0e4         # the constant channels' size: keeps every LayerNorm's sigma fixed
 PATCH_BIG = 1000.0  # the same in the patch embedding's LayerNorm, so that it passes the codes on linearly
-CONST = BIG + math.sqrt(256 / 2)  # the constant channels in the residual: BIG plus the LayerNorm'd PATCH_BIG
+CONST = BIG + math.sqrt(WIDTH / 2)  # the constant channels in the residual: BIG plus the LayerNorm'd PATCH_BIG
 SCORE = 100.0       # attention margin (logits) between a set member and a non-member
 LAMBDA = 40.0       # selection: logits a count off by one loses (the sink sits half of it below the winner)
 STEEP = 1.0e5       # the flag's step: a start logit of +-0.005 in stage 3 is already a clean 1 or 0
@@ -296,15 +296,6 @@ def put_packer(tower):
     tower.load_state_dict(state, strict=False)
     return tower
 
-
-def reading_order(flags):
-    """The reference the packer must match, by plain loops: flags (..., 14, 14, 2) of 0/1 -> for each map the list of
-    (cell row, cell column, start) in reading order (cell rows top to bottom, then columns, then first/second)."""
-    flags = np.asarray(flags)
-    out = []
-    for one in flags.reshape(-1, 2 * GRID, 2 * GRID, 2):
-        out.append([(i, j, s) for i in range(2 * GRID) for j in range(2 * GRID) for s in range(2) if one[i, j, s]])
-    return out
 
 
 def check_precision(dtype):
