@@ -66,7 +66,7 @@ data/mm_toxic_qa/items.jsonl: data/build.py $(VENV)/.installed
 # Each stage reruns when its script, the shared modules or its input changed. The planted model is built by its
 # recipe, tools/plant.py, into the model cache (a no-op when the cached one is the recipe's), before 01 loads it
 # by name: an edited recipe builds a new model and reruns the stages.
-SHARED := common.py sgm/artifacts.py sgm/neurons.py sgm/models.py sgm/judges.py sgm/endpoint.py sgm/report.py
+SHARED := common.py sgm/artifacts.py sgm/neurons.py sgm/models.py sgm/packing.py sgm/judges.py sgm/endpoint.py sgm/report.py
 MODEL_RECIPE := $(if $(filter demo-planted,$(MODEL)),tools/plant.py)
 collect: $(R)/activations.npz
 $(R)/activations.npz: 01_collect.py $(SHARED) $(DATA) $(VENV)/.installed $(MODEL_RECIPE)
