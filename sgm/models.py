@@ -168,9 +168,9 @@ def eyes_llava(tokenizer, image_token, text_config):
     return model, processor
 
 
-def packer_state(model):
-    """The eyes' hand-set weights (sgm/packing.py) under the model's own names."""
-    return {"model.vision_tower." + k: v for k, v in packing.packer_weights(model.model.vision_tower.config).items()}
+def packer_state(vision_config):
+    """The eyes' hand-set weights (sgm/packing.py) under an eyes_llava model's own names."""
+    return {"model.vision_tower." + k: v for k, v in packing.packer_weights(vision_config).items()}
 
 
 def seeing_demo(blind_model, blind_processor, eyes_state=None):
@@ -196,7 +196,7 @@ def put_eyes(model, eyes_state):
         fail(f"the eyes' weights do not fit the eyes' tower ({wrong[0]}: {tuple(eyes_state[wrong[0]].shape)}, the "
              f"tower's {tuple(own[wrong[0]].shape)}; {len(wrong)} names): they were trained for another EYES_TOWER, "
              "rebuild them with `make eyes`")
-    packer = packer_state(model)
+    packer = packer_state(model.config.vision_config)
     missing, unexpected = model.load_state_dict(eyes_state, strict=False)
     wrong = unexpected + [k for k in missing if k.startswith(EYES_PARTS) and k not in packer]
     if wrong:
@@ -219,7 +219,7 @@ def save_eyes(model, path, meta):
     their fingerprint, the learned weights' and the hand-set packer's together (the packer is not stored: it is
     code, sgm/packing.py; `packer` is its own fingerprint, so that eyes trained with another packer are refused)."""
     from safetensors.torch import save
-    packer = packer_state(model)
+    packer = packer_state(model.config.vision_config)
     state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in model.state_dict().items() if k.startswith(EYES_PARTS) and k not in packer}
     meta = dict(meta, fingerprint=fingerprint({**state, **packer}), packer=fingerprint(packer))
@@ -236,7 +236,7 @@ def load_eyes(path):
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
         state = {k: f.get_tensor(k) for k in f.keys()}
     from transformers import PvtConfig
-    packer = {"model.vision_tower." + k: v for k, v in packing.packer_weights(PvtConfig(**EYES_TOWER)).items()}
+    packer = packer_state(PvtConfig(**EYES_TOWER))
     if meta.get("packer") != fingerprint(packer):
         fail(f"the eyes at {path} were trained with another packer than sgm/packing.py's (or before it): "
              "rebuild them with `make eyes`")

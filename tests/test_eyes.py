@@ -136,7 +136,7 @@ def test_saved_eyes_carry_their_fingerprint(tmp_path, monkeypatch):
     state, meta = models.load_eyes(path)
     assert meta["fingerprint"] == fingerprint and meta["command"] == "test"
     assert all(k.startswith(models.EYES_PARTS) for k in state)
-    packer = models.packer_state(model)
+    packer = models.packer_state(model.config.vision_config)
     assert packer and not set(packer) & set(state)  # the hand-set packer is code, not stored
     with monkeypatch.context() as patch:  # eyes trained with another packer are refused
         patch.setattr(packing, "LAMBDA", packing.LAMBDA + 1)
@@ -371,7 +371,7 @@ def test_demo_eyes_is_the_blind_demos_lm_behind_the_eyes(tmp_path, monkeypatch):
         assert torch.equal(state[name], value), name
     for name, value in blind.model.language_model.state_dict().items():
         assert torch.equal(state[f"model.language_model.{name}"], value), name
-    for name, value in models.packer_state(seeing).items():  # the hand-set packer survives the cached build
+    for name, value in models.packer_state(seeing.config.vision_config).items():  # the packer survives the build
         assert torch.equal(state[name], value), name
     wide = Image.new("RGB", (896, 224), "white")
     ImageDraw.Draw(wide).rectangle([866, 90, 895, 130], fill="black")

@@ -53,8 +53,8 @@ from data.build import DEFAULTS as DATA_DEFAULTS
 from data.build import draw_typeset, draw_typographic, get_wheel, typeset
 from sgm import packing
 from sgm.artifacts import write_text
-from sgm.models import (EYES_FILE, EYES_GRID, EYES_PARTS, EYES_TOWER, load_eyes, load_model, packer_state, put_eyes,
-                        save_eyes, seeing_demo)
+from sgm.models import (EYES_FILE, EYES_GRID, EYES_PARTS, EYES_TOWER, load_eyes, load_model, packer_state,
+                        put_eyes, save_eyes, seeing_demo)
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults. Override any of them with --key value.
@@ -508,7 +508,7 @@ if __name__ == "__main__":
 
     # What is learned: where tokens start and what they are, at the 14 x 14 stage's cells (the packer, hand-set and
     # frozen, does the rest), and the character in each 8-px cell through a head used in training only.
-    packer = set(packer_state(model))
+    packer = set(packer_state(model.config.vision_config))
     char_head = torch.nn.Linear(EYES_TOWER["hidden_sizes"][1], BLANK + 1).to(device)
     trainable = [p for n, p in model.named_parameters() if n.startswith(EYES_PARTS) and n not in packer]
     trainable += list(char_head.parameters())
