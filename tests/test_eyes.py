@@ -179,7 +179,8 @@ def test_start_labels_lie_on_the_lines_ink_in_reading_order():
         bands = np.split(ink_rows, np.nonzero(np.diff(ink_rows) > 4)[0] + 1)  # one band of ink rows per line
         assert len(bands) == len(layout["lines"])
         rows = sorted(set(np.nonzero(flags.any((1, 2)))[0]))  # one row of cells per line, among those its ink spans
-        assert len(rows) == len(bands) and all(band[0] // cell <= row <= band[-1] // cell for row, band in zip(rows, bands))
+        assert len(rows) == len(bands)
+        assert all(band[0] // cell <= row <= band[-1] // cell for row, band in zip(rows, bands))
         for unit, _ in kept:
             row, column = divmod(unit // 2, eyes.CELLS)
             box = pixels[int(row * cell):int((row + 1) * cell), int(column * cell):int((column + 2) * cell)]

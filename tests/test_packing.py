@@ -34,7 +34,8 @@ def random_map(rng, starts, low, high):
     x = rng.normal(size=(packing.STAGE3_WIDTH, 14, 14))
     for s in range(2):
         x[packing.FLAG_IN[s]] = np.where(flags[..., s], 1, -1) * rng.uniform(low, high, size=(14, 14))
-        x[packing.CODE_IN[0] + s * packing.CODE:packing.CODE_IN[0] + (s + 1) * packing.CODE] = codes[:, :, s].transpose(2, 0, 1)
+        first = packing.CODE_IN[0] + s * packing.CODE
+        x[first:first + packing.CODE] = codes[:, :, s].transpose(2, 0, 1)
     return x, flags, codes
 
 
