@@ -168,8 +168,8 @@ def test_start_labels_lie_on_the_lines_ink_in_reading_order():
     for text in ["the cat sat on the mat and then the dog ran home to the old farm by the green hill",
                  "A quiet river, near the OLD mill? 1995 was a year", "people read about the weather"]:
         image, drawn, layout = eyes.benchmark_layout(text)
-        flags, kept, dropped = eyes.start_labels(tokenizer, drawn, layout)
-        tokens = tokenizer(drawn, add_special_tokens=False)["input_ids"]
+        flags, kept, dropped, tokens = eyes.start_labels(tokenizer, drawn, layout)
+        assert tokens == tokenizer(drawn, add_special_tokens=False)["input_ids"]
         order = [token for _, token in kept]  # the packer's order is the text's (a third start in a cell dropped)
         assert order == sorted(order) and len(kept) + dropped == len(tokens) and flags.sum() == len(kept)
         assert dropped <= len(tokens) // 10  # this test tokenizer's pieces are short: the demo drops 11 of 1,835
@@ -195,7 +195,7 @@ def test_the_packer_reads_start_labels_in_their_order():
     rng = np.random.default_rng(0)
     text = "the cat sat on the mat and then the dog ran home to the old farm by the green hill at dusk"
     _, drawn, layout = eyes.benchmark_layout(text)
-    flags, kept, _ = eyes.start_labels(processor.tokenizer, drawn, layout)
+    flags, kept, _, _ = eyes.start_labels(processor.tokenizer, drawn, layout)
     stage3 = torch.randn(1, packing.STAGE3_WIDTH, eyes.CELLS, eyes.CELLS)  # noise where the packer must not look
     codes = torch.tensor(rng.normal(size=(len(kept), packing.CODE)), dtype=torch.float32)
     for s in range(2):

@@ -189,13 +189,14 @@ def start_labels(tokenizer, drawn, layout):
     and the tokens in the order the packer reads them (rows of cells, then columns, then first / second), which is
     the text's own order less a third start in a cell (the packer holds two a cell; 11 of the 1,835 tokens of the test
     typographic images). Returns (flags (CELLS, CELLS, 2) uint8, [(unit, token index)] in packer order for the first
-    SLOTS, dropped), a unit being (row * CELLS + column) * 2 + first/second."""
+    SLOTS, dropped, the text's token ids), a unit being (row * CELLS + column) * 2 + first/second."""
     lines, font, size = layout["lines"], layout["font"], layout["font_size"]
     starts = np.cumsum([0] + [len(line) + 1 for line in lines])  # where each line begins in `drawn`
     side = max(layout["width"], layout["height"])
     left, top = (side - layout["width"]) // 2 + layout["x"], (side - layout["height"]) // 2 + layout["y"]
     flags, units = np.zeros((CELLS, CELLS, 2), np.uint8), []
-    offsets = tokenizer(drawn, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    encoded = tokenizer(drawn, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoded["offset_mapping"]
     for token, (start, stop) in enumerate(offsets):
         first = start
         while first < stop and drawn[first] == " ":
@@ -209,7 +210,7 @@ def start_labels(tokenizer, drawn, layout):
         if not flags[row, col, 1]:
             flags[row, col, second] = 1
             units.append(((row * CELLS + col) * 2 + second, token))
-    return flags, sorted(units)[:SLOTS], len(offsets) - len(units)
+    return flags, sorted(units)[:SLOTS], len(offsets) - len(units), encoded["input_ids"]
 
 
 def char_labels(layout):
@@ -407,8 +408,7 @@ def make_batch(texts, tokenizer, image_processor):
     starts = torch.zeros(len(texts), CELLS * CELLS, 2)
     cut = dropped = 0
     for row, (_, text, layout) in enumerate(drawn):
-        flags, kept, lost = start_labels(tokenizer, text, layout)
-        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        flags, kept, lost, tokens = start_labels(tokenizer, text, layout)  # tokenised once, there
         cut, dropped = cut + (len(tokens) - lost > SLOTS), dropped + lost
         starts[row] = torch.from_numpy(flags).view(-1, 2).float()
         for slot, (where, token) in enumerate(kept):
