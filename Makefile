@@ -39,7 +39,8 @@ $(error RUN is empty: give a name like RUN=llava15 (artifacts go to runs/<RUN>/)
 endif
 R := runs/$(RUN)
 
-.PHONY: all planted venv data collect score suppress evaluate quick sweep tune test clean bench widthcheck eyes browse
+.PHONY: all planted venv data collect score suppress evaluate quick sweep tune test clean bench widthcheck eyes browse \
+	modalities
 all: $(R)/results.json
 
 # The positive control (tools/plant.py): the same four stages on the demo with one planted toxic expert ->
@@ -116,6 +117,22 @@ test: $(VENV)/.installed
 BROWSE_ARGS ?=
 browse: $(R)/suppression.pt
 	$(PY) -m tools.browse --run $(RUN) $(BROWSE_ARGS)
+
+# Do text and image share experts? (tools/modalities.py) The model calibrated twice in prompts mode, on the standard
+# items (the phrase typed, pooled over the text) and on the typographic ones (the same phrases rendered, pooled over
+# the image's positions), each scored by 02, then compared neuron by neuron -> runs/<RUN>-seen/modalities-<RUN>-typed.json
+# and .png. The image calibration runs as one batch (160 items): where the image carries nothing (the blind demo),
+# what differs between its rows is rounding that follows the batches, and 01's batches follow the ids, so labels
+# (docs/RESULTS.md, "Do text and image share experts?"). ~3 min on the demo. MODALITIES_ARGS="--top 10,100" etc.
+MODALITIES_BATCH ?= 160
+MODALITIES_ARGS ?=
+modalities: $(VENV)/.installed $(DATA)
+	$(PY) 01_collect.py --model $(MODEL) --data $(DATA) --run $(RUN)-typed --mode prompts --conditions standard
+	$(PY) 01_collect.py --model $(MODEL) --data $(DATA) --run $(RUN)-seen --mode prompts --conditions typographic \
+		--positions image --batch-size $(MODALITIES_BATCH)
+	$(PY) 02_score.py --run $(RUN)-typed
+	$(PY) 02_score.py --run $(RUN)-seen
+	$(PY) -m tools.modalities --text $(RUN)-typed --image $(RUN)-seen $(MODALITIES_ARGS)
 
 # Speed of the hot paths as ratios measured in one run (tools/bench.py; a few minutes on the demo model).
 bench: $(VENV)/.installed $(DATA)

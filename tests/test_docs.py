@@ -116,7 +116,8 @@ def make_commands():
 
 def test_the_docs_show_the_commands_to_check():
     flat = [" ".join(run) for run in make_commands()]
-    for target in ("all", "test", "planted", "tune", "bench", "widthcheck", "sweep", "quick", "browse"):
+    for target in ("all", "test", "planted", "tune", "bench", "widthcheck", "sweep", "quick", "browse",
+                   "modalities"):
         assert any(re.search(rf"(^| ){target}( |$)", run) for run in flat), target
 
 
