@@ -137,7 +137,7 @@ def test_planted_shared_experts_are_found(tmp_path):
     assert pairs["n_pairs"] == N_SOURCES
     top = np.argsort(-auroc_text, kind="stable")[:20]
     r = [np.corrcoef(typed[:, m], rendered[:, m])[0, 1] for m in top]
-    assert pairs["top"][0]["real"] == pytest.approx(np.median(r), abs=1e-9)
+    assert pairs["top"][0]["real"] == pytest.approx(np.median(r), abs=1e-6)  # r is kept in float32
     assert pairs["top"][0]["real"] > 0.5 > pairs["top"][0]["chance_high"]
     # The chance draws: rho with shuffled image labels and r with shuffled pairs sit near zero.
     assert abs(result["agreement"]["auroc"]["chance_mean"]) < 0.1

@@ -18,8 +18,9 @@ vs jailbreak, prompts vs responses mode). Nothing here loads the model. What is 
              scipy.stats.mannwhitneyu: what rho is when the image rows carry no toxicity at all.
   overlap    how many of the top-k experts of one run are among the other's (k in --top), and of the significant
              ones (02's q < --fdr); chance: k^2 / N expected, p from the hypergeometric tail (scipy.stats.hypergeom).
-  carry      the text run's top-k experts' mean AUROC on the image rows, against --random-sets random k-sets of
-             neurons: do the neurons SGM would damp tell toxic from clean when the text is in the image?
+  carry      the text run's top-k experts' mean AUROC on the image rows, against the same neurons' mean under the
+             image run's shuffled labels (not random neurons: experts co-fire, so their mean varies more than a random
+             set's): do the neurons SGM would damp tell toxic from clean when the text is in the image?
   pairs      rows of the two runs made from the same source text (MM-TOXIC-QA ids: the id less its last `-` part,
              `rtp-insult-0042-standard` ~ `rtp-insult-0042-typographic`; the greedy row when a run sampled): per
              neuron, Pearson's r over the pairs between its pooled activation typed and rendered. For the text run's
@@ -234,7 +235,7 @@ else:
         order = np.empty(len(stems), dtype=int)
         order[np.argsort(stratum, kind="stable")] = np.lexsort((rng.random(len(stems)), stratum))
         orders.append(order)
-    r = np.empty((len(orders), n_neurons))
+    r = np.empty((len(orders), n_neurons), dtype=np.float32)  # (1 + draws) x neurons, as the shuffles' AUROCs
 
     def standardised(matrix, rows, start):
         block = np.asarray(matrix[:, start:start + cfg["chunk_neurons"]], dtype=np.float64)[rows]
