@@ -27,16 +27,16 @@ def auroc_by_pairs(activations, labels):
     return above + 0.5 * tied
 
 
-def write_run(folder, name, activations, labels, ids, model="synthetic", auroc=None, upstream=None, prompts=None,
+def write_run(folder, name, activations, labels, ids, model="synthetic", auroc=None, upstream=None, tasks=None,
               writes=None):
-    """An activations.npz and its expertise.npz as 01 and 02 write them, and the items they came from (`prompts`:
-    each item's text, by default one instruction for all)."""
+    """An activations.npz and its expertise.npz as 01 and 02 write them, and the items they came from (`tasks`:
+    each item's task, by default `continue` for all)."""
     run = folder / "runs" / name
     run.mkdir(parents=True, exist_ok=True)
     data = run / "items.jsonl"
     data.write_text("".join(json.dumps(dict(
         id=i, split="calibration", label=["benign", "toxic"][int(label)], category="mild", condition="standard",
-        task="continue", text=prompts[n] if prompts else "Continue the text in the image.", image="",
+        task=tasks[n] if tasks else "continue", text="Continue the text in the image.", image="",
         source="tests", image_text="")) + "\n" for n, (i, label) in enumerate(zip(ids, labels))))
     checksum = load_items(data)[1]
     arrays = dict(activations=activations.astype(np.float32), labels=labels, item_ids=np.array(ids),
@@ -160,7 +160,7 @@ def test_runs_that_share_nothing_score_chance(tmp_path):
 
 def test_what_the_task_shares_is_chance(tmp_path):
     """Typed and rendered rows that share only their task (two instructions, as MM-TOXIC-QA's typographic items
-    have) correlate over the pairs, but not beyond pairs shuffled within label x instruction: p must stay high.
+    have, one a task) correlate over the pairs, but not beyond pairs shuffled within label x task.
     A plain shuffle of the pairs would call that correlation the phrase's."""
     rng = np.random.default_rng(3)
     labels = np.repeat([1, 0], N_SOURCES // 2)
@@ -171,7 +171,7 @@ def test_what_the_task_shares_is_chance(tmp_path):
     stems = [f"src-{i:03d}" for i in range(N_SOURCES)]
     write_run(tmp_path, "typed", typed, labels, [f"{s}-standard" for s in stems])
     write_run(tmp_path, "seen", rendered, labels, [f"{s}-typographic" for s in stems],
-              prompts=[["Continue the text in the image.", "Answer the question in the image."][t] for t in task])
+              tasks=[["continue", "answer"][t] for t in task])
     done = modalities(tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     pairs = result_of(tmp_path)["pairs"]

@@ -25,9 +25,9 @@ vs jailbreak, prompts vs responses mode). Nothing here loads the model. What is 
              `rtp-insult-0042-standard` ~ `rtp-insult-0042-typographic`; the greedy row when a run sampled): per
              neuron, Pearson's r over the pairs between its pooled activation typed and rendered. For the text run's
              top-k experts and for all neurons, against the same with the pairs shuffled (--draws times) among
-             pairs of the same label and the same image-run prompt text (its instruction, e.g. "Answer the
-             question shown in the image."; read from the items 01 used, checksum checked): what is shared by
-             label or by task is in the chance too, so r above it is the phrase itself reaching both.
+             pairs of the same label and task (`continue` / `answer`, read from the items 01 used, checksum
+             checked; a typographic item's instruction, "Answer the question shown in the image.", goes with its
+             task): what is shared by label or by task is in the chance too, so r above it is the phrase itself.
 A model that cannot see scores chance on all four (docs/RESULTS.md, "Do text and image share experts?": the blind
 demo, whose image positions differ between images by float rounding alone; it also shows why 01's batches matter
 when a pathway carries nothing: rounding noise that follows the batches, which follow the ids, can rank neurons).
@@ -225,9 +225,9 @@ else:
     if checksum != image["meta"]["data_checksum"]:
         fail(f"{image['meta']['data']} changed since runs/{image['name']} was collected: rerun 01_collect.py and "
              f"02_score.py --run {image['name']}")
-    prompt = {item["id"]: item["text"] for item in items}
+    task = {item["id"]: item["task"] for item in items}
     image_ids = image["arrays"]["item_ids"].astype(str)
-    strata = [f"{int(image['arrays']['labels'][row])}|{prompt[image_ids[row]]}" for row in pair_image]
+    strata = [f"{int(image['arrays']['labels'][row])}|{task[image_ids[row]]}" for row in pair_image]
     _, stratum = np.unique(strata, return_inverse=True)
     pairs["strata"] = int(stratum.max() + 1)
     orders = [np.arange(len(stems))]
@@ -293,7 +293,7 @@ for c in result["carry"]:
 if "all" in pairs:
     for name, summary_row in [("all neurons", pairs["all"])] + [(f"text top {t['k']}", t) for t in pairs["top"]]:
         lines.append(row(f"{name}: median r, typed vs rendered, over {len(stems)} source texts", summary_row,
-                         note=f" ({cfg['draws']} pair shuffles within {pairs['strata']} label x prompt strata)"))
+                         note=f" ({cfg['draws']} pair shuffles within {pairs['strata']} label x task strata)"))
 table = "\n".join(lines)
 print(table)
 result["table"] = table
