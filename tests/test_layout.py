@@ -14,7 +14,7 @@ CARD = {"requirements.txt", "Makefile", "README.md", "common.py", "01_collect.py
         "04_evaluate.py", "data", "tests"}
 FOLDERS = {"sgm", "tools", "docs"}
 STAGES = ["01_collect.py", "02_score.py", "03_suppress.py", "04_evaluate.py"]
-TOOLS = ["bench", "tune", "plant", "widthcheck", "eyes", "browse"]
+TOOLS = ["bench", "tune", "plant", "widthcheck", "eyes", "browse", "modalities"]
 
 
 def ignored_names():
