@@ -120,10 +120,11 @@ browse: $(R)/suppression.pt
 
 # Do text and image share experts? (tools/modalities.py) The model calibrated twice in prompts mode, on the standard
 # items (the phrase typed, pooled over the text) and on the typographic ones (the same phrases rendered, pooled over
-# the image's positions), each scored by 02, then compared neuron by neuron -> runs/<RUN>-seen/modalities-<RUN>-typed.json
-# and .png. The image calibration runs as one batch (160 items): where the image carries nothing (the blind demo),
-# what differs between its rows is rounding that follows the batches, and 01's batches follow the ids, so labels
-# (docs/RESULTS.md, "Do text and image share experts?"). ~3 min on the demo. MODALITIES_ARGS="--top 10,100" etc.
+# the image's positions), each scored by 02, then compared neuron by neuron
+# -> runs/<RUN>-seen/modalities-<RUN>-typed.json and .png. The image calibration runs as one batch (160 items): where
+# the image carries nothing (the blind demo), what differs between its rows is rounding that follows the batches, and
+# 01's batches follow the ids, so the labels (docs/RESULTS.md, "Do text and image share experts?"). 63 s on the demo.
+# MODALITIES_ARGS="--top 10,100" etc.
 MODALITIES_BATCH ?= 160
 MODALITIES_ARGS ?=
 modalities: $(VENV)/.installed $(DATA)
