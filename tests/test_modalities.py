@@ -1,7 +1,8 @@
 """tools/modalities.py: two calibrations compared neuron by neuron. Synthetic runs with experts planted in both (the
 tool must find them, every number checked against one computed here another way: AUROC by counting pairs, Spearman
-from argsort ranks, the hypergeometric tail from binomial coefficients, r from np.corrcoef) and runs that share
-nothing (it must report chance); the refusals; and the real stages' artifacts on `tiny` (schema and pairing)."""
+from average ranks, the hypergeometric tail from binomial coefficients, r from np.corrcoef), runs that share nothing
+(it must report chance) or only their task (its stratified chance must hold that), rows that repeat a prompt (shuffled
+within it), the refusals, and the real stages' artifacts on `tiny` (schema and pairing)."""
 import json
 import math
 import subprocess
@@ -28,7 +29,7 @@ def auroc_by_pairs(activations, labels):
 
 
 def write_run(folder, name, activations, labels, ids, model="synthetic", auroc=None, upstream=None, tasks=None,
-              writes=None):
+              writes=None, sample_index=None):
     """An activations.npz and its expertise.npz as 01 and 02 write them, and the items they came from (`tasks`:
     each item's task, by default `continue` for all)."""
     run = folder / "runs" / name
@@ -37,10 +38,11 @@ def write_run(folder, name, activations, labels, ids, model="synthetic", auroc=N
     data.write_text("".join(json.dumps(dict(
         id=i, split="calibration", label=["benign", "toxic"][int(label)], category="mild", condition="standard",
         task=tasks[n] if tasks else "continue", text="Continue the text in the image.", image="",
-        source="tests", image_text="")) + "\n" for n, (i, label) in enumerate(zip(ids, labels))))
+        source="tests", image_text="")) + "\n" for n, (i, label) in enumerate(zip(ids, labels))
+        if i not in ids[:n]))  # a prompt's sampled rows share its item
     checksum = load_items(data)[1]
     arrays = dict(activations=activations.astype(np.float32), labels=labels, item_ids=np.array(ids),
-                  sample_index=np.zeros(len(ids), int))
+                  sample_index=np.zeros(len(ids), int) if sample_index is None else sample_index)
     scores = {}
     if writes is not None:  # 01 --writer's second matrix, and 02's writer score d from it
         arrays["writes"] = writes.astype(np.float32)
@@ -179,6 +181,26 @@ def test_what_the_task_shares_is_chance(tmp_path):
     top = pairs["top"][0]
     assert top["real"] > 0.5 and top["chance_low"] > 0.4  # the chance holds the task's correlation ...
     assert abs(top["real"] - top["chance_mean"]) < 0.05 and top["p"] > 0.01  # ... so nothing is left over
+
+
+def test_rows_of_one_prompt_are_shuffled_among_themselves(tmp_path):
+    """An image run in responses mode with a sampled row beside each greedy one (01 --samples 1), both rows of a
+    prompt with the same label: shuffles within each prompt leave every label where it is, so the carry's chance is
+    the real value and p = 1 (a shuffle over all rows would put the chance near 0.5). Pairs use the greedy rows."""
+    typed, rendered, labels, _, _ = synthetic(tmp_path, shared=True)
+    ids = [f"src-{i:03d}-typographic" for i in range(N_SOURCES)]
+    sampled = rendered + np.random.default_rng(5).normal(size=rendered.shape)
+    write_run(tmp_path, "seen", np.concatenate([rendered, sampled]), np.concatenate([labels, labels]), ids + ids,
+              sample_index=np.repeat([0, 1], N_SOURCES))
+    done = modalities(tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = result_of(tmp_path)
+    carry = result["carry"][0]
+    assert carry["real"] > 0.6 and carry["chance_mean"] == pytest.approx(carry["real"], abs=1e-6) and carry["p"] == 1
+    assert result["rows"]["image"] == 2 * N_SOURCES and result["pairs"]["n_pairs"] == N_SOURCES
+    top = np.argsort(-auroc_by_pairs(typed.astype(np.float32), labels), kind="stable")[:20]
+    r = [np.corrcoef(typed[:, m], rendered[:, m])[0, 1] for m in top]  # the greedy rows, not the sampled ones
+    assert result["pairs"]["top"][0]["real"] == pytest.approx(np.median(r), abs=1e-6)
 
 
 def test_refusals_are_one_line(tmp_path):
