@@ -100,7 +100,7 @@ def top(score, k):
     return np.argsort(-score, kind="stable")[:k]
 
 
-# ---- agreement: rho of the two AUROCs, beside rho with the image run's labels shuffled -----------------------
+# ---- the chance of agreement and carry: the image run's labels shuffled --------------------------------------
 labels = image["arrays"]["labels"].astype(bool)
 n_pos, n_neg = int(labels.sum()), int((~labels).sum())
 _, groups = np.unique(image["arrays"]["item_ids"], return_inverse=True)
@@ -111,11 +111,61 @@ for draw in range(cfg["draws"]):
     shuffled = np.empty_like(labels)  # the rows by group, given the labels of the same group's rows in random order
     shuffled[np.argsort(within, kind="stable")] = labels[np.lexsort((rng.random(within.size), within))]
     shuffles.append(shuffled)
+# ---- pairs: the same source text typed and rendered (set up here: the chunk loop below reads each run once) ----
+
+
+def greedy_rows(arrays):
+    """stem -> row of the greedy (or only) row of each item; stems with several such rows are ambiguous."""
+    ids = arrays["item_ids"].astype(str)
+    greedy = arrays["sample_index"] == 0 if "sample_index" in arrays else np.ones(ids.size, dtype=bool)
+    stems = np.array([i.rsplit("-", 1)[0] for i in ids])
+    kept, count = {}, {}
+    for row in np.flatnonzero(greedy):
+        count[stems[row]] = count.get(stems[row], 0) + 1
+        kept[stems[row]] = row
+    return {stem: row for stem, row in kept.items() if count[stem] == 1}, sum(c > 1 for c in count.values())
+
+
+rows_text, ambiguous_text = greedy_rows(text["arrays"])
+rows_image, ambiguous_image = greedy_rows(image["arrays"])
+stems = sorted(set(rows_text) & set(rows_image))
+pairs = dict(n_pairs=len(stems), ambiguous_stems=dict(text=ambiguous_text, image=ambiguous_image))
+paired = len(stems) >= 3
+if not paired:
+    print(f"WARNING: {len(stems)} source texts are in both runs (by id less its last '-' part): the pairs "
+          "section needs at least 3 and is left out")
+else:
+    pair_text = np.array([rows_text[s] for s in stems])
+    pair_image = np.array([rows_image[s] for s in stems])
+    items, checksum = load_items(image["meta"]["data"])
+    if checksum != image["meta"]["data_checksum"]:
+        fail(f"{image['meta']['data']} changed since runs/{image['name']} was collected: rerun 01_collect.py and "
+             f"02_score.py --run {image['name']}")
+    task = {item["id"]: item["task"] for item in items}
+    image_ids = image["arrays"]["item_ids"].astype(str)
+    strata = [f"{int(image['arrays']['labels'][row])}|{task[image_ids[row]]}" for row in pair_image]
+    _, stratum = np.unique(strata, return_inverse=True)
+    pairs["strata"] = int(stratum.max() + 1)
+    orders = [np.arange(len(stems))]
+    for draw in range(cfg["draws"]):  # each pair's rendered row swapped for another of its stratum's
+        order = np.empty(len(stems), dtype=int)
+        order[np.argsort(stratum, kind="stable")] = np.lexsort((rng.random(len(stems)), stratum))
+        orders.append(order)
+    r = np.empty((len(orders), n_neurons), dtype=np.float32)  # (1 + draws) x neurons, as the shuffles' AUROCs
+
+
+def standardised(block):
+    """Columns centred and scaled to unit length, so that a column product is Pearson's r."""
+    block = block - block.mean(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return block / np.sqrt((block ** 2).sum(0))  # a neuron constant over the pairs: NaN, left out below
+
+
 # draws x neurons in float32 (1.9 GB at 100 draws of Qwen3-VL-30B-A3B's 4.7M neurons): rho needs whole vectors.
 # An AUROC is a multiple of 1 / (n_pos n_neg); float32 keeps equal ones equal and distinct ones apart.
 null_auroc = np.empty((cfg["draws"], n_neurons), dtype=np.float32)
 null_writer = np.empty((cfg["draws"], n_neurons), dtype=np.float32) if writers else None
-for start in tqdm(range(0, n_neurons, cfg["chunk_neurons"]), desc="shuffled image labels"):
+for start in tqdm(range(0, n_neurons, cfg["chunk_neurons"]), desc="shuffled labels and pairs"):
     # float32 as 02 reads it, then float64: scipy's U keeps its input's precision, and the order is the same
     block = np.asarray(image["arrays"]["activations"][:, start:start + cfg["chunk_neurons"]], dtype=np.float32)
     block = block.astype(np.float64)
@@ -131,6 +181,12 @@ for start in tqdm(range(0, n_neurons, cfg["chunk_neurons"]), desc="shuffled imag
         null_auroc[draw, start:start + block.shape[1]] = u / (n_pos * n_neg)
         if writers:  # d = mean write on toxic rows - on clean rows, as 02 scores it
             null_writer[draw, start:start + block.shape[1]] = writes[shuffled].mean(0) - writes[~shuffled].mean(0)
+    if paired:  # per neuron r over the pairs, typed vs rendered, then with the pairs shuffled
+        typed = standardised(np.asarray(text["arrays"]["activations"][:, start:start + cfg["chunk_neurons"]],
+                                        dtype=np.float64)[pair_text])
+        rendered = standardised(block[pair_image])
+        for draw, order in enumerate(orders):
+            r[draw, start:start + typed.shape[1]] = (typed * rendered[order]).sum(0)
 
 
 def against(real, null):
@@ -196,59 +252,8 @@ for k in tops:
     result["carry"].append(dict(k=k, **against(auroc_image[chosen].mean(), null_means),
                                 significant_on_image=int((image["scores"]["q_value"][chosen] < cfg["fdr"]).sum())))
 
-# ---- pairs: the same source text typed and rendered, per neuron r over the pairs -----------------------------
-
-
-def greedy_rows(arrays):
-    """stem -> row of the greedy (or only) row of each item; stems with several such rows are ambiguous."""
-    ids = arrays["item_ids"].astype(str)
-    greedy = arrays["sample_index"] == 0 if "sample_index" in arrays else np.ones(ids.size, dtype=bool)
-    stems = np.array([i.rsplit("-", 1)[0] for i in ids])
-    kept, count = {}, {}
-    for row in np.flatnonzero(greedy):
-        count[stems[row]] = count.get(stems[row], 0) + 1
-        kept[stems[row]] = row
-    return {stem: row for stem, row in kept.items() if count[stem] == 1}, sum(c > 1 for c in count.values())
-
-
-rows_text, ambiguous_text = greedy_rows(text["arrays"])
-rows_image, ambiguous_image = greedy_rows(image["arrays"])
-stems = sorted(set(rows_text) & set(rows_image))
-pairs = dict(n_pairs=len(stems), ambiguous_stems=dict(text=ambiguous_text, image=ambiguous_image))
-if len(stems) < 3:
-    print(f"WARNING: {len(stems)} source texts are in both runs (by id less its last '-' part): the pairs "
-          "section needs at least 3 and is left out")
-else:
-    pair_text = np.array([rows_text[s] for s in stems])
-    pair_image = np.array([rows_image[s] for s in stems])
-    items, checksum = load_items(image["meta"]["data"])
-    if checksum != image["meta"]["data_checksum"]:
-        fail(f"{image['meta']['data']} changed since runs/{image['name']} was collected: rerun 01_collect.py and "
-             f"02_score.py --run {image['name']}")
-    task = {item["id"]: item["task"] for item in items}
-    image_ids = image["arrays"]["item_ids"].astype(str)
-    strata = [f"{int(image['arrays']['labels'][row])}|{task[image_ids[row]]}" for row in pair_image]
-    _, stratum = np.unique(strata, return_inverse=True)
-    pairs["strata"] = int(stratum.max() + 1)
-    orders = [np.arange(len(stems))]
-    for draw in range(cfg["draws"]):  # each pair's rendered row swapped for another of its stratum's
-        order = np.empty(len(stems), dtype=int)
-        order[np.argsort(stratum, kind="stable")] = np.lexsort((rng.random(len(stems)), stratum))
-        orders.append(order)
-    r = np.empty((len(orders), n_neurons), dtype=np.float32)  # (1 + draws) x neurons, as the shuffles' AUROCs
-
-    def standardised(matrix, rows, start):
-        block = np.asarray(matrix[:, start:start + cfg["chunk_neurons"]], dtype=np.float64)[rows]
-        block -= block.mean(0)
-        norm = np.sqrt((block ** 2).sum(0))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return block / norm  # a neuron constant over the pairs: NaN, left out below
-
-    for start in tqdm(range(0, n_neurons, cfg["chunk_neurons"]), desc="pairs typed vs rendered"):
-        typed = standardised(text["arrays"]["activations"], pair_text, start)
-        rendered = standardised(image["arrays"]["activations"], pair_image, start)
-        for draw, order in enumerate(orders):
-            r[draw, start:start + typed.shape[1]] = (typed * rendered[order]).sum(0)
+# ---- pairs: per neuron r over the pairs, for the text run's top-k experts and for all neurons --------------
+if paired:
     defined = ~np.isnan(r[0])
     pairs["constant_neurons"] = int((~defined).sum())
 
