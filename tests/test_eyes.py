@@ -305,6 +305,44 @@ def test_training_batches_are_the_same_from_rendering_workers():
     assert [eyes.Batches(cfg, lines, pool, held, None, None).max_words(step) for step in range(4)] == [2, 4, 6, 6]
 
 
+def test_sightings_count_the_tokens_of_the_texts_training_draws():
+    """Batches.sightings replays the stream the loader renders (each worker's steps from its own generator, as the
+    test above checks against the loader) and counts the tokens of its texts, without drawing them."""
+    _, processor = tiny_gemma_eyes()
+    tokenizer = processor.tokenizer
+    lines = ["the cat sat on the mat and then the dog ran home", "a quiet river near the old mill in the morning"]
+    pool = sorted({w for line in lines for w in line.split()})
+    held = eyes.Held(items_of({"dev": HELD[:1], "test": HELD[1:]}))
+    for workers in (0, 2):
+        cfg = dict(eyes.defaults, steps=5, batch_size=3, max_words=6, grow=0.5, word_pool_share=0.5, workers=workers)
+        batches = eyes.Batches(cfg, lines, pool, held, tokenizer, None)
+        generators = [np.random.default_rng([cfg["seed"], w]) for w in range(max(1, workers))]
+        by_hand = {}
+        for step in range(5):
+            texts = eyes.training_texts(generators[step % len(generators)], lines, pool, held, 3,
+                                        batches.max_words(step), 0.5)
+            for text in texts:
+                for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+                    by_hand[token] = by_hand.get(token, 0) + 1
+        assert dict(batches.sightings()) == by_hand
+
+
+def test_named_by_sightings_splits_the_tokens_by_how_often_training_showed_them():
+    """Each bucket's share of the tokens and share named, against a count by hand; an empty bucket names None."""
+    from collections import Counter
+    sightings = Counter({1: 5, 2: 99, 3: 100, 4: 999, 5: 1000, 6: 40000})  # token 7 never seen
+    ids = [1, 2, 3, 4, 5, 6, 7, 6, 3]
+    hits = [True, False, True, True, False, True, False, True, False]
+    found = eyes.named_by_sightings(hits, ids, sightings)
+    assert list(found) == ["0-99", "100-999", "1000+"]
+    buckets = {"0-99": [0, 1, 6], "100-999": [2, 3, 8], "1000+": [4, 5, 7]}  # positions in ids, by hand
+    for name, where in buckets.items():
+        assert found[name]["n"] == len(where) and math.isclose(found[name]["share"], len(where) / len(ids))
+        assert math.isclose(found[name]["named"], sum(hits[i] for i in where) / len(where))
+    assert eyes.named_by_sightings([True], [6], sightings)["0-99"] == dict(share=0.0, n=0, named=None)
+    assert list(eyes.named_by_sightings(hits, ids, sightings, edges=(10,))) == ["0-9", "10+"]
+
+
 def test_copy_nll_is_the_lms_own_likelihood_of_the_text():
     """copy_nll (batched, left-padded, through LLaVA) equals the NLL computed by hand, one unpadded row at a time:
     for `typed` from the LM alone on the prompt's token ids, for `oracle` from the LM on embeddings with the targets

