@@ -538,9 +538,8 @@ if __name__ == "__main__":
     # How often training shows each token (named_by_sightings): this run's texts replayed from the seed; for
     # --readout-only, those of the run that made `out`, from the settings in its metadata (an --init run's texts
     # before it are not counted).
-    replay = dict(cfg)
-    if cfg["readout_only"]:
-        replay.update({k: v for k, v in load_eyes(cfg["out"])[1]["config"].items() if k in STREAM})
+    measured = load_eyes(cfg["out"]) if cfg["readout_only"] else None  # (state, metadata) of the eyes to measure
+    replay = dict(cfg, **({k: v for k, v in measured[1]["config"].items() if k in STREAM} if measured else {}))
     replay_pool = word_pool(lines, items, replay["pool_size"])
     sightings = Batches(replay, lines, replay_pool, held, tokenizer, None).sightings()
     print(f"training texts hold {sum(sightings.values())} tokens, {len(sightings)} distinct")
@@ -679,7 +678,7 @@ if __name__ == "__main__":
             chance_levels=dict(slots=prior, first_slot=prior_first, chars=char_prior, start_units=start_prior),
             torch=torch.__version__)))
 
-    state, meta = load_eyes(cfg["out"])
+    state, meta = measured or load_eyes(cfg["out"])  # trained here: the file just saved, read back as any user would
     put_eyes(model, state)
     model.eval()
     with torch.no_grad():
