@@ -313,9 +313,9 @@ def slot_prior(tokenizer, texts, eval_ids, eval_mask):
 def named_by_sightings(hits, ids, sightings, edges=SIGHTINGS):
     """Tokens named at their true starts, split by how many times training showed each token (`sightings`, a
     Counter of token ids): for each bucket (fewer than edges[0], edges[0] to edges[1] - 1, ..., edges[-1] or more),
-    the share of the tokens in it and the share of those named. A token recognised as a whole shape after many
-    sightings and not otherwise shows here; naming is memorised token by token, from pixels as from perfect letters
-    (docs/RESULTS.md, "The demo's eyes", sessions 17-18)."""
+    the share of the tokens in it and the share of those named. Naming is memorised token by token: a token is named
+    after about a thousand sightings and seldom before, from pixels as from perfect letters (docs/RESULTS.md, "The
+    demo's eyes", sessions 17-18)."""
     seen = np.array([sightings[int(t)] for t in ids])
     hits = np.asarray(hits, dtype=bool)
     bounds = [0, *edges, np.inf]
