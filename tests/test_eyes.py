@@ -430,3 +430,74 @@ def test_an_artifact_made_with_other_eyes_is_refused():
     for now in (dict(made, eyes="4c8995c504c0"), {k: v for k, v in made.items() if k != "eyes"}):
         with pytest.raises(SystemExit, match="was made with the eyes 4ae456ab51b1, not the eyes"):
             check_same_model(made, now, "activations.npz", "01_collect.py")
+
+
+def test_lexicon_pick_is_the_best_fit_of_glyphs_to_letters():
+    """lexicon_pick over glyph_table against a brute force from the font's own advance widths: for each entry and
+    place, the sum over the stretch's 8-px columns of the log-probability of the character whose advance box holds
+    the column's centre (to the pixel: measured from the first glyph's left edge, floored, plus half a pixel),
+    BLANK before the first glyph and past the last; entries too wide for the stretch are out."""
+    from data.build import DEFAULTS, typeset
+    font = typeset("a", DEFAULTS["image_size"], DEFAULTS["font_size"])["font"]
+    pieces = ["mill", "mile", "minimal", "ill", "quiet", "Quiet", "river,", "a", "I", "wood-fired", "1995", "", "a b"]
+    table, widths = eyes.glyph_table(font, pieces, 513)
+    assert np.isinf(widths[-2:]).all() and (table[-2:] == eyes.BLANK).all()  # no lexicon entry
+    rng = np.random.default_rng(0)
+    centres = (np.arange(eyes.CHAR_CELLS) + 0.5) * 512 / eyes.CHAR_CELLS
+    for trial in range(20):
+        logp = np.log(rng.dirichlet(np.ones(eyes.BLANK + 1) * 0.3, size=eyes.CHAR_CELLS))
+        x_from = rng.uniform(0, 200)
+        x_to = x_from + rng.uniform(20, 300)
+        places = x_from + rng.uniform(0, 36, size=3)
+        best, best_score = -1, -np.inf
+        for n, piece in enumerate(pieces):
+            if not piece or " " in piece:
+                continue
+            edges = [font.getlength(piece[:i]) for i in range(len(piece) + 1)]
+            for place in places:
+                if edges[-1] > x_to - place + (centres[1] - centres[0]) / 2:
+                    continue
+                score = 0.0
+                for column in np.nonzero((centres >= x_from) & (centres < x_to))[0]:
+                    offset = centres[column] - place
+                    at = math.floor(offset) + 0.5
+                    glyph = [i for i in range(len(piece)) if edges[i] <= at < edges[i + 1]]
+                    cls = eyes.char_class(piece[glyph[0]]) if offset >= 0 and glyph else eyes.BLANK
+                    score += logp[column, cls]
+                if score > best_score:
+                    best, best_score = n, score
+        picked, score = eyes.lexicon_pick(logp, centres, x_from, x_to, places, table, widths)
+        assert picked == best and (best < 0 or abs(score - best_score) < 1e-3), trial
+
+
+def test_a_lexicon_names_long_words_from_perfect_letters():
+    """lexicon_naming on perfect letters (the log of char_labels' one-hots, a little smoothed) of texts drawn as the
+    benchmark draws them, with a word-level tokenizer whose vocabulary also holds near misses: every word of five or
+    more characters is named with its first glyph where it is and anywhere in its start cell; letters shifted one
+    column to the right name fewer. lexicon_summary counts them."""
+    from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ("quiet river morning garden shadow market window golden hollow yellow meadow harvest marble "
+             "quietly rivers mornings gardener shallow marker widow holden mellow meadows harbour warble").split()
+    vocab = {word: n for n, word in enumerate(["<unk>", *words])}
+    raw = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    texts = ["quiet river morning garden shadow", "market window golden hollow yellow meadow harvest marble"]
+    letters, shifted = [], []
+    for text in texts:
+        labels = eyes.char_labels(eyes.benchmark_layout(text)[2])
+        p = np.full((eyes.CHAR_CELLS, eyes.CHAR_CELLS, eyes.BLANK + 1), 0.01 / eyes.BLANK)
+        p[np.arange(eyes.CHAR_CELLS)[:, None], np.arange(eyes.CHAR_CELLS)[None], labels] = 0.99
+        letters.append(np.log(p))
+        shifted.append(np.roll(np.log(p), 1, axis=1))
+    ids = np.arange(1, len(vocab))
+    rows = eyes.lexicon_naming(tokenizer, texts, letters, ids)
+    assert [r["id"] for r in rows] == [vocab[w] for text in texts for w in text.split()]
+    assert all(r["true"] == r["id"] and r["cell"] == r["id"] and r["chars"] >= 5 for r in rows)
+    missed = eyes.lexicon_naming(tokenizer, texts, shifted, ids)
+    assert sum(r["true"] == r["id"] for r in missed) < len(rows) - 3
+    picks = [{0: rows[0]["id"]}, {}]  # the eyes' own naming: the first token only
+    summary = eyes.lexicon_summary(rows, picks)
+    assert summary["n"] == len(rows) and summary["true"] == summary["cell"] == summary["combined"] == 1.0
+    assert summary["learned"] == 1 / len(rows) and summary["by_chars"]["5+"]["n"] == len(rows)

@@ -39,7 +39,10 @@ every text-bearing image of the benchmark). Its lines are 52 px apart, more than
 
 Measured while it trains, on 64 held-out windows, each beside its chance level: characters, start units and maps,
 tokens named at their true starts (and those split by how often training showed the token: named_by_sightings),
-slots end to end; then the readout (greedy copy and copy NLL against the oracle, typed and blank references).
+slots end to end; then the readout (greedy copy and copy NLL against the oracle, typed and blank references) and
+what a lexicon would name from the letters the eyes see (lexicon_naming: each vocabulary token's glyphs fitted to
+the characters a linear probe of the 28 x 28 stage reads where the token is drawn; no training per token), beside
+the eyes' own naming of the same tokens.
 """
 import json
 import re
@@ -85,6 +88,7 @@ defaults = dict(
     readout=200,                # held-out texts drawn as the benchmark draws them, read back (besides every test image)
     readout_test=True,          # also read every test typographic image
     readout_only=False,         # measure `out` instead of training
+    lexicon_probe_steps=200,    # the readout's lexicon measurement: steps of its letters probe (0: not measured)
     init="",                    # start from these eyes (a saved file) instead of random ones: a run continued
     seed=0,
     threads=0,                  # torch threads (0: torch's default)
@@ -192,6 +196,31 @@ def benchmark_layout(text):
     return draw_typeset(layout), " ".join(layout["lines"]), layout
 
 
+def token_places(tokenizer, drawn, layout):
+    """Where each token of the drawn text is drawn, on the processor's square before resizing (the image padded to
+    a square, centred): (token id, its line, x of its first glyph (or of its space, for a token of spaces), x of the
+    next token's first glyph on the same line or else the line's end, whether its piece begins with a space)."""
+    lines, font = layout["lines"], layout["font"]
+    starts = np.cumsum([0] + [len(line) + 1 for line in lines])  # where each line begins in `drawn`
+    side = max(layout["width"], layout["height"])
+    left = (side - layout["width"]) // 2 + layout["x"]
+    encoded = tokenizer(drawn, add_special_tokens=False, return_offsets_mapping=True)
+    firsts = []
+    for start, stop in encoded["offset_mapping"]:
+        first = start
+        while first < stop and drawn[first] == " ":
+            first += 1
+        firsts.append(start if first >= stop else first)
+    lines_of = [int(np.searchsorted(starts, first, side="right") - 1) for first in firsts]
+    places = []
+    for n, (token, first, k) in enumerate(zip(encoded["input_ids"], firsts, lines_of)):
+        line, begins = lines[k], starts[k]
+        x = left + font.getlength(line[:first - begins])
+        after = firsts[n + 1] - begins if n + 1 < len(firsts) and lines_of[n + 1] == k else len(line)
+        start, stop = encoded["offset_mapping"][n]
+        places.append((token, k, x, left + font.getlength(line[:after]), stop > start and drawn[start] == " "))
+    return places
+
 
 def start_labels(tokenizer, drawn, layout):
     """The packer's targets (sgm/packing.py). For each of the CELLS x CELLS cells of the square the processor makes
@@ -201,27 +230,18 @@ def start_labels(tokenizer, drawn, layout):
     the text's own order less a third start in a cell (the packer holds two a cell; 11 of the 1,835 tokens of the test
     typographic images). Returns (flags (CELLS, CELLS, 2) uint8, [(unit, token index)] in packer order for the first
     SLOTS, dropped, the text's token ids), a unit being (row * CELLS + column) * 2 + first/second."""
-    lines, font, size = layout["lines"], layout["font"], layout["font_size"]
-    starts = np.cumsum([0] + [len(line) + 1 for line in lines])  # where each line begins in `drawn`
     side = max(layout["width"], layout["height"])
-    left, top = (side - layout["width"]) // 2 + layout["x"], (side - layout["height"]) // 2 + layout["y"]
+    top = (side - layout["height"]) // 2 + layout["y"]
     flags, units = np.zeros((CELLS, CELLS, 2), np.uint8), []
-    encoded = tokenizer(drawn, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = encoded["offset_mapping"]
-    for token, (start, stop) in enumerate(offsets):
-        first = start
-        while first < stop and drawn[first] == " ":
-            first += 1
-        first = start if first >= stop else first
-        k = int(np.searchsorted(starts, first, side="right") - 1)
-        x = left + font.getlength(lines[k][:first - starts[k]])
-        y = top + k * layout["line_height"] + 0.5 * size
+    places = token_places(tokenizer, drawn, layout)
+    for token, (_, k, x, _, _) in enumerate(places):
+        y = top + k * layout["line_height"] + 0.5 * layout["font_size"]
         row, col = min(int(y * CELLS // side), CELLS - 1), min(int(x * CELLS // side), CELLS - 1)
         second = int(flags[row, col, 0])
         if not flags[row, col, 1]:
             flags[row, col, second] = 1
             units.append(((row * CELLS + col) * 2 + second, token))
-    return flags, sorted(units)[:SLOTS], len(offsets) - len(units), encoded["input_ids"]
+    return flags, sorted(units)[:SLOTS], len(places) - len(units), [place[0] for place in places]
 
 
 def char_labels(layout):
@@ -229,21 +249,33 @@ def char_labels(layout):
     class of the character whose glyph box holds the cell's centre (its code - 32 for printable ASCII, OTHER for
     any other), BLANK where none does. A character's box: its advance width on its line (Pillow), from 15% to 100%
     of the font size below the line's top."""
-    lines, font, size = layout["lines"], layout["font"], layout["font_size"]
+    lines, font = layout["lines"], layout["font"]
     side = max(layout["width"], layout["height"])
-    left, top = (side - layout["width"]) // 2 + layout["x"], (side - layout["height"]) // 2 + layout["y"]
+    left = (side - layout["width"]) // 2 + layout["x"]
     centres = (np.arange(CHAR_CELLS) + 0.5) * side / CHAR_CELLS
     labels = np.full((CHAR_CELLS, CHAR_CELLS), BLANK)
     for k, line in enumerate(lines):
-        y0 = top + k * layout["line_height"] + 0.15 * size
-        rows = (centres >= y0) & (centres < y0 + 0.85 * size)
+        rows = glyph_rows(layout, k)
         for i, char in enumerate(line):
             if char == " ":
                 continue
             x0, x1 = left + font.getlength(line[:i]), left + font.getlength(line[:i + 1])
             columns = (centres >= x0) & (centres < x1)
-            labels[np.ix_(rows, columns)] = ord(char) - 32 if 32 < ord(char) < 127 else OTHER
+            labels[np.ix_(rows, columns)] = char_class(char)
     return labels
+
+
+def glyph_rows(layout, k):
+    """Which rows of 8-px cells hold line k's glyph boxes (char_labels): a boolean per row."""
+    side = max(layout["width"], layout["height"])
+    y0 = (side - layout["height"]) // 2 + layout["y"] + k * layout["line_height"] + 0.15 * layout["font_size"]
+    centres = (np.arange(CHAR_CELLS) + 0.5) * side / CHAR_CELLS
+    return (centres >= y0) & (centres < y0 + 0.85 * layout["font_size"])
+
+
+def char_class(char):
+    """The character loss's class of a character: its code - 32 for printable ASCII, OTHER for any other."""
+    return ord(char) - 32 if 32 < ord(char) < 127 else OTHER
 
 
 def token_slots(tokenizer, texts):
@@ -326,6 +358,131 @@ def named_by_sightings(hits, ids, sightings, edges=SIGHTINGS):
         found[name] = dict(share=float(inside.mean()) if len(seen) else 0.0, n=int(inside.sum()),
                            named=float(hits[inside].mean()) if inside.any() else None)
     return found
+
+
+# A lexicon read from the eyes' letters (a measurement, not yet part of the eyes). Naming learned token by token
+# costs ~1,000 sightings a token (docs/RESULTS.md, "The demo's eyes", sessions 17-18); a lexicon needs none: each
+# vocabulary token is scored by how well its own glyphs, placed where the token starts, fit the characters a linear
+# probe of the 28 x 28 stage reads in each 8-px cell, and the best fit names it. It measures how far the letters the
+# eyes see would carry a closed-form lookup, against what their learned naming gives.
+LEXICON_PLACES = 16  # where in its 16-px start cell a token's first glyph may sit: tried at this many places
+LEXICON_MIN_CHARS = 3  # the combined naming trusts the lexicon's pick of this many characters or more
+
+
+def glyph_table(font, pieces, pixels):
+    """What perfect letters would show of each piece (a token's text, its leading space dropped) drawn in `font`:
+    (table (pieces, pixels), int64, of the char_class of the glyph whose advance box holds each pixel's centre,
+    counted from the first glyph's left edge, BLANK past the piece's end; each piece's width in pixels). A piece
+    that holds a space or nothing gets an all-BLANK row and width inf (it is in no lexicon)."""
+    edges = [[font.getlength(piece[:i]) for i in range(len(piece) + 1)] for piece in pieces]
+    usable = [bool(piece) and " " not in piece for piece in pieces]
+    widths = np.array([e[-1] if ok else np.inf for e, ok in zip(edges, usable)])
+    table = np.full((len(pieces), pixels), BLANK, np.int64)
+    centres = np.arange(pixels) + 0.5
+    for row, (piece, e, ok) in enumerate(zip(pieces, edges, usable)):
+        if ok:
+            glyph = np.searchsorted(e, centres, side="right") - 1
+            inside = glyph < len(piece)
+            table[row, inside] = [char_class(piece[g]) for g in glyph[inside]]
+    return torch.as_tensor(table), widths
+
+
+def lexicon_pick(logp, centres, x_from, x_to, places, table, widths):
+    """The lexicon entry (a row of glyph_table's `table` and `widths`) that best fits one token's stretch of its
+    line. For each place its first glyph may have (x, on the square's scale), an entry's score is the sum, over the
+    8-px columns whose centre lies in [x_from, x_to), of the log-probability (`logp`: (columns, classes), the
+    probe's, averaged over the line's rows of cells) of the class the entry puts there (BLANK before its first glyph
+    and past its last); an entry wider than x_to - place + half a column is out. Returns (the best entry's row, or
+    -1 where no column or entry fits; its best score over the places)."""
+    columns = np.nonzero((centres >= x_from) & (centres < x_to))[0]
+    if not len(columns) or not len(table):
+        return -1, -np.inf
+    lp = torch.as_tensor(logp[columns], dtype=torch.float32)  # (columns, classes)
+    half = (centres[1] - centres[0]) / 2
+    best = torch.full((len(table),), -np.inf)
+    for place in places:
+        offset = centres[columns] - place  # each column's centre from the first glyph's left edge
+        pixel = torch.as_tensor(np.clip(np.floor(offset), 0, table.shape[1] - 1).astype(np.int64))
+        drawn = table[:, pixel]  # (entries, columns): the class each entry puts in each column
+        drawn[:, torch.as_tensor(offset < 0)] = BLANK
+        score = lp.gather(1, drawn.T).sum(0)
+        score[torch.as_tensor(widths > x_to - place + half)] = -np.inf
+        best = torch.maximum(best, score)
+    top = int(best.argmax())
+    return (top, float(best[top])) if np.isfinite(float(best[top])) else (-1, -np.inf)
+
+
+def lexicon_naming(tokenizer, texts, logps, lexicon_ids):
+    """For each token of each text (drawn as the benchmark draws it; `logps[i]`: the probe's log-probabilities,
+    (CHAR_CELLS, CHAR_CELLS, classes), on text i's image), a row: its id, text and token index and characters
+    (`chars`, its space not counted); the id the lexicon of `lexicon_ids` names (-1: none) with the first glyph
+    where it is (`true`) and anywhere in its 16-px start cell (`cell`: LEXICON_PLACES places, the columns scored
+    from the cell's left edge), and that pick's characters (`cell_chars`). Entries are only those whose piece begins
+    with a space as the token's does (a word after a space and at a text's start are the same glyphs)."""
+    pieces = [tokenizer.decode([int(i)]) for i in lexicon_ids]
+    spaced = np.array([piece.startswith(" ") for piece in pieces])
+    entries = {value: np.nonzero(spaced == value)[0] for value in (False, True)}
+    rows, tables = [], {}
+    for n_text, (text, logp) in enumerate(zip(texts, logps)):
+        _, drawn, layout = benchmark_layout(text)
+        side = max(layout["width"], layout["height"])
+        if (layout["font"].size, side) not in tables:  # a long text is drawn smaller
+            tables[layout["font"].size, side] = {value: glyph_table(layout["font"], [pieces[i].lstrip(" ") for i in
+                                                                                    where], int(side) + 1)
+                                                 for value, where in entries.items()}
+        centres = (np.arange(CHAR_CELLS) + 0.5) * side / CHAR_CELLS
+        cell = side / CELLS
+        for n_token, (token, k, x, x_next, has_space) in enumerate(token_places(tokenizer, drawn, layout)):
+            rows_k = glyph_rows(layout, k)
+            line_logp = logp[rows_k].mean(0) if rows_k.any() else np.zeros_like(logp[0])
+            where, (table, widths) = entries[has_space], tables[layout["font"].size, side][has_space]
+            true = lexicon_pick(line_logp, centres, x, x_next, [x], table, widths)[0]
+            start = (x // cell) * cell
+            places = start + (np.arange(LEXICON_PLACES) + 0.5) * cell / LEXICON_PLACES
+            within = lexicon_pick(line_logp, centres, start, x_next, places, table, widths)[0]
+            true, within = (int(where[n]) if n >= 0 else -1 for n in (true, within))
+            rows.append(dict(id=int(token), true=int(lexicon_ids[true]) if true >= 0 else -1,
+                             cell=int(lexicon_ids[within]) if within >= 0 else -1,
+                             cell_chars=len(pieces[within].strip()) if within >= 0 else 0,
+                             chars=len(tokenizer.decode([int(token)]).strip()), text=n_text, token=n_token))
+    return rows
+
+
+def lexicon_summary(rows, picks):
+    """lexicon_naming's rows against the eyes' own naming (`picks`: per text {token index: named id}, a token the
+    packer dropped counts as missed): shares named by the lexicon (`true`, `cell`), by the eyes (`learned`), and by
+    the lexicon's start-cell pick where it has LEXICON_MIN_CHARS characters or more, else the eyes' (`combined`),
+    and the `cell` and `learned` shares by the token's own number of characters."""
+    learned = [picks[r["text"]].get(r["token"]) == r["id"] for r in rows]
+    combined = [r["cell"] == r["id"] if r["cell_chars"] >= LEXICON_MIN_CHARS else own for r, own in zip(rows, learned)]
+    found = dict(n=len(rows), true=float(np.mean([r["true"] == r["id"] for r in rows])),
+                 cell=float(np.mean([r["cell"] == r["id"] for r in rows])), learned=float(np.mean(learned)),
+                 combined=float(np.mean(combined)), by_chars={})
+    for name, lo, hi in (("1", 0, 1), ("2", 2, 2), ("3-4", 3, 4), ("5+", 5, np.inf)):
+        inside = [n for n, r in enumerate(rows) if lo <= r["chars"] <= hi]
+        if inside:
+            found["by_chars"][name] = dict(n=len(inside), cell=float(np.mean([rows[n]["cell"] == rows[n]["id"]
+                                                                               for n in inside])),
+                                           learned=float(np.mean([learned[n] for n in inside])))
+    return found
+
+
+def letters_probe(model, batches, steps, device):
+    """A linear probe of the eyes' 28 x 28 stage (frozen) trained to name each 8-px cell's character (char_labels,
+    blank cells as a class of their own, so its log-probabilities are calibrated): what the letters the tower sees
+    hold, whatever head trained it. Adam 3e-3, `steps` batches of `batches`."""
+    from tqdm import tqdm
+    probe = torch.nn.Linear(EYES_TOWER["hidden_sizes"][1], BLANK + 1).to(device)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=3e-3)
+    for _, batch in tqdm(zip(range(steps), batches), total=steps, desc="letters probe"):
+        with torch.no_grad():
+            hidden = model.model.vision_tower(batch["pixels"].to(device), output_hidden_states=True).hidden_states
+        loss = torch.nn.functional.cross_entropy(probe(hidden[STAGE_ENDS[1]]).flatten(0, 1),
+                                                 batch["chars"].to(device).flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return probe.eval()
 
 
 def edit_distance(a, b):
@@ -592,19 +749,30 @@ if __name__ == "__main__":
         token_hits = nearest(named, vocab_embeddings, vocab_ids) == eval_ids[eval_mask]
         return char_hits, right.float().mean().item(), right.flatten(1).all(-1).float().mean().item(), token_hits
 
-    def named_at_starts(texts):
+    def named_at_starts(texts, probe=None):
         """(tokens at the true starts of `texts` drawn as the benchmark draws them, whether each one's code names
-        it): the recognition the packer is handed, without the start maps' errors."""
-        hits, ids = [], []
+        it, per text {token index: the token its code names}, and with a `probe` (letters_probe) each text's letters:
+        the probe's log-probabilities, (CHAR_CELLS, CHAR_CELLS, classes)): the recognition the packer is handed,
+        without the start maps' errors."""
+        hits, ids, picks, letters = [], [], [], []
         for start in range(0, len(texts), 16):
-            batch = make_batch(texts[start:start + 16], tokenizer, processor.image_processor)
+            chunk = texts[start:start + 16]
+            batch = make_batch(chunk, tokenizer, processor.image_processor)
             mask = batch["mask"].to(device)
             with torch.no_grad():
                 cells = model.model.vision_tower(batch["pixels"].to(device), output_hidden_states=True).hidden_states
-                named = cell_parts(cells[STAGE_ENDS[2]], batch["units"].to(device), mask)[1]
+                named = nearest(cell_parts(cells[STAGE_ENDS[2]], batch["units"].to(device), mask)[1],
+                                vocab_embeddings, vocab_ids)
+                if probe is not None:
+                    letters += list(torch.log_softmax(probe(cells[STAGE_ENDS[1]]), -1).cpu().numpy()
+                                    .reshape(len(chunk), CHAR_CELLS, CHAR_CELLS, -1))
             ids.append(batch["ids"].to(device)[mask])
-            hits.append(nearest(named, vocab_embeddings, vocab_ids) == ids[-1])
-        return torch.cat(hits).cpu(), torch.cat(ids).cpu()
+            hits.append(named == ids[-1])
+            named = iter(named.tolist())  # the texts' kept starts in order, as start_labels keeps them
+            for text in chunk:
+                _, drawn, layout = benchmark_layout(text)
+                picks.append({token: next(named) for _, token in start_labels(tokenizer, drawn, layout)[1]})
+        return torch.cat(hits).cpu(), torch.cat(ids).cpu(), picks, letters
 
     def by_sightings(hits, ids):
         """named_by_sightings, rounded for the log."""
@@ -698,10 +866,18 @@ if __name__ == "__main__":
     if test_typo:
         sets["test_typographic"] = ([" ".join(i["image_text"].split()) for i in test_typo],
                                     [load_image(i) for i in test_typo])
-    found, gaps, starts = {}, {}, {}
+    probe = None
+    if cfg["lexicon_probe_steps"] and sets:
+        torch.manual_seed(cfg["seed"])
+        probe = letters_probe(model, Batches(dict(cfg, seed=cfg["seed"] + 4, steps=cfg["lexicon_probe_steps"],
+                                                  grow=0.0), lines, pool, held, tokenizer, processor.image_processor),
+                              cfg["lexicon_probe_steps"], device)
+    found, gaps, starts, lexicon = {}, {}, {}, {}
     for name, (texts, images) in sets.items():
-        hits, ids = named_at_starts(texts)
+        hits, ids, picks, letters = named_at_starts(texts, probe)
         starts[name] = dict(named=hits.float().mean().item(), n=len(hits), by_sightings=by_sightings(hits, ids))
+        if probe is not None:
+            lexicon[name] = lexicon_summary(lexicon_naming(tokenizer, texts, letters, vocab_ids.cpu()), picks)
         found[name] = readout(model, processor, texts, images, f"readout {name}")
         gaps[name] = gap_closed(copy_nll(model, processor, texts, images, f"copy NLL {name}"), cfg["seed"])
     for name, rows in found.items():
@@ -709,6 +885,14 @@ if __name__ == "__main__":
               "times training showed the token: " + ", ".join(
                   f"{k} {b['share']:.1%} of tokens, named {'-' if b['named'] is None else format(b['named'], '.1%')}"
                   for k, b in starts[name]["by_sightings"].items()))
+        if name in lexicon:
+            lex = lexicon[name]
+            print(f"{name} tokens named by a lexicon of the eyes' {len(vocab_ids)} tokens from the letters a probe "
+                  f"reads (n={lex['n']}): first glyph where it is {lex['true']:.1%}, anywhere in its start cell "
+                  f"{lex['cell']:.1%}; that pick where it has {LEXICON_MIN_CHARS}+ characters, else the eyes' own "
+                  f"naming: {lex['combined']:.1%} (the eyes' own naming alone {lex['learned']:.1%}); by the token's "
+                  "characters, lexicon (start cell) / own: " + ", ".join(
+                      f"{k}: {b['cell']:.1%} / {b['learned']:.1%} (n={b['n']})" for k, b in lex["by_chars"].items()))
         print(name, " | ".join(f"{kind}: exact {r['exact']:.1%}, CER {r['cer']:.1%} (n={r['n']})"
                                for kind, r in rows.items()))
         gap = gaps[name]
@@ -720,6 +904,7 @@ if __name__ == "__main__":
     report.parent.mkdir(parents=True, exist_ok=True)
     write_text(report, json.dumps(dict(eyes=cfg["out"], fingerprint=meta["fingerprint"], slot_accuracy=accuracy,
                                        first_slot=first, chance_level=prior, chance_level_first_slot=prior_first,
-                                       unused_slot_norm=pad_norm / scale, tokens_at_starts=starts, readout=found,
+                                       unused_slot_norm=pad_norm / scale, tokens_at_starts=starts, lexicon=lexicon,
+                                       readout=found,
                                        copy_nll=gaps), indent=1))
     print("readout written to", report)
