@@ -392,8 +392,8 @@ def glyph_table(font, pieces, pixels):
 def lexicon_pick(logp, centres, x_from, x_to, places, table, widths):
     """The lexicon entry (a row of glyph_table's `table` and `widths`) that best fits one token's stretch of its
     line. For each place its first glyph may have (x, on the square's scale), an entry's score is the sum, over the
-    8-px columns whose centre lies in [x_from, x_to), of the log-probability (`logp`: (columns, classes), the
-    probe's, averaged over the line's rows of cells) of the class the entry puts there (BLANK before its first glyph
+    8-px columns whose centre (`centres`) lies in [x_from, x_to), of the log-probability (`logp`: (CHAR_CELLS
+    columns, classes), the probe's, averaged over the line's rows of cells) of the class the entry puts there (BLANK before its first glyph
     and past its last); an entry wider than x_to - place + half a column is out. Returns (the best entry's row, or
     -1 where no column or entry fits; its best score over the places)."""
     columns = np.nonzero((centres >= x_from) & (centres < x_to))[0]
@@ -435,13 +435,14 @@ def lexicon_naming(tokenizer, texts, logps, lexicon_ids):
         centres = (np.arange(CHAR_CELLS) + 0.5) * side / CHAR_CELLS
         cell = side / CELLS
         for n_token, (token, k, x, x_next, has_space) in enumerate(token_places(tokenizer, drawn, layout)):
-            rows_k = glyph_rows(layout, k)
-            line_logp = logp[rows_k].mean(0) if rows_k.any() else np.zeros_like(logp[0])
             where, (table, widths) = entries[has_space], tables[layout["font"].size, side][has_space]
-            true = lexicon_pick(line_logp, centres, x, x_next, [x], table, widths)[0]
             start = (x // cell) * cell
             places = start + (np.arange(LEXICON_PLACES) + 0.5) * cell / LEXICON_PLACES
-            within = lexicon_pick(line_logp, centres, start, x_next, places, table, widths)[0]
+            true = within = -1  # a line that no row of cells crosses shows nothing to read
+            if glyph_rows(layout, k).any():
+                line_logp = logp[glyph_rows(layout, k)].mean(0)
+                true = lexicon_pick(line_logp, centres, x, x_next, [x], table, widths)[0]
+                within = lexicon_pick(line_logp, centres, start, x_next, places, table, widths)[0]
             true, within = (int(where[n]) if n >= 0 else -1 for n in (true, within))
             rows.append(dict(id=int(token), true=int(lexicon_ids[true]) if true >= 0 else -1,
                              cell=int(lexicon_ids[within]) if within >= 0 else -1,
