@@ -194,8 +194,14 @@ def training_texts(rng, lines, pool, held, count, max_words, word_pool_share):
 def benchmark_layout(text):
     """The text drawn exactly as data/build.py's draw_typographic draws every text-bearing image of the benchmark:
     (image, the text as drawn, where each line went)."""
+    drawn, layout = benchmark_typeset(text)
+    return draw_typeset(layout), drawn, layout
+
+
+def benchmark_typeset(text):
+    """benchmark_layout without the drawing: (the text as drawn, where each line went)."""
     layout = typeset(text, DATA_DEFAULTS["image_size"], DATA_DEFAULTS["font_size"])
-    return draw_typeset(layout), " ".join(layout["lines"]), layout
+    return " ".join(layout["lines"]), layout
 
 
 def token_places(tokenizer, drawn, layout):
@@ -336,7 +342,7 @@ def slot_prior(tokenizer, texts, eval_ids, eval_mask):
     common there in `texts` (drawn as training draws them), which needs no image at all. Returns (all, first slot)."""
     counts = [Counter() for _ in range(SLOTS)]
     for text in texts:
-        drawn = benchmark_layout(text)[1]
+        drawn = benchmark_typeset(text)[0]
         for slot, token in enumerate(tokenizer(drawn, add_special_tokens=False)["input_ids"][:SLOTS]):
             counts[slot][token] += 1
     commonest = torch.tensor([c.most_common(1)[0][0] if c else -1 for c in counts])
@@ -426,7 +432,7 @@ def lexicon_naming(tokenizer, texts, logps, lexicon_ids):
     entries = {value: np.nonzero(spaced == value)[0] for value in (False, True)}
     rows, tables = [], {}
     for n_text, (text, logp) in enumerate(zip(texts, logps)):
-        _, drawn, layout = benchmark_layout(text)
+        drawn, layout = benchmark_typeset(text)
         side = max(layout["width"], layout["height"])
         if (layout["font"].size, side) not in tables:  # a long text is drawn smaller
             tables[layout["font"].size, side] = {value: glyph_table(layout["font"], [pieces[i].lstrip(" ") for i in
@@ -773,7 +779,7 @@ if __name__ == "__main__":
             hits.append(named == ids[-1])
             named = iter(named.tolist())  # the texts' kept starts in order, as start_labels keeps them
             for text in chunk:
-                _, drawn, layout = benchmark_layout(text)
+                drawn, layout = benchmark_typeset(text)
                 picks.append({token: next(named) for _, token in start_labels(tokenizer, drawn, layout)[1]})
         return torch.cat(hits).cpu(), torch.cat(ids).cpu(), picks, letters
 
