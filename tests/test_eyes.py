@@ -299,9 +299,12 @@ def test_training_batches_are_the_same_from_rendering_workers():
     for a, b in zip(first, second):
         assert torch.equal(a["pixels"], b["pixels"]) and torch.equal(a["ids"], b["ids"])
         assert torch.equal(a["units"], b["units"]) and torch.equal(a["chars"], b["chars"])
+        assert torch.equal(a["tokens"], b["tokens"])
         for row in range(2):  # each slot's token starts at a flagged unit, and every flagged unit is a slot's
             units = a["units"][row][a["mask"][row]]
             assert len(units) and torch.equal(torch.nonzero(a["starts"][row].view(-1))[:, 0], units.sort().values)
+            kept = a["tokens"][row][a["mask"][row]]  # each slot's token index in its text: the text's order
+            assert kept[0] == 0 and (kept.diff() > 0).all() and (a["tokens"][row][~a["mask"][row]] == -1).all()
     assert [eyes.Batches(cfg, lines, pool, held, None, None).max_words(step) for step in range(4)] == [2, 4, 6, 6]
 
 

@@ -445,8 +445,9 @@ def lexicon_naming(tokenizer, texts, logps, lexicon_ids):
             start = (x // cell) * cell
             places = start + (np.arange(LEXICON_PLACES) + 0.5) * cell / LEXICON_PLACES
             true = within = -1  # a line that no row of cells crosses shows nothing to read
-            if glyph_rows(layout, k).any():
-                line_logp = logp[glyph_rows(layout, k)].mean(0)
+            rows_k = glyph_rows(layout, k)
+            if rows_k.any():
+                line_logp = logp[rows_k].mean(0)
                 true = lexicon_pick(line_logp, centres, x, x_next, [x], table, widths)[0]
                 within = lexicon_pick(line_logp, centres, start, x_next, places, table, widths)[0]
             true, within = (int(where[n]) if n >= 0 else -1 for n in (true, within))
@@ -597,12 +598,14 @@ def gap_closed(nll, seed=0):
 
 def make_batch(texts, tokenizer, image_processor):
     """One batch: the texts drawn as the benchmark draws them, the pixels, each text's first SLOTS tokens in the
-    packer's order (`ids`; `mask`: which slots hold one; `units`: where each starts, start_labels), each 16-px cell's
+    packer's order (`ids`; `mask`: which slots hold one; `units`: where each starts, start_labels; `tokens`: its index
+    among the text's tokens), each 16-px cell's
     starts (`starts`, CELLS^2 x 2), each 8-px cell's character (char_labels), how many texts had more than SLOTS
     tokens (`cut`) and how many tokens shared a cell with two others (`dropped`)."""
     drawn = [benchmark_layout(text) for text in texts]
     ids = torch.zeros(len(texts), SLOTS, dtype=torch.long)
     units = torch.full((len(texts), SLOTS), -1, dtype=torch.long)
+    token_index = torch.full((len(texts), SLOTS), -1, dtype=torch.long)
     starts = torch.zeros(len(texts), CELLS * CELLS, 2)
     cut = dropped = 0
     for row, (_, text, layout) in enumerate(drawn):
@@ -610,11 +613,11 @@ def make_batch(texts, tokenizer, image_processor):
         cut, dropped = cut + (len(tokens) - lost > SLOTS), dropped + lost
         starts[row] = torch.from_numpy(flags).view(-1, 2).float()
         for slot, (where, token) in enumerate(kept):
-            ids[row, slot], units[row, slot] = tokens[token], where
+            ids[row, slot], units[row, slot], token_index[row, slot] = tokens[token], where, token
     chars = torch.stack([torch.from_numpy(char_labels(layout)).view(-1) for _, _, layout in drawn])
     pixels = image_processor([image for image, _, _ in drawn], return_tensors="pt")["pixel_values"]
-    return dict(pixels=pixels, ids=ids, mask=units >= 0, units=units, starts=starts, chars=chars, cut=cut,
-                dropped=dropped)
+    return dict(pixels=pixels, ids=ids, mask=units >= 0, units=units, tokens=token_index, starts=starts, chars=chars,
+                cut=cut, dropped=dropped)
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -777,10 +780,11 @@ if __name__ == "__main__":
                                     .reshape(len(chunk), CHAR_CELLS, CHAR_CELLS, -1))
             ids.append(batch["ids"].to(device)[mask])
             hits.append(named == ids[-1])
-            named = iter(named.tolist())  # the texts' kept starts in order, as start_labels keeps them
-            for text in chunk:
-                drawn, layout = benchmark_typeset(text)
-                picks.append({token: next(named) for _, token in start_labels(tokenizer, drawn, layout)[1]})
+            page = [{} for _ in chunk]
+            for row, token, pick in zip(torch.nonzero(batch["mask"])[:, 0].tolist(),
+                                        batch["tokens"][batch["mask"]].tolist(), named.tolist()):
+                page[row][token] = pick
+            picks += page
         return torch.cat(hits).cpu(), torch.cat(ids).cpu(), picks, letters
 
     def by_sightings(hits, ids):
