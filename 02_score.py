@@ -64,7 +64,7 @@ from scipy.stats import t as student_t  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from common import check_range, fail, parse_overrides, peak_rss_mb, run_name  # noqa: E402
-from sgm.artifacts import load_npz, lock_folder, save_figure, save_npz  # noqa: E402
+from sgm.artifacts import carried_over, load_npz, lock_folder, save_figure, save_npz  # noqa: E402
 from sgm.neurons import EXPERTISE_SCORES, neurons_per_layer  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
@@ -510,7 +510,7 @@ if __name__ == "__main__":
         print(f"correlation of activation AUROC and writer score over all neurons: r = "
               f"{np.corrcoef(auroc, d)[0, 1]:+.3f}")
 
-    meta = dict({k: upstream[k] for k in ("model", "sites", "dtype", "data", "data_checksum")},
+    meta = dict(carried_over(upstream),
                 stage="02_score", upstream={"activations.npz": upstream["fingerprint"]},
                 upstream_settings=upstream["settings"], activations_dtype=str(activations.dtype), n_toxic=n_toxic,
                 n_items=n_items, n_prompts=int(prompts.size),

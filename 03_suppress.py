@@ -99,8 +99,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import check_range, fail, parse_overrides, run_name  # noqa: E402
-from sgm.artifacts import (check_writable, disk_fault, load_npz, load_pt, lock_folder, save_figure,  # noqa: E402
-                           save_pt, write_text)
+from sgm.artifacts import (carried_over, check_writable, disk_fault, load_npz, load_pt, lock_folder,  # noqa: E402
+                           save_figure, save_pt, write_text)
 from sgm.endpoint import TEMPLATE_FILE, fallback_chat_template  # noqa: E402
 from sgm.models import load_model, resolve_model_path  # noqa: E402
 from sgm.neurons import (EXPERTISE_SCORES, FusedExperts, fold_alpha, matched_random_control,  # noqa: E402
@@ -483,7 +483,7 @@ if __name__ == "__main__":
         print(f"method {cfg['method']} strength {cfg['strength']}: {int(changed.sum())} of {alpha.size} neurons "
               f"changed, {int((alpha < 0.5).sum())} with alpha < 0.5, min alpha {alpha.min():.3f}, "
               f"total damping sum(1 - alpha) = {(1 - alpha).sum():.1f}")
-    meta = dict({k: upstream[k] for k in ("model", "sites", "dtype", "data", "data_checksum")},
+    meta = dict(carried_over(upstream),
                 stage="03_suppress", upstream={"expertise.npz": upstream["fingerprint"]},
                 calibration=upstream["upstream_settings"], score=score,
                 settings={k: cfg[k] for k in ("method", "strength", "top_k", "damp_factor", "layers", "normalise",

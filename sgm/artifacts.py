@@ -479,6 +479,13 @@ def load_pt(path, rerun_hint, required=None):
     return _load_artifact(path, rerun_hint, read, required)
 
 
+def carried_over(upstream):
+    """What a stage's artifact carries over from the artifact it read: the model it was made on (its name, neuron
+    sites and dtype, and for demo-eyes the eyes' fingerprint, which check_same_model compares) and the data."""
+    kept = {k: upstream[k] for k in ("model", "sites", "dtype", "data", "data_checksum")}
+    return dict(kept, eyes=upstream["eyes"]) if "eyes" in upstream else kept
+
+
 def check_same_model(meta, model_meta, artifact, rerun_hint):
     """Refuse an artifact made for another model (or another set of neuron sites, or other eyes)."""
     if meta["model"] != model_meta["model"]:

@@ -507,3 +507,29 @@ def test_second_genre_perplexity_equals_a_plain_forward_and_survives_base_from(t
               "--selectivity", "false", "--fluency-also", "", "--report", "books", cwd=tmp_path)
     (books,) = json.loads((run / "books.json").read_text())["fluency"]
     assert [g["texts"] for g in books["genres"]] == ["book"]
+
+
+def test_the_eyes_travel_through_every_stage(tmp_path, monkeypatch):
+    """demo-eyes' artifacts carry the eyes' fingerprint from 01 through 02 and 03, so 04 on the same eyes runs (it
+    refused every run of demo-eyes while 02 and 03 dropped it) and 04 on other eyes is refused."""
+    data = write_items(tmp_path / "items.jsonl")
+    real = models.load_model
+    eyes = {"now": "4ae456ab51b1"}
+
+    def seeing(*args, **kwargs):  # the tiny model as if it were behind a set of eyes
+        model, processor, sites, model_meta = real(*args, **kwargs)
+        return model, processor, sites, dict(model_meta, eyes=eyes["now"])
+    monkeypatch.setattr(models, "load_model", seeing)
+    run_stage("01_collect.py", "--model", "tiny", "--data", data, "--mode", "prompts", cwd=tmp_path)
+    run_stage("02_score.py", "--run", "tiny", "--permutations", "20", cwd=tmp_path)
+    run_stage("03_suppress.py", "--run", "tiny", cwd=tmp_path)
+    for name in ("expertise.npz", "suppression.pt"):
+        meta = (load_npz if name.endswith("npz") else load_pt)(tmp_path / "runs/tiny" / name, "x")[1]
+        assert meta["eyes"] == "4ae456ab51b1", name
+    run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base,sgm", "--max-new-tokens", "2",
+              cwd=tmp_path)
+    assert (tmp_path / "runs/tiny/results.json").exists()
+    eyes["now"] = "4c8995c504c0"
+    with pytest.raises(UserError, match="was made with the eyes 4ae456ab51b1"):
+        run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base,sgm",
+                  "--max-new-tokens", "2", cwd=tmp_path)
