@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import fail, fallback_image_prefix, load_image, user_text
+from common import fail, fallback_image_prefix, fallback_parts, load_image, user_text
 
 NOT_AVAILABLE = "not available from this endpoint"
 TEMPLATE_FILE = "sgm_chat_template.jinja"  # written by 03_suppress.py --export for template-less checkpoints
@@ -233,15 +233,24 @@ class Endpoint:
         png = io.BytesIO()
         load_image(item).save(png, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-        turns = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                              {"type": "text", "text": user_text(self.processor, item)}]}]
+        parts = ([None, user_text(self.processor, item)] if getattr(self.processor, "chat_template", None)
+                 else fallback_parts(self.processor, item))  # as common.prompt_text puts them
+        turns = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}} if part is None
+                                              else {"type": "text", "text": part} for part in parts]}]
         if continuation is not None:
             turns.append({"role": "assistant", "content": continuation})
         return turns, hashlib.sha256(png.getvalue()).hexdigest()
 
     def _key(self, kind, item, image_hash, *settings):
-        return hashlib.sha256(json.dumps([kind, self.url, self.model, item["id"], user_text(self.processor, item),
+        return hashlib.sha256(json.dumps([kind, self.url, self.model, item["id"], self.messages_text(item),
                                           image_hash, *settings]).encode()).hexdigest()
+
+    def messages_text(self, item):
+        """The request's text as the cache keys it: user_text, or the fallback's parts where they frame the image."""
+        if getattr(self.processor, "chat_template", None):
+            return user_text(self.processor, item)
+        parts = fallback_parts(self.processor, item)
+        return user_text(self.processor, item) if parts[0] is None and len(parts) == 2 else parts
 
     def generate(self, items, max_new_tokens, desc):
         """Greedy answers (texts) and their token ids (None where the server does not return them)."""
@@ -315,10 +324,11 @@ class Endpoint:
 
 
 def fallback_chat_template(processor):
-    """A Jinja chat template that renders a chat request as common.prompt_text's fallback renders the item:
-    image prefix, then the user text, nothing else (no roles, no markers), and an assistant message's text
-    right after it (teacher forcing). For serving a checkpoint that has no chat template of its own."""
-    prefix = json.dumps(fallback_image_prefix(processor))  # a JSON string is a valid Jinja string literal
+    """A Jinja chat template that renders a chat request as common.prompt_text's fallback renders the item: its
+    parts in order (common.fallback_parts), the image as the fallback image prefix less its closing newline (the
+    text after it carries that), nothing else (no roles, no markers), and an assistant message's text right after
+    it (teacher forcing). For serving a checkpoint that has no chat template of its own."""
+    prefix = json.dumps(fallback_image_prefix(processor).removesuffix("\n"))  # a valid Jinja string literal
     return ("{%- for message in messages -%}"
             "{%- if message['content'] is string -%}{{ message['content'] }}"
             "{%- else -%}{%- for part in message['content'] -%}"

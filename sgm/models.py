@@ -132,14 +132,15 @@ EYES_FILE = Path(__file__).with_name("eyes.safetensors")
 # Chosen by measurement (docs/RESULTS.md, "The demo's eyes", session 13): the tower must *pack* the text's tokens in
 # reading order (the only layout Gemma reads), so each output position must know where it is; LeViT, the eyes until
 # then, has no absolute position (its attention biases see only |dx|, |dy|). Packing learned by gradient descent was
-# the wall (sessions 13-14), so the last stage (four blocks, MLP ratio 2) is set by hand (sgm/packing.py): stages
-# 1-3 and the projector learn to say where tokens start and what they are, the last stage counts and packs.
+# the wall (sessions 13-14), so the last stage (four blocks, MLP ratio 4) is set by hand (sgm/packing.py): stages
+# 1-3 and the projector learn to say where tokens start and what they are, the last stage counts and packs,
+# right-aligned (session 20: Gemma goes on from an image's text only when it ends at the last position).
 # Stage 2 96 wide and stage 3 four blocks deep (session 16: at the same 3,000 steps, tokens named at their starts
 # 32.0% against 29.2% with 64 and two, slots 13.5% against 9.2%, for 1.43x the tower's time a step; RESULTS).
-# 5.06M parameters with the projector, 2.29M of them the packer's (rebuilt from code, never stored in the eyes file).
+# 6.11M parameters with the projector, 3.34M of them the packer's (rebuilt from code, never stored in the eyes file).
 # `hidden_size` is not a PVT setting: LLaVA's projector reads the vision config's hidden_size, stored beside the rest.
 EYES_TOWER = dict(image_size=224, hidden_sizes=[32, 96, 160, 256], depths=[2, 2, 4, 4],
-                  num_attention_heads=[1, 3, 5, 8], mlp_ratios=[4, 4, 4, 2], sequence_reduction_ratios=[8, 4, 1, 1],
+                  num_attention_heads=[1, 3, 5, 8], mlp_ratios=[4, 4, 4, 4], sequence_reduction_ratios=[8, 4, 1, 1],
                   hidden_size=256)
 EYES_GRID = 7  # image tokens per side: the last stage's 32-px cells
 EYES_PARTS = ("model.vision_tower.", "model.multi_modal_projector.")  # what the eyes file holds; the LM is never in it
@@ -217,20 +218,27 @@ def fingerprint(state):
 
 
 def save_eyes(model, path, meta):
-    """The tower and projector (float16; any integer buffer as it is) in one safetensors file whose metadata holds
-    their fingerprint, the learned weights' and the hand-set packer's together (the packer is not stored: it is
-    code, sgm/packing.py; `packer` is its own fingerprint, so that eyes trained with another packer are refused)."""
+    """The tower and projector (float16; any integer buffer as it is) in one safetensors file. Its metadata holds
+    `learned`, the stored weights' own fingerprint (what load_eyes checks them against), `contract`, what they were
+    trained to hand the packer (packing.contract), and `fingerprint`, the eyes' identity: the learned weights and the
+    hand-set packer that runs with them (the packer is code, sgm/packing.py, never stored; `packer` is its own)."""
     from safetensors.torch import save
     packer = packer_state(model.config.vision_config)
     state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in model.state_dict().items() if k.startswith(EYES_PARTS) and k not in packer}
-    meta = dict(meta, fingerprint=fingerprint({**state, **packer}), packer=fingerprint(packer))
+    meta = dict(meta, learned=fingerprint(state), contract=packing.contract(),
+                fingerprint=fingerprint({**state, **packer}), packer=fingerprint(packer))
     write_bytes(path, save(state, metadata={k: json.dumps(v) for k, v in meta.items()}))  # atomic, faults in one line
     return meta["fingerprint"]
 
 
 def load_eyes(path):
-    """(state, floats in float32, meta) of a saved eyes file, its fingerprint checked."""
+    """(state, floats in float32, meta) of a saved eyes file, its weights checked against their fingerprint and
+    their contract against the packer's (packing.contract). The learned parts never pass through the packer, so
+    eyes trained beside an earlier packer with the same contract run with today's: meta's `fingerprint`, the eyes'
+    identity, is then recomputed with today's packer (and `packer_when_trained` keeps the one they were saved with),
+    so every record made with them names the packer too. A file saved before `learned` existed must have today's
+    packer."""
     from safetensors import safe_open
     if not Path(path).is_file():
         fail(f"no eyes at {path}: train them with `make eyes`")
@@ -239,11 +247,22 @@ def load_eyes(path):
         state = {k: f.get_tensor(k) for k in f.keys()}
     from transformers import PvtConfig
     packer = packer_state(PvtConfig(**EYES_TOWER))
-    if meta.get("packer") != fingerprint(packer):
-        fail(f"the eyes at {path} were trained with another packer than sgm/packing.py's (or before it): "
-             "rebuild them with `make eyes`")
-    if meta.get("fingerprint") != fingerprint({**state, **packer}):
-        fail(f"the eyes at {path} do not match their fingerprint (damaged or edited): rebuild them with `make eyes`")
+    damaged = f"the eyes at {path} do not match their fingerprint (damaged or edited): rebuild them with `make eyes`"
+    if "learned" in meta:
+        if meta["learned"] != fingerprint(state):
+            fail(damaged)
+        if meta.get("contract") != packing.contract():
+            fail(f"the eyes at {path} were trained for another packer contract than sgm/packing.py's (channels or "
+                 "geometry): rebuild them with `make eyes`")
+        if meta.get("packer") != fingerprint(packer):
+            meta = dict(meta, packer_when_trained=meta.get("packer"), packer=fingerprint(packer),
+                        fingerprint=fingerprint({**state, **packer}))
+    else:
+        if meta.get("packer") != fingerprint(packer):
+            fail(f"the eyes at {path} were trained with another packer than sgm/packing.py's (or before it): "
+                 "rebuild them with `make eyes`")
+        if meta.get("fingerprint") != fingerprint({**state, **packer}):
+            fail(damaged)
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, meta
 
 

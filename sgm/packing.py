@@ -1,14 +1,17 @@
 """Packing by hand: weights for the eyes' last PVT stage that move the text's tokens into reading order.
 
-Gemma reads the image's tokens only when they are packed: the k-th token of the text at image position k, nothing
-in between (docs/RESULTS.md, "The demo's eyes", session 12). A tower that recognises what is drawn still has to
+Gemma reads the image's tokens only when they are packed: the text's tokens in order at consecutive image positions,
+nothing in between (docs/RESULTS.md, "The demo's eyes", session 12), and it goes on from the image's text only when
+that text ends at the image's last position, the positions before it holding a space token's embedding (zeros there
+derail it: session 20). So the text is packed right-aligned: of n tokens, the k-th (1-based) at position 49 - n + k. A tower that recognises what is drawn still has to
 *count* to pack it, and counting learned by gradient descent was the wall (sessions 13-14: 30% of the tokens packed
 after 40,000 maps even from perfect recognition). Counting is simple arithmetic, so this module sets it by hand:
-stage 4 of the stock PvtModel (7 x 7 positions and a CLS token, 256 wide, 8 heads of 32, four blocks) gets weights
-that compute, from a per-cell map of token starts, each start's place in reading order and then copy the k-th
-start's code to output position k. The stages before it (learned) only have to say, for each 16-px cell of the
-14 x 14 stage, whether a token starts there (up to two: `UNITS`) and what token it is (a CODE-wide vector); the
-projector (learned) turns a code into Gemma's embedding. Nothing here is trained, nothing is stored in the eyes
+stage 4 of the stock PvtModel (7 x 7 positions and a CLS token, 256 wide, 8 heads of 32, four blocks, MLP ratio
+4) gets weights that compute, from a per-cell map of token starts, each start's place in reading order and the
+number of starts, then copy each start's code to its output position. The stages before it (learned) only have to
+say, for each 16-px cell of the 14 x 14 stage, whether a token starts there (up to two: `UNITS`) and what token it
+is (a CODE-wide vector); the projector (learned) turns a code into Gemma's embedding, and the zero code, what the
+positions before the text get, into the filler's (tools/eyes.py). Nothing here is trained, nothing is stored in the eyes
 file: `put_packer` writes the same weights every time, and the tower stays a stock PvtModel that any
 transformers install loads.
 
@@ -21,13 +24,16 @@ How, in the stock blocks (pre-LayerNorm attention and a GELU MLP; all exact on i
 - Block 1 (attention): the starts in each row of 16-px cells up to and including this position. A softmax over a
   set of fixed size averages with a known denominator: the query attends to the positions of its row at or left of
   it and to as many always-blank positions of the bottom row as make the set 7 large, so the average is the
-  count / 7.
+  count / 7. A second head, with no query or key, averages every position's starts: n / 50. The MLP writes K^2,
+  K = k + 1 - (49 - n) being the place in reading order that output position k (0-based) wants.
 - Block 2 (attention, then MLP): the starts on all earlier rows (the same trick over the rows' last positions), so
   each unit knows c, its 1-based place in reading order; the MLP writes c^2 (c + 2 sum_t relu(c - t), exact for
   integers, GELU at a steep scale standing in for relu).
-- Block 3 (attention, one head per unit): output position k scores each unit by lambda (2 (k + 1) c - c^2) (the
-  largest where c = k + 1) plus a large bonus for a real start, against the CLS token as a sink scored half a
-  step lower; the winner's code is copied. Past the text's end the sink wins and the code is zero.
+- Block 3 (attention, one head per unit): output position k scores each unit by lambda (2 K c - c^2) (the
+  largest where c = K) plus a large bonus for a real start, against the CLS token as a sink scored half a step
+  lower; the winner's code is copied. Before the text (K < 1) the sink wins and the code is zero. A text of more
+  than 49 starts keeps its last 49; the squares are exact up to 128 starts (SQUARES), beyond which the sink wins
+  everywhere (the image reads as the filler alone).
 The bottom row of 7 x 7 positions (the image's last 32 px) must be blank: the benchmark's layout leaves it so
 for texts of up to eight lines. The arithmetic needs float32 (the counts are compared to a part in 10^4);
 `check_precision` refuses anything else.
@@ -50,10 +56,12 @@ SCORE = 100.0       # attention margin (logits) between a set member and a non-m
 LAMBDA = 40.0       # selection: logits a count off by one loses (the sink sits half of it below the winner)
 STEEP = 1.0e5       # the flag's step: a start logit of +-0.005 in stage 3 is already a clean 1 or 0
 RELU_SCALE = 10.0   # gelu(10 x) / 10 = relu(x) on integers to 1e-20
-SQUARES = 64        # c^2 is exact up to c = 64
+MLP_RATIO = 4
+MLP = MLP_RATIO * WIDTH  # each block's MLP units
+SQUARES = 128       # c^2 is exact up to c = 128 (UNITS x SQUARES = MLP units)
 
 # The stage-4 residual's channels.
-ZERO, BIG_PLUS, BIG_MINUS, IS_CLS, SLOT, SLOT_SQ = 0, 1, 2, 3, 4, 5
+ZERO, BIG_PLUS, BIG_MINUS, IS_CLS, SLOT, WANT_SQ = 0, 1, 2, 3, 4, 5  # WANT_SQ: (the place wanted here)^2
 ROW, COL, ROW_KEY, PREV_KEY = 6, 6 + GRID, 6 + 2 * GRID, 6 + 3 * GRID  # one-hots and per-position key features
 FLAG_POS, FLAG_NEG = 34, 34 + UNITS   # a unit's start logit as + and - copies (LayerNorm's mean cancels in the sum)
 FLAG = 34 + 2 * UNITS                 # the clean 0/1 flag
@@ -63,8 +71,18 @@ ABOVE, ROW_TOP = PREFIX + 2, PREFIX + 3  # starts in all earlier rows / 42; the 
 BALANCE = PREFIX + 4                  # minus the sum of every other channel: each position's mean is 0
 OUT = PREFIX + 5                      # CODE channels: the packed token's code (the projector reads these)
 CODES = OUT + CODE                    # UNITS x CODE channels: each unit's code
+TOTAL = CODES + UNITS * CODE          # the text's number of starts / 50 (every position's own copy)
 SQUARE_UNIT = 2500.0
-assert CODES + UNITS * CODE <= WIDTH
+WANT_MAX = SQUARES  # (the place wanted)^2 is exact for places -WANT_MAX..WANT_MAX
+assert TOTAL < WIDTH
+
+
+def contract():
+    """What the learned parts and the packer agree on, and nothing else: the stage-3 channels the packer reads (each
+    cell's start logits and codes), the geometry, and the output channels the projector reads. Eyes are trained
+    against this (training never passes through the packer), so they fit any packer with the same contract."""
+    return dict(stage3_width=STAGE3_WIDTH, flag_in=list(FLAG_IN), code_in=list(CODE_IN), code=CODE, grid=GRID,
+                units=UNITS, width=WIDTH, out=OUT)
 
 
 def unit(t, u, s):
@@ -75,7 +93,7 @@ def unit(t, u, s):
 
 def config_fits(config):
     """A one-line reason the PvtConfig cannot hold the packer, or None."""
-    want = dict(hidden_sizes=WIDTH, num_attention_heads=WIDTH // HEAD, depths=4, mlp_ratios=2)
+    want = dict(hidden_sizes=WIDTH, num_attention_heads=WIDTH // HEAD, depths=4, mlp_ratios=MLP_RATIO)
     for name, value in want.items():
         if getattr(config, name)[-1] != value:
             return f"stage 4 needs {name} {value}, the config has {getattr(config, name)[-1]}"
@@ -145,7 +163,7 @@ def packer_weights(config):
         for c in range(GRID):
             p, k = 1 + GRID * r + c, GRID * r + c
             pos[p, ROW + r], pos[p, COL + c] = 1.0, 1.0
-            pos[p, SLOT], pos[p, SLOT_SQ] = (k + 1) / 49, (k + 1) ** 2 / 2401
+            pos[p, SLOT] = (k + 1) / 49
             for q in range(GRID):  # the row count's key: left of (or at) column q; the blank bottom row pads
                 pos[p, ROW_KEY + q] = float(c > q) if r == GRID - 1 else float(c <= q)
                 # the earlier rows' key: the last column of a row above query row q; bottom-row pads
@@ -166,17 +184,17 @@ def packer_weights(config):
             names[f"attention.self.{part}.bias"] = torch.zeros(WIDTH)
         names["attention.output.dense.weight"] = torch.zeros(WIDTH, WIDTH)
         names["attention.output.dense.bias"] = torch.zeros(WIDTH)
-        names["mlp.dense1.weight"], names["mlp.dense1.bias"] = torch.zeros(2 * WIDTH, WIDTH), torch.zeros(2 * WIDTH)
-        names["mlp.dense2.weight"], names["mlp.dense2.bias"] = torch.zeros(WIDTH, 2 * WIDTH), torch.zeros(WIDTH)
+        names["mlp.dense1.weight"], names["mlp.dense1.bias"] = torch.zeros(MLP, WIDTH), torch.zeros(MLP)
+        names["mlp.dense2.weight"], names["mlp.dense2.bias"] = torch.zeros(WIDTH, MLP), torch.zeros(WIDTH)
         return {f"{blocks}{j}.{k}": v.to(torch.float64) for k, v in names.items()}
 
     scale = math.sqrt(HEAD)  # PVT divides the scores by sqrt(head size)
 
     # Block 0 (MLP): the clean flag of each unit: (gelu(s z + 4) - gelu(s z - 4)) / 8, z = the start logit.
     w.update(empty_block(0))
-    up = _Reads(2 * WIDTH)
-    bias = torch.zeros(2 * WIDTH, **f64)
-    down = torch.zeros(WIDTH, 2 * WIDTH, **f64)
+    up = _Reads(MLP)
+    bias = torch.zeros(MLP, **f64)
+    down = torch.zeros(WIDTH, MLP, **f64)
     for h in range(UNITS):
         for j, shift in ((2 * h, 4.0), (2 * h + 1, -4.0)):
             up.read(j, FLAG_POS + h, STEEP)
@@ -200,11 +218,30 @@ def packer_weights(config):
     for t in range(2):
         for rest in range(4):
             v.read(t, FLAG + 4 * t + rest, 1.0)
+    for h in range(UNITS):  # head 1: no query or key, so every position averages all 50 (CLS's flags are 0)
+        v.read(HEAD, FLAG + h, 1.0)
     out = torch.zeros(WIDTH, WIDTH, **f64)
     out[PREFIX, 0], out[PREFIX + 1, 1] = 1.0, 1.0
+    out[TOTAL, HEAD] = 1.0
     a = f"{blocks}1.attention."
     w[a + "self.query.weight"], w[a + "self.key.weight"], w[a + "self.value.weight"] = q.weight, k.weight, v.weight
     w[a + "output.dense.weight"] = out
+    # Block 1's MLP: K^2, K = k + 1 - (49 - n) being the place in reading order that image position k wants (the
+    # text right-aligned: its last token at the last position), n = 50 TOTAL; K^2 = f(K) + f(-K), f(m) = relu(m) +
+    # 2 sum_{t >= 1} relu(m - t) (0 for m <= 0), exact on integers.
+    up = _Reads(MLP)
+    bias = torch.zeros(MLP, **f64)
+    down = torch.zeros(WIDTH, MLP, **f64)
+    for side, sign in enumerate((1.0, -1.0)):
+        for t in range(WANT_MAX + 1):
+            j = side * (WANT_MAX + 1) + t
+            up.read(j, SLOT, sign * 49 * RELU_SCALE)
+            up.read(j, BIG_PLUS, -sign * 49 * RELU_SCALE / CONST)
+            up.read(j, TOTAL, sign * 50 * RELU_SCALE)
+            bias[j] = -RELU_SCALE * t
+            down[WANT_SQ, j] = (1.0 if t == 0 else 2.0) / RELU_SCALE / SQUARE_UNIT
+    w[f"{blocks}1.mlp.dense1.weight"], w[f"{blocks}1.mlp.dense1.bias"] = up.weight, bias
+    w[f"{blocks}1.mlp.dense2.weight"] = down
 
     # Block 2 (attention): head 0, the starts of all earlier rows / 42 (6 members: rows above, bottom-row pads);
     # head 1, this row's top cell-row total / 7 (its last position's PREFIX). MLP: c^2 of each unit.
@@ -236,9 +273,9 @@ def packer_weights(config):
     a = f"{blocks}2.attention."
     w[a + "self.query.weight"], w[a + "self.key.weight"], w[a + "self.value.weight"] = q.weight, k.weight, v.weight
     w[a + "output.dense.weight"] = out
-    up = _Reads(2 * WIDTH)
-    bias = torch.zeros(2 * WIDTH, **f64)
-    down = torch.zeros(WIDTH, 2 * WIDTH, **f64)
+    up = _Reads(MLP)
+    bias = torch.zeros(MLP, **f64)
+    down = torch.zeros(WIDTH, MLP, **f64)
     for h in range(UNITS):
         for t in range(SQUARES):  # c^2 = c + 2 sum_{t >= 1} relu(c - t) for integers 0 <= c <= SQUARES
             j = h * SQUARES + t
@@ -248,20 +285,23 @@ def packer_weights(config):
     w[f"{blocks}2.mlp.dense1.weight"], w[f"{blocks}2.mlp.dense1.bias"] = up.weight, bias
     w[f"{blocks}2.mlp.dense2.weight"] = down
 
-    # Block 3 (attention, head h reads unit h): slot k scores lambda (2 (k + 1) c - c^2) + SCORE * flag; the CLS
-    # sink scores lambda (k + 1)^2 - lambda / 2 + SCORE, half a step below the start whose c is k + 1.
+    # Block 3 (attention, head h reads unit h): image position k scores lambda (2 K c - c^2) + SCORE * flag, K the
+    # place it wants (block 1); the CLS sink scores lambda K^2 - lambda / 2 + SCORE, half a step below the start whose
+    # c is K, and above every start where K < 1 (the positions before the text).
     w.update(empty_block(3))
     q, k, v = _Reads(WIDTH), _Reads(WIDTH), _Reads(WIDTH)
     out = torch.zeros(WIDTH, WIDTH, **f64)
     for h in range(UNITS):
         o = h * HEAD
-        q.read(o, SLOT, 2 * LAMBDA * 49 * scale)
+        q.read(o, SLOT, 2 * LAMBDA * 49 * scale)  # 2 lambda K = 2 lambda (49 SLOT - 49 + 50 TOTAL)
+        q.read(o, BIG_PLUS, -2 * LAMBDA * 49 * scale / CONST)
+        q.read(o, TOTAL, 2 * LAMBDA * 50 * scale)
         _count_reads(k, o, h)
         q.read(o + 1, BIG_PLUS, -LAMBDA * scale / CONST)
         k.read(o + 1, SQUARE + h, SQUARE_UNIT)
         q.read(o + 2, BIG_PLUS, SCORE * scale / CONST)
         k.read(o + 2, FLAG + h, 1.0)
-        q.read(o + 3, SLOT_SQ, LAMBDA * 2401 * scale)
+        q.read(o + 3, WANT_SQ, LAMBDA * SQUARE_UNIT * scale)
         q.read(o + 3, BIG_PLUS, (SCORE - LAMBDA / 2) * scale / CONST)
         k.read(o + 3, IS_CLS, 1.0)
         for i in range(CODE):

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 from conftest import write_items
 from loopback_server import LoopbackServer
 from test_pipeline import run_stage
@@ -123,13 +124,30 @@ def test_random_control_export_is_04s_random(setup):
     assert "RANDOM CONTROL" not in (folder / "export-sgm/SGM_EXPORT.md").read_text()
 
 
+def test_a_typographic_item_puts_its_image_where_the_text_would_be(tiny):
+    """Without a chat template a base LM cannot follow "Answer the question shown in the image.": the image takes
+    the place its standard twin's text has, and to continue the image's text the image comes last."""
+    _, processor, _, _ = tiny
+    image = processor.image_token
+    prompts = {(task, condition): common.prompt_text(processor, dict(text="what is the weather like", task=task,
+                                                                      condition=condition))
+               for task in ("answer", "continue") for condition in ("standard", "typographic")}
+    assert prompts["answer", "standard"] == f"{image}\nQuestion: what is the weather like\nAnswer:"
+    assert prompts["continue", "standard"] == f"{image}\nwhat is the weather like"
+    assert prompts["answer", "typographic"] == f"Question: {image}\nAnswer:"
+    assert prompts["continue", "typographic"] == image
+    ids = processor(text=[prompts["continue", "typographic"]], images=[[Image.new("RGB", (32, 32))]],
+                    return_tensors="pt")["input_ids"][0]
+    assert ids[-1] == processor.tokenizer.convert_tokens_to_ids(image)  # the LM goes on right after the image
+
+
 def test_fallback_chat_template_renders_the_in_process_prompt(tiny):
     _, processor, _, _ = tiny
     template = endpoint.fallback_chat_template(processor)
-    for task in ("continue", "answer"):
-        item = dict(id="x", text="what is the weather like", task=task, image_path=None)
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": common.user_text(processor, item)}]}]
+    for task, condition in [(t, c) for t in ("continue", "answer") for c in ("standard", "typographic")]:
+        item = dict(id="x", text="what is the weather like", task=task, image_path=None, condition=condition)
+        messages = [{"role": "user", "content": [{"type": "image"} if part is None else {"type": "text", "text": part}
+                                                 for part in common.fallback_parts(processor, item)]}]
         rendered = processor.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                  add_generation_prompt=True)
         assert rendered == common.prompt_text(processor, item)

@@ -302,7 +302,8 @@ def test_selectivity_is_zero_for_an_identity_suppression(tmp_path, tiny, monkeyp
     results = json.loads((tmp_path / "runs/tiny/results.json").read_text())
     (entry,) = results["selectivity"]
     base_toxic = next(r for r in results["rows"] if (r["method"], r["label"]) == ("base", "toxic"))
-    assert entry["n_offensive"] == round(base_toxic["harmful_rate"] * 6) and entry["n_offensive"] + entry["n_clean"] == 6
+    assert entry["n_offensive"] == round(base_toxic["harmful_rate"] * 6)
+    assert entry["n_offensive"] + entry["n_clean"] == 6
     assert all(entry[k] in (0.0, None) for k in ("delta_nll_offensive", "delta_nll_clean", "selectivity"))
 
 

