@@ -228,29 +228,27 @@ class Endpoint:
     # ---- requests, cached ----
 
     def messages(self, item, continuation=None):
-        """One user turn, image then text (as the in-process prompt), and for teacher forcing the answer as the
-        start of the assistant's turn."""
+        """One user turn, its image and text in the in-process prompt's order (parts), and for teacher forcing the
+        answer as the start of the assistant's turn."""
         png = io.BytesIO()
         load_image(item).save(png, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-        parts = ([None, user_text(self.processor, item)] if getattr(self.processor, "chat_template", None)
-                 else fallback_parts(self.processor, item))  # as common.prompt_text puts them
         turns = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}} if part is None
-                                              else {"type": "text", "text": part} for part in parts]}]
+                                              else {"type": "text", "text": part} for part in self.parts(item)]}]
         if continuation is not None:
             turns.append({"role": "assistant", "content": continuation})
         return turns, hashlib.sha256(png.getvalue()).hexdigest()
 
     def _key(self, kind, item, image_hash, *settings):
-        return hashlib.sha256(json.dumps([kind, self.url, self.model, item["id"], self.messages_text(item),
+        return hashlib.sha256(json.dumps([kind, self.url, self.model, item["id"], self.parts(item),
                                           image_hash, *settings]).encode()).hexdigest()
 
-    def messages_text(self, item):
-        """The request's text as the cache keys it: user_text, or the fallback's parts where they frame the image."""
+    def parts(self, item):
+        """The user turn's content in order, None where the image goes, as common.prompt_text puts it: the image
+        then the item's text for a checkpoint with a chat template, else common.fallback_parts."""
         if getattr(self.processor, "chat_template", None):
-            return user_text(self.processor, item)
-        parts = fallback_parts(self.processor, item)
-        return user_text(self.processor, item) if parts[0] is None and len(parts) == 2 else parts
+            return [None, user_text(self.processor, item)]
+        return fallback_parts(self.processor, item)
 
     def generate(self, items, max_new_tokens, desc):
         """Greedy answers (texts) and their token ids (None where the server does not return them)."""
