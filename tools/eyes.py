@@ -197,7 +197,7 @@ def training_texts(rng, lines, pool, held, count, max_words, word_pool_share, im
     while len(texts) < count:
         n = int(rng.integers(2, max_words + 1))
         draw = rng.random()  # one draw picks the kind, so a run without image words keeps the stream it always had
-        if draw < word_pool_share or draw < word_pool_share + image_word_share:
+        if draw < word_pool_share + image_word_share:
             words = pool if draw < word_pool_share else images
             text = " ".join(words[i] for i in rng.integers(0, len(words), n))
         else:
