@@ -3,17 +3,17 @@
 Gemma reads the image's tokens only when they are packed: the text's tokens in order at consecutive image positions,
 nothing in between (docs/RESULTS.md, "The demo's eyes", session 12), and it goes on from the image's text only when
 that text ends at the image's last position, the positions before it holding a space token's embedding (zeros there
-derail it: session 20). So the text is packed right-aligned: of n tokens, the k-th (1-based) at position 49 - n + k. A tower that recognises what is drawn still has to
-*count* to pack it, and counting learned by gradient descent was the wall (sessions 13-14: 30% of the tokens packed
-after 40,000 maps even from perfect recognition). Counting is simple arithmetic, so this module sets it by hand:
-stage 4 of the stock PvtModel (7 x 7 positions and a CLS token, 256 wide, 8 heads of 32, four blocks, MLP ratio
-4) gets weights that compute, from a per-cell map of token starts, each start's place in reading order and the
-number of starts, then copy each start's code to its output position. The stages before it (learned) only have to
-say, for each 16-px cell of the 14 x 14 stage, whether a token starts there (up to two: `UNITS`) and what token it
-is (a CODE-wide vector); the projector (learned) turns a code into Gemma's embedding, and the zero code, what the
-positions before the text get, into the filler's (tools/eyes.py). Nothing here is trained, nothing is stored in the eyes
-file: `put_packer` writes the same weights every time, and the tower stays a stock PvtModel that any
-transformers install loads.
+derail it: session 20). So the text is packed right-aligned: of n tokens, the k-th (1-based) at position 49 - n + k.
+A tower that recognises what is drawn still has to *count* to pack it, and counting learned by gradient descent was
+the wall (sessions 13-14: 30% of the tokens packed after 40,000 maps even from perfect recognition). Counting is
+simple arithmetic, so this module sets it by hand: stage 4 of the stock PvtModel (7 x 7 positions and a CLS token,
+256 wide, 8 heads of 32, four blocks, MLP ratio 4) gets weights that compute, from a per-cell map of token starts,
+each start's place in reading order and the number of starts, then copy each start's code to its output position.
+The stages before it (learned) only have to say, for each 16-px cell of the 14 x 14 stage, whether a token starts
+there (up to two: `UNITS`) and what token it is (a CODE-wide vector); the projector (learned) turns a code into
+Gemma's embedding, and the zero code, what the positions before the text get, into the filler's (tools/eyes.py).
+Nothing here is trained, nothing is stored in the eyes file: `put_packer` writes the same weights every time, and
+the tower stays a stock PvtModel that any transformers install loads.
 
 How, in the stock blocks (pre-LayerNorm attention and a GELU MLP; all exact on integer counts):
 - The residual stream holds constants +-BIG from the position embedding (and +-PATCH_BIG in the patch embedding),
