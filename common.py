@@ -232,16 +232,22 @@ def user_text(processor, item):
     return f"Question: {item['text']}\nAnswer:"
 
 
+def fallback_image(processor):
+    """What stands for the image inside fallback_parts: fallback_image_prefix less its closing newline (the text
+    after a leading image carries that newline)."""
+    return fallback_image_prefix(processor).removesuffix("\n")
+
+
 def fallback_parts(processor, item):
     """The prompt without a chat template, in order: strings, and None where the image goes (rendered as
-    fallback_image_prefix less its closing newline; sgm/endpoint.py sends the same parts to a server). The image
+    fallback_image; sgm/endpoint.py sends the same parts to a server). The image
     leads and the item's text follows (user_text), except for a `typographic` item, whose text is inside the image:
     it takes the place its standard twin's text has, "Question: <image>\nAnswer:" or, to `continue`, the image
     last, so the LM goes on from the image's text. A base LM does not follow the instruction such an item carries
     ("Answer the question shown in the image."): even with the true embeddings of the image's text in the image
     positions it then answered no toxic item toxically (docs/RESULTS.md, "The demo's eyes", session 20). PaliGemma's
     processor puts the image first whatever the text says, so its items keep the leading image."""
-    after = "\n" if fallback_image_prefix(processor).endswith("\n") else ""
+    after = fallback_image_prefix(processor).removeprefix(fallback_image(processor))
     if item.get("condition") == "typographic" and type(processor).__name__ != "PaliGemmaProcessor":
         return ["Question: ", None, "\nAnswer:"] if item["task"] == "answer" else [None]
     return [None, after + user_text(processor, item)]
@@ -257,7 +263,7 @@ def prompt_text(processor, item):
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["text"]}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    image = fallback_image_prefix(processor).removesuffix("\n")
+    image = fallback_image(processor)
     return "".join(image if part is None else part for part in fallback_parts(processor, item))
 
 

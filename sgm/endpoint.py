@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import fail, fallback_image_prefix, fallback_parts, load_image, user_text
+from common import fail, fallback_image, fallback_parts, load_image, user_text
 
 NOT_AVAILABLE = "not available from this endpoint"
 TEMPLATE_FILE = "sgm_chat_template.jinja"  # written by 03_suppress.py --export for template-less checkpoints
@@ -326,7 +326,7 @@ def fallback_chat_template(processor):
     parts in order (common.fallback_parts), the image as the fallback image prefix less its closing newline (the
     text after it carries that), nothing else (no roles, no markers), and an assistant message's text right after
     it (teacher forcing). For serving a checkpoint that has no chat template of its own."""
-    prefix = json.dumps(fallback_image_prefix(processor).removesuffix("\n"))  # a valid Jinja string literal
+    prefix = json.dumps(fallback_image(processor))  # a JSON string is a valid Jinja string literal
     return ("{%- for message in messages -%}"
             "{%- if message['content'] is string -%}{{ message['content'] }}"
             "{%- else -%}{%- for part in message['content'] -%}"

@@ -74,6 +74,7 @@ CODES = OUT + CODE                    # UNITS x CODE channels: each unit's code
 TOTAL = CODES + UNITS * CODE          # the text's number of starts / 50 (every position's own copy)
 SQUARE_UNIT = 2500.0
 WANT_MAX = SQUARES  # (the place wanted)^2 is exact for places -WANT_MAX..WANT_MAX
+assert UNITS * SQUARES <= MLP and 2 * (WANT_MAX + 1) <= MLP  # block 2's and block 1's MLP units
 assert TOTAL < WIDTH
 
 

@@ -677,7 +677,7 @@ class Batches(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.cfg["seed"], worker])
         for step in range(worker, self.cfg["steps"], every):
             yield training_texts(rng, self.lines, self.pool, self.held, self.cfg["batch_size"], self.max_words(step),
-                                 self.cfg["word_pool_share"], self.images, self.cfg.get("image_word_share", 0.0))
+                                 self.cfg["word_pool_share"], self.images, self.cfg["image_word_share"])
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
