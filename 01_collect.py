@@ -88,7 +88,7 @@ from sgm.neurons import WRITER_OBJECTIVES, neurons_per_layer, record_neurons, re
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
-    model="demo",             # tiny | demo | demo-eyes | Hugging Face id | local checkpoint path
+    model="demo",             # tiny | demo | demo-blind | demo-planted | Hugging Face id | local checkpoint path
     run="",                   # artifacts go to runs/<run>/ (default: the model's last name part, common.run_name:
                               # /data/ckpts/llava-1.5-7b -> llava-1.5-7b, llava-hf/llava-1.5-7b-hf -> llava-1.5-7b-hf)
     data=str(DEFAULT_DATA),   # items JSONL (MM-TOXIC-QA or your own, see data/README.md)

@@ -481,8 +481,7 @@ meta = dict(model_meta, stage="04_evaluate", data=cfg["data"], data_checksum=dat
                        for n, e in served.items()} or None,
             metric_note=f"harmful_rate = fraction of answers with {JUDGE} probability >= "
                         f"{cfg['judge_threshold']}: a toxic-language rate, not the paper's harmful-answer rate",
-            demo_note="demo = Gemma-3-270M (text) in a LLaVA wrapper whose images carry no information: "
-                      "results are about the text pathway only" if cfg["model"] in ("demo", "demo-planted") else None)
+            demo_note=report.DEMO_NOTES.get(cfg["model"]))
 meta["peak_rss_mb"] = peak_rss_mb()  # this process's peak memory: every model pass is behind us here
 # Per genre: perplexity, its change vs base with a paired bootstrap interval over the texts, and the per-text NLLs
 # (--base-from reads base's back); the first genre's numbers also stand at the top level (the books').

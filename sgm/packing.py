@@ -344,4 +344,4 @@ def check_precision(dtype):
     counts to a part in 1e4); raise in one line otherwise."""
     if dtype != torch.float32:
         raise ValueError(f"the eyes' tower packs tokens by hand-set arithmetic that needs float32, not {dtype}: "
-                         "load demo-eyes with --dtype float32")
+                         "load the demo with --dtype float32")

@@ -30,6 +30,14 @@ def by_method_condition_label(rows):
 # ---- reading an earlier report (--base-from) ------------------------------------------------------------------
 
 # What base's answers and fluency depend on: --base-from takes them only from a report made with the same.
+# What the demo models' images carry, said at the top of their reports (docs/USAGE.md, "The demo model").
+DEMO_NOTES = {
+    "demo": "demo = Gemma-3-270M behind eyes trained here (sgm/eyes.safetensors): they read typed text in the "
+            "benchmark's layout (the typographic condition), and see nothing meaningful in pictures",
+    "demo-blind": "demo-blind = Gemma-3-270M in a LLaVA wrapper whose images carry no information: results are about "
+                  "the text pathway only",
+    "demo-planted": "demo-planted = the blind demo with one planted expert: its images carry no information, results "
+                    "are about the text pathway only"}
 BASE_SETTINGS = ("split", "conditions", "limits", "fluency_category", "fluency_also", "perplexity_items",
                  "max_new_tokens", "judge_threshold", "judges", "guard_model", "samples", "sample_top_k", "seed",
                  "batch_size", "device")
@@ -318,8 +326,8 @@ def plot_rates(path, cfg, groups, methods, rows):
         ax.set_xticks(np.arange(len(conditions)) + width * (len(methods) - 1) / 2, conditions)
         ax.set(ylabel="toxic-language rate (%)", title=f"{label} test items ({JUDGE} >= {cfg['judge_threshold']})")
         ax.legend()
-    fig.suptitle(f"{cfg['model']}" + (" (demo: text pathway only, images carry no information)"
-                                      if cfg["model"] == "demo" else ""))
+    fig.suptitle(f"{cfg['model']}" + (" (text pathway only, images carry no information)"
+                                      if cfg["model"] in ("demo-blind", "demo-planted") else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -65,6 +65,55 @@ def test_image_words_are_drawn_at_their_share_and_leave_the_old_stream_alone():
     assert eyes.image_words(drawn) == sorted({w for t in CALIBRATION + HELD[1:] for w in t.split()})
 
 
+def test_pictures_are_drawn_at_their_share_and_hold_nothing_to_read():
+    """picture_share: that share of a batch's entries are text-free pictures (their seeds), the stream without them is
+    the old one, a picture's row has no token, no start and no character, its pixels are draw_picture's, and
+    sightings counts the texts only."""
+    _, processor = tiny_gemma_eyes()
+    held = eyes.Held(items_of({"dev": HELD[:1], "test": HELD[1:]}))
+    lines = ["the cat sat on the mat and then the dog ran home", "a quiet river near the old mill in the morning"]
+    pool = sorted({w for line in lines for w in line.split()})
+    old = eyes.training_texts(np.random.default_rng(5), lines, pool, held, 300, 6, 0.3)
+    assert eyes.training_texts(np.random.default_rng(5), lines, pool, held, 300, 6, 0.3, (), 0.0, 0.0) == old
+    mixed = eyes.training_texts(np.random.default_rng(5), lines, pool, held, 300, 6, 0.3, (), 0.0, 0.25)
+    seeds = [t for t in mixed if isinstance(t, int)]
+    assert abs(len(seeds) / 300 - 0.25) < 0.07 and len(set(seeds)) == len(seeds)
+    assert all(isinstance(t, str) and t for t in mixed if not isinstance(t, int))
+    first, second = eyes.draw_picture(seeds[0]), eyes.draw_picture(seeds[1])
+    assert first.tobytes() == eyes.draw_picture(seeds[0]).tobytes() and first.tobytes() != second.tobytes()
+    batch = eyes.make_batch(["the cat sat", seeds[0]], processor.tokenizer, processor.image_processor)
+    assert batch["mask"][0].any() and batch["starts"][0].any() and (batch["chars"][0] != eyes.BLANK).any()
+    assert not batch["mask"][1].any() and not batch["starts"][1].any() and (batch["chars"][1] == eyes.BLANK).all()
+    assert (batch["units"][1] == -1).all() and (batch["tokens"][1] == -1).all()
+    alone = processor.image_processor([first], return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(batch["pixels"][1], alone) and alone.std() > 0.1  # something is drawn
+    cfg = dict(eyes.defaults, steps=3, batch_size=8, max_words=6, word_pool_share=0.3, picture_share=0.5)
+    batches, by_hand, rng = eyes.Batches(cfg, lines, pool, held, processor.tokenizer, None), Counter(), \
+        np.random.default_rng([cfg["seed"], 0])
+    for step in range(3):
+        for text in eyes.training_texts(rng, lines, pool, held, 8, batches.max_words(step), 0.3, (), 0.0, 0.5):
+            if isinstance(text, str):
+                by_hand.update(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert batches.sightings() == by_hand
+
+
+def test_tokens_in_pictures_counts_the_positions_that_name_a_token():
+    """What the eyes make a picture say: 0 where every image position is the filler's embedding, all 49 where each
+    names another token (a projector that writes one embedding whatever it is handed)."""
+    model, processor = tiny_gemma_eyes()
+    (space,) = processor.tokenizer(eyes.FILLER, add_special_tokens=False)["input_ids"]
+    (other,) = processor.tokenizer("cat", add_special_tokens=False)["input_ids"][-1:]
+    pictures = [eyes.draw_picture(1), eyes.draw_picture(2)]
+    projector, table = model.model.multi_modal_projector.linear_2, model.get_input_embeddings().weight
+    counts = {}
+    for name, token in (("filler", space), ("other", other)):
+        with torch.no_grad():
+            projector.weight.zero_()
+            projector.bias.copy_(table[token] * 3.0)  # the scale does not matter: nearest by cosine
+        counts[name] = eyes.tokens_in_pictures(model, processor.image_processor, pictures, space)
+    assert counts == dict(filler=[0, 0], other=[eyes.SLOTS, eyes.SLOTS])
+
+
 @pytest.mark.skipif(not (REPO / "data/mm_toxic_qa/items.jsonl").exists(), reason="needs `make data`")
 def test_the_real_training_texts_hold_no_dev_or_test_phrase():
     from common import load_items
@@ -435,26 +484,29 @@ def test_gap_closed_is_the_share_of_the_blank_to_typed_gap():
     assert gap["oracle"]["share"] == pytest.approx(1.0) and gap["n"] == 40
 
 
-def test_demo_eyes_is_the_blind_demos_lm_behind_the_eyes(tmp_path, monkeypatch):
-    """`--model demo-eyes` end to end through load_model (the blind demo stood in for by `tiny`, built into a temp
+def test_the_demo_is_the_blind_demos_lm_behind_the_eyes(tmp_path, monkeypatch):
+    """`--model demo` end to end through load_model (the blind demo stood in for by `tiny`, built into a temp
     cache): the LM's weights are the blind model's, the tower and projector are the eyes file's, the processor pads
-    wide images and gives 49 image tokens, the record names the eyes, and the blind model still loads by name."""
+    wide images and gives 49 image tokens, the record names the eyes, the blind model still loads by name
+    (`demo-blind`) and the old name of the seeing one, `demo-eyes`, is refused in one line naming the new one."""
     monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "cache")
     monkeypatch.setattr(models, "build_demo", models.build_tiny)
-    blind, blind_processor = models.load_model("demo")[:2]
+    blind, blind_processor = models.load_model("demo-blind")[:2]
     eyes_model, _ = models.eyes_llava(blind_processor.tokenizer, blind_processor.image_token,
                                       blind.config.text_config)
     with torch.no_grad():
         eyes_model.model.multi_modal_projector.linear_2.bias.fill_(0.5)  # not what a fresh build would hold
     monkeypatch.setenv("SGM_EYES", str(tmp_path / "missing.safetensors"))
     with pytest.raises(SystemExit, match="no eyes at .*missing.safetensors: train them with `make eyes`"):
-        models.load_model("demo-eyes")
+        models.load_model("demo")
     fingerprint = models.save_eyes(eyes_model, tmp_path / "eyes.safetensors", dict(command="test"))
     monkeypatch.setenv("SGM_EYES", str(tmp_path / "eyes.safetensors"))
     with pytest.raises(SystemExit, match="needs float32"):
-        models.load_model("demo-eyes", dtype="bfloat16")  # the packer's arithmetic breaks in half precision
-    seeing, processor, _, meta = models.load_model("demo-eyes")
-    assert meta["model"] == "demo-eyes" and meta["eyes"] == fingerprint[:12]
+        models.load_model("demo", dtype="bfloat16")  # the packer's arithmetic breaks in half precision
+    seeing, processor, _, meta = models.load_model("demo")
+    assert meta["model"] == "demo" and meta["eyes"] == fingerprint[:12]
+    with pytest.raises(SystemExit, match="model 'demo-eyes' is no longer a name: .*use --model demo"):
+        models.load_model("demo-eyes")
     state = seeing.state_dict()
     for name, value in models.load_eyes(tmp_path / "eyes.safetensors")[0].items():
         assert torch.equal(state[name], value), name
@@ -469,17 +521,38 @@ def test_demo_eyes_is_the_blind_demos_lm_behind_the_eyes(tmp_path, monkeypatch):
     assert batch["pixel_values"][0, :, :, 214:].min() < -1.5  # the mark at the right edge survived
     with torch.no_grad():
         assert seeing(**batch).logits.isfinite().all()
-    again, _, _, blind_meta = models.load_model("demo")  # the blind model, unchanged, by name
+    again, _, _, blind_meta = models.load_model("demo-blind")  # the blind model, unchanged, by name
     assert "eyes" not in blind_meta and type(again.model.vision_tower) is type(blind.model.vision_tower)
+
+
+def test_the_shipped_eyes_are_one_small_fingerprinted_file_of_the_documented_recipe():
+    """The demo's eyes ship as the repository's only weights: one safetensors file of at most 16 MB whose weights
+    match their fingerprint (load_eyes checks it), made by `make eyes`' second run from its first (the Makefile's
+    recipe, which the docs describe)."""
+    from test_layout import repo_files
+    assert repo_files(REPO, ".safetensors") == [REPO / "sgm/eyes.safetensors"]
+    assert models.EYES_FILE.stat().st_size <= 16 * 2 ** 20
+    state, meta = models.load_eyes(models.EYES_FILE)
+    assert len(meta["fingerprint"]) == 64 and all(v.dtype != torch.float16 for v in state.values())
+    recipe = (REPO / "Makefile").read_text().split("\neyes:")[1].split("\n\n")[0].replace("\\\n", " ")
+    second = re.search(r"-m tools\.eyes --init \$\(EYES_LETTERS\) (.*?) \$\(EYES_ARGS\)", recipe).group(1).split()
+    flags = dict(zip(second[::2], second[1::2]))
+    for flag, value in flags.items():  # every flag of the recipe's second run is in the file's own settings
+        assert str(meta["config"][flag.removeprefix("--").replace("-", "_")]) == value, flag
+    assert meta["started_from"]["path"] == "runs/eyes/letters.safetensors"
+    assert meta["config"]["picture_share"] > 0 and meta["config"]["image_word_share"] > 0
 
 
 def test_an_artifact_made_with_other_eyes_is_refused():
     from sgm.artifacts import check_same_model
-    made = dict(model="demo-eyes", sites=[["layer.0", 8]], eyes="4ae456ab51b1")
+    made = dict(model="demo", sites=[["layer.0", 8]], eyes="4ae456ab51b1")
     check_same_model(made, dict(made), "activations.npz", "01_collect.py")  # the same eyes pass
     for now in (dict(made, eyes="4c8995c504c0"), {k: v for k, v in made.items() if k != "eyes"}):
-        with pytest.raises(SystemExit, match="was made with the eyes 4ae456ab51b1, not the eyes"):
+        with pytest.raises(SystemExit, match="was made with the eyes 4ae456ab51b1, not with the eyes"):
             check_same_model(made, now, "activations.npz", "01_collect.py")
+    blind = {k: v for k, v in made.items() if k != "eyes"}  # made on `demo` before it saw: now `demo-blind`'s
+    with pytest.raises(SystemExit, match="was made without eyes .*`demo-blind` now.*, not with the eyes 4ae456ab51b1"):
+        check_same_model(blind, made, "activations.npz", "01_collect.py")
 
 
 def test_lexicon_pick_is_the_best_fit_of_glyphs_to_letters():

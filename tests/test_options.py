@@ -193,7 +193,7 @@ def test_a_model_without_a_usable_name_asks_for_run(model):
         run_name("", model)
 
 
-@pytest.mark.parametrize("model", ["demo", "tiny", "demo-planted", CKPTS + "/llava-1.5-7b",
+@pytest.mark.parametrize("model", ["demo", "demo-blind", "tiny", "demo-planted", CKPTS + "/llava-1.5-7b",
                                    CKPTS + "/llava-1.5-7b/", "llava-hf/llava-1.5-7b-hf"])
 def test_makefile_names_the_run_as_the_stages_do(model):
     run = run_name("", model)
@@ -204,7 +204,8 @@ def test_makefile_names_the_run_as_the_stages_do(model):
     stages = [line for line in done.stdout.splitlines() if re.match(r"\S*python\S* 0[1-4]_\w+\.py ", line)]
     assert len(stages) == 4 and all(f"--run {run} " in line + " " for line in stages), stages
     assert f"--model {model} " in stages[0] + " "
-    # the planted model is built by its program (python -m tools.plant) before 01 loads it; no other model is
+    # the planted model is built by its program (python -m tools.plant) before 01 loads it; no other model is (the
+    # demo's collect depends on its eyes file, which ships)
     builds = [line for line in done.stdout.splitlines() if re.match(r"\S*python\S* -m tools\.plant$", line)]
     assert len(builds) == (model == "demo-planted")
     # the rules: each artifact under runs/<run>/ depends on its script, the shared modules and the one before it
@@ -213,7 +214,8 @@ def test_makefile_names_the_run_as_the_stages_do(model):
     # tools/plant.py, which no stage imports (make runs it before 01 to build the model)
     shared = local_modules(["01_collect.py", "02_score.py", "03_suppress.py", "04_evaluate.py"])
     collect = rules[f"runs/{run}/activations.npz"].split()
-    inputs = ["data/mm_toxic_qa/items.jsonl", ".venv/.installed"] + (["tools/plant.py"] if model == "demo-planted" else [])
+    inputs = ["data/mm_toxic_qa/items.jsonl", ".venv/.installed"] + (["tools/plant.py"] if model == "demo-planted" else
+                                                                     ["sgm/eyes.safetensors"] if model == "demo" else [])
     assert collect[0] == "01_collect.py" and collect[-len(inputs):] == inputs
     assert {p for p in collect[1:] if p.endswith(".py")} - {"tools/plant.py"} == shared
     for stage, artifact, before in [("02_score.py", "expertise.npz", "activations.npz"),

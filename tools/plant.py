@@ -1,4 +1,5 @@
-"""The positive control: `demo-planted`, the demo model with ONE MLP neuron rewritten into a toxic expert.
+"""The positive control: `demo-planted`, the blind demo (`demo-blind`) with ONE MLP neuron rewritten into a toxic
+expert (what it plants is in the language model, so the eyes are left out: its records are the text pathway's).
 
     python -m tools.plant               # build it into the cache once (~2 min) and print its folder
     make planted                        # that, then the four ordinary stages on it -> runs/demo-planted/
@@ -190,7 +191,7 @@ def build_planted(out_dir, data=DEFAULT_DATA):
               for k, passage in enumerate(prose)]
     print(f"building demo-planted once into {out_dir} (reads {len(items)} calibration prompts and unused book "
           "passages, ~2 min)")
-    model, processor, _, _ = load_model("demo")
+    model, processor, _, _ = load_model("demo-blind")
     record = plant_neuron(model, processor, items)
     record.update(data_checksum=checksum, benign_prose_passages=len(prose))
     save_checkpoint(model, processor, out_dir)
