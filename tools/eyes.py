@@ -65,7 +65,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from common import fail, load_image, load_items, parse_overrides, select
 from data.build import DEFAULTS as DATA_DEFAULTS
@@ -224,7 +224,6 @@ def draw_picture(seed, size=DATA_DEFAULTS["image_size"]):
     1-8 filled rectangles, ellipses, polygons, lines, nested rings or a checkerboard, in random colours, places and
     sizes. The benchmark's own pictures (data/build.py's draw_neutral: circles, a bar chart, a landscape, a grid, a
     house, rings) are of these kinds but never drawn here; the readout measures what the eyes write for them."""
-    from PIL import ImageDraw
     rng = np.random.default_rng(seed)
 
     def colour(pastel=False):
@@ -992,13 +991,12 @@ if __name__ == "__main__":
           f"eyes {cfg['out']} "
           f"fingerprint {meta['fingerprint'][:12]}")
     # Text-free pictures: the benchmark's own (standard and jailbreak items show them) and held-out drawings.
-    filler_id = filler_ids(tokenizer)[0]
-    pictures = dict(benchmark=tokens_in_pictures(model, processor.image_processor, [
-        draw_neutral(i, DATA_DEFAULTS["image_size"]) for i in range(DATA_DEFAULTS["neutral_images"])], filler_id),
-                    drawn=tokens_in_pictures(model, processor.image_processor, [
-                        draw_picture(int(seed)) for seed in np.random.default_rng(cfg["seed"] + 5).integers(2 ** 31,
-                                                                                                            size=32)],
-                                             filler_id))
+    drawings = dict(benchmark=[draw_neutral(i, DATA_DEFAULTS["image_size"])
+                               for i in range(DATA_DEFAULTS["neutral_images"])],
+                    drawn=[draw_picture(int(seed)) for seed in np.random.default_rng(cfg["seed"] + 5).integers(
+                        2 ** 31, size=32)])
+    pictures = {name: tokens_in_pictures(model, processor.image_processor, images, filler_ids(tokenizer)[0])
+                for name, images in drawings.items()}
     print(f"tokens other than the filler written for text-free pictures (of {SLOTS} positions): the benchmark's "
           f"{len(pictures['benchmark'])} pictures {pictures['benchmark']}; {len(pictures['drawn'])} held-out drawings: "
           f"mean {np.mean(pictures['drawn']):.1f}, {sum(n > 0 for n in pictures['drawn'])} with any")
