@@ -30,7 +30,8 @@ def by_method_condition_label(rows):
 # ---- reading an earlier report (--base-from) ------------------------------------------------------------------
 
 # What base's answers and fluency depend on: --base-from takes them only from a report made with the same.
-# What the demo models' images carry, said at the top of their reports (docs/USAGE.md, "The demo model").
+# What the demo models' images carry, said at the top of their reports and plots (docs/USAGE.md, "The demo model").
+BLIND_DEMOS = ("demo-blind", "demo-planted")  # their images carry no information: a record of the text pathway
 DEMO_NOTES = {
     "demo": "demo = Gemma-3-270M behind eyes trained here (sgm/eyes.safetensors): they read typed text in the "
             "benchmark's layout (the typographic condition), and see nothing meaningful in pictures",
@@ -327,7 +328,7 @@ def plot_rates(path, cfg, groups, methods, rows):
         ax.set(ylabel="toxic-language rate (%)", title=f"{label} test items ({JUDGE} >= {cfg['judge_threshold']})")
         ax.legend()
     fig.suptitle(f"{cfg['model']}" + (" (text pathway only, images carry no information)"
-                                      if cfg["model"] in ("demo-blind", "demo-planted") else ""))
+                                      if cfg["model"] in BLIND_DEMOS else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

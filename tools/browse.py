@@ -45,6 +45,7 @@ from sgm.artifacts import check_set, load_npz, load_pt, write_text
 from sgm.judges import toxic_vocabulary
 from sgm.models import load_model
 from sgm.neurons import EXPERTISE_SCORES, FusedExperts, decoder_layer
+from sgm.report import BLIND_DEMOS
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
 defaults = dict(
@@ -680,7 +681,7 @@ def build(cfg):
                  f"03: {suppressed['settings']['method']} on the {score_name} score, {damped_count:,} neurons damped; "
                  f"{sum(e['damped'] for e in experts)} of these {k} are. "
                  + ("The blind demo's results are for its text pathway (docs/USAGE.md). " if collected["model"]
-                    in ("demo-blind", "demo-planted") else "")),
+                    in BLIND_DEMOS else "")),
         chance=chance, has_writer=has_writer, experts=experts, rerun_note=rerun_note,
         rerun=dict(gap=gap, largest=largest, retokenized=retokenized, rows=len(rows)),
         tokens={str(i): list(t) for i, t in readable(processor.tokenizer, shown_ids).items()},
