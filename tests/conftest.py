@@ -1,13 +1,19 @@
 """Shared fixtures. Every model here is the random `tiny` LLaVA built from config (seconds, no downloads);
 it is built into a temp cache so tests never touch the user's ~/.cache."""
+import atexit
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("SGM_CACHE", tempfile.mkdtemp(prefix="sgm-test-cache-"))
+if "SGM_CACHE" not in os.environ:
+    # Made once, by the first process (pytest-xdist's workers inherit the variable and share it), and removed when
+    # that process exits, so test runs leave no model caches behind in the temp folder.
+    os.environ["SGM_CACHE"] = tempfile.mkdtemp(prefix="sgm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SGM_CACHE"], ignore_errors=True)
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 # The tools run as `python -m tools.<name>` from the repository root; tests run them (and the stages) from temp
