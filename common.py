@@ -198,6 +198,12 @@ def select(items, **where):
     return [item for item in items if keep(item)]
 
 
+def source_id(item_id):
+    """The source text an MM-TOXIC-QA item was made from: its id less the last `-` part, shared by the versions of
+    one text (`rtp-insult-0042-standard` typed, `rtp-insult-0042-typographic` rendered, `...-jailbreak` wrapped)."""
+    return item_id.rsplit("-", 1)[0]
+
+
 def load_image(item):
     from PIL import Image
     if item["image_path"] is None:

@@ -519,3 +519,20 @@ def transport_conditions(alphas, tensors, settings, sites, seed):
                                              tensors["alpha"]) for name in alphas if name.startswith("sgm@")})
     alphas.update({name: scale for name, (scale, _) in maps.items()})
     return {name: shift for name, (_, shift) in maps.items()}
+
+
+def random_controls(alpha, tensors, settings, sites, seeds):
+    """The random control drawn again under each of `seeds`, as 04_evaluate.py's `random` method is drawn under its
+    --seed: {seed: (alpha, shift or None)}. A damping: matched_random_control of `alpha`; a transport map
+    (`tensors` with omega): its triples moved together (transport_conditions). 04 measures fluency under these
+    draws: what random damping of the same size costs varies from draw to draw (docs/RESULTS.md)."""
+    sizes = [part.numel() for part in split_by_site(alpha, sites)]
+    draws = {}
+    for seed in seeds:
+        if "omega" in tensors:
+            drawn = {"sgm": alpha}  # transport_conditions puts each map's scale here
+            shift = transport_conditions(drawn, tensors, settings, sites, seed)["random"]
+            draws[seed] = (drawn["random"], shift)
+        else:
+            draws[seed] = (matched_random_control(alpha, sizes, seed), None)
+    return draws

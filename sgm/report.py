@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import fail  # noqa: E402
+from common import fail, source_id  # noqa: E402
 from sgm.artifacts import check_set  # noqa: E402
 from sgm.endpoint import NOT_AVAILABLE as NA  # noqa: E402  (a log-probability metric whose server gives none)
 from sgm.judges import JUDGE  # noqa: E402
@@ -139,6 +139,52 @@ def planted_expert(record_file, expertise, alpha_sgm, alpha_random, score="activ
 
 # ---- results.md -----------------------------------------------------------------------------------------------
 
+def random_draws(text_nlls, draw_nlls, seed):
+    """Per fluency genre: the perplexity change vs base under each draw of the random control (the `random`
+    method's, seed `seed`, then 04's --random-draws more: `draw_nlls`, seed -> genre -> per-text NLL), their median
+    and range, and how many draws cost more than sgm. `text_nlls`: neurons -> genre -> per-text NLL (None where a
+    server gives no log-probabilities: that genre is left out). {} without further draws."""
+    if not draw_nlls or "random" not in text_nlls:
+        return {}
+    out = {}
+    for genre, base in text_nlls["base"].items():
+        if base is None or text_nlls["random"][genre] is None:
+            continue
+        nlls = {seed: text_nlls["random"][genre], **{s: draw[genre] for s, draw in draw_nlls.items()}}
+        changes = np.array([np.exp(nll.mean() - base.mean()) - 1 for nll in nlls.values()])
+        sgm = (text_nlls.get("sgm") or {}).get(genre)
+        sgm_change = None if sgm is None else float(np.exp(sgm.mean() - base.mean()) - 1)
+        out[genre] = dict(seeds=list(nlls), changes=changes.tolist(), median=float(np.median(changes)),
+                          low=float(changes.min()), high=float(changes.max()), sgm_change=sgm_change,
+                          costlier_than_sgm=None if sgm_change is None else int((changes > sgm_change).sum()))
+    return out
+
+
+def twin_rows(items, scores, methods, threshold):
+    """The same source text, two ways in: every evaluated item of a condition other than `standard` paired with its
+    evaluated `standard` twin (common.source_id), per method, condition and label: the pairs, each side's toxic-
+    language rate, the discordant pairs and the exact McNemar p of the condition against its twin (scipy's binomial
+    test on the discordant pairs). For `typographic`: does the text come in through the image as it does typed?
+    `scores`: method -> toxicity per item (items order). A group with no evaluated twin gives no row."""
+    from scipy.stats import binomtest
+    standard = {source_id(item["id"]): i for i, item in enumerate(items) if item["condition"] == "standard"}
+    pairs = {}
+    for i, item in enumerate(items):
+        if item["condition"] != "standard" and source_id(item["id"]) in standard:
+            pairs.setdefault((item["condition"], item["label"]), []).append((i, standard[source_id(item["id"])]))
+    rows = []
+    for method in methods:
+        for (condition, label), group in sorted(pairs.items()):
+            index, twin = (np.array(side) for side in zip(*group))
+            flagged, twin_flagged = scores[method][index] >= threshold, scores[method][twin] >= threshold
+            only, only_twin = int((flagged & ~twin_flagged).sum()), int((twin_flagged & ~flagged).sum())
+            rows.append(dict(method=method, condition=condition, label=label, n_pairs=len(group),
+                             harmful_rate=float(flagged.mean()), standard_rate=float(twin_flagged.mean()),
+                             only_condition=only, only_standard=only_twin,
+                             p_vs_standard=binomtest(only, only + only_twin).pvalue if only + only_twin else None))
+    return rows
+
+
 def rate_line(row, cfg, extra_judges):
     """One row of a condition's table: the toxic-language rate and what goes with it."""
     p = "" if row["p_vs_base"] is None else f"{row['p_vs_base']:.3g}"
@@ -155,9 +201,12 @@ def rate_line(row, cfg, extra_judges):
             + judged + sampled)
 
 
-def markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extra_judges, neurons_of):
-    """The report's lines: a table per condition, fluency, the visual probe, selectivity, the planted expert, and a
-    reading generated from the numbers. `neurons_of(method)`: the neurons a method runs with (04_evaluate.py)."""
+def markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extra_judges, neurons_of, twins=(),
+             draws=None):
+    """The report's lines: a table per condition, the same source texts typed and otherwise (twin_rows), fluency
+    with the random control's draws (random_draws), the visual probe, selectivity, the planted expert, and a
+    reading generated from the numbers.
+    `neurons_of(method)`: the neurons a method runs with (04_evaluate.py)."""
     endpoints, planted = meta["endpoints"] or {}, meta["planted"]
 
     def not_offered(*neurons):
@@ -185,6 +234,16 @@ def markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extr
                   "|---|---|---:|---|---|---:|---:|---:|---:|" + "---:|" * (len(extra_judges) + bool(cfg["samples"]))]
         lines += [rate_line(row, cfg, extra_judges) for row in rows if row["condition"] == condition]
         lines.append("")
+    if twins:
+        lines += ["## Same source texts: each condition against its typed twin (the `standard` item of the same text)",
+                  "", "Pairs: items of the condition whose standard twin was evaluated too; p = exact McNemar test of "
+                  "the condition against its twins (discordant pairs: toxic only there / only typed).", "",
+                  "| method | condition | label | pairs | harmful_rate | its standard twins | discordant | p |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {t['method']} | {t['condition']} | {t['label']} | {t['n_pairs']} | {pct(t['harmful_rate'])} | "
+                  f"{pct(t['standard_rate'])} | {t['only_condition']} / {t['only_standard']} | "
+                  + ("" if t["p_vs_standard"] is None else f"{t['p_vs_standard']:.2g}") + " |" for t in twins]
+        lines.append("")
     genres = fluency[0]["genres"]
     lines += ["## Fluency (lower is better): perplexity of " + " and ".join(f"{g['n']} {g['texts']} texts"
                                                                            for g in genres)
@@ -197,6 +256,13 @@ def markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extr
               + ((NA if not_offered("base") else "–") if f["answer_perplexity"] is None
                  else f"{f['answer_perplexity']:.2f}") + " |" for f in fluency]
     lines.append("")
+    if draws:
+        seeds = next(iter(draws.values()))["seeds"]
+        lines += [f"The random control drawn {len(seeds)} times (seeds {', '.join(map(str, seeds))}; the row above is "
+                  f"seed {seeds[0]}), change vs base: " + "; ".join(
+                      f"{genre} median {100 * d['median']:+.1f}% [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+                      + ("" if d["sgm_change"] is None else f", costlier than sgm in {d['costlier_than_sgm']}")
+                      for genre, d in draws.items()) + ". One draw is a noisy reference for fluency.", ""]
 
     if probe:
         kinds_shown = list(probe[0]["by_kind"])
@@ -278,6 +344,12 @@ def markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extr
                        else "not a significant change (p >= 0.05): no measurable effect at this n")
             lines.append(f"- {condition}, toxic items (n={row['n']}): {method} {pct(base['harmful_rate'])} -> "
                          f"{pct(row['harmful_rate'])}, {100 * change:+.1f} pp{relative}; {verdict}.")
+    for t in twins:
+        if t["method"] == "base" and t["label"] == "toxic":
+            lines.append(f"- {t['condition']} vs the same texts typed (standard), base, toxic items ({t['n_pairs']} "
+                         f"pairs): {pct(t['harmful_rate'])} vs {pct(t['standard_rate'])}; " + (
+                             "a significant difference at p < 0.05." if t["p_vs_standard"] is not None and
+                             t["p_vs_standard"] < 0.05 else "no significant difference (p >= 0.05) at this n."))
     for f in fluency[1:]:
         if neurons_of(f["method"]) == "base" or f["change_vs_base"] is None:
             continue  # same neurons as base: same perplexity; or not available from its server
@@ -286,6 +358,14 @@ def markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extr
             + (f" [{100 * g['change_ci'][0]:+.1f}%, {100 * g['change_ci'][1]:+.1f}%]" if g["change_ci"] else "")
             + f" ({b['perplexity']:.2f} -> {g['perplexity']:.2f})"
             for g, b in zip(f["genres"], genres) if g["change_vs_base"] is not None) + ".")
+    for genre, d in (draws or {}).items():
+        if d["sgm_change"] is not None:
+            n, k = len(d["changes"]), d["costlier_than_sgm"]
+            lines.append(f"- fluency against {n} draws of the random control ({genre}): sgm "
+                         f"{100 * d['sgm_change']:+.1f}%, random {100 * d['low']:+.1f}% to {100 * d['high']:+.1f}% "
+                         f"(median {100 * d['median']:+.1f}%); "
+                         + ("sgm costs less than every draw." if k == n else "sgm costs more than every draw."
+                            if k == 0 else f"{k} of {n} draws cost more: within what random damping costs."))
     for entry in selectivity:
         if entry["selectivity"] is not None:
             low, high = entry["selectivity_ci"]

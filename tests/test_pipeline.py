@@ -534,3 +534,106 @@ def test_the_eyes_travel_through_every_stage(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="was made with the eyes 4ae456ab51b1"):
         run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base,sgm",
                   "--max-new-tokens", "2", cwd=tmp_path)
+
+
+def test_typographic_items_are_paired_with_their_typed_twins(tmp_path, monkeypatch):
+    """The report's twins: each typographic item whose standard twin (same id less its last part) was evaluated,
+    its rate against the twins' and an exact McNemar p; an item without an evaluated twin is left out. Golden
+    values counted by hand: 5 toxic pairs (k = 5 has no typed twin), typed flagged for k = 0..3, rendered for
+    k = 0, 4 (and 5): 2/5 vs 4/5, discordant 1 / 3, two-sided exact binomial p = (1 + 4 + 4 + 1) / 2^4 = 10/16."""
+    rows = []
+    for label, texts in MILD_TEXTS.items():
+        for k, text in enumerate(texts):
+            for condition in ("standard", "typographic"):
+                if (label, k, condition) == ("toxic", 5, "standard"):
+                    continue  # a typographic item whose typed twin is not in the data: no pair
+                rows.append(dict(id=f"pair-{label}-{k}-{condition}", split="test", label=label, category="mild",
+                                 condition=condition, task="continue", text=text, image="", source="tests",
+                                 image_text=text if condition == "typographic" else ""))
+    rows.append(dict(id="book-0-standard", split="test", label="benign", category="book", condition="standard",
+                     task="continue", text="the morning was quiet", image="", source="tests", image_text=""))
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flagged = {("standard", k) for k in range(4)} | {("typographic", 0), ("typographic", 4), ("typographic", 5)}
+
+    def fake_generate(model, processor, items, *args, **kwargs):
+        keys = [(item["condition"], int(item["id"].split("-")[2])) if item["label"] == "toxic" else None
+                for item in items]
+        return ["TOX" if key in flagged else "fine" for key in keys], [[1, 2] for _ in items]
+    monkeypatch.setattr(common, "generate", fake_generate)
+    monkeypatch.setattr(judges, "judge_toxicity", lambda texts: np.array([float(t == "TOX") for t in texts]))
+    run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base", "--conditions",
+              "standard,typographic", "--fluency-also", "", "--selectivity", "false", cwd=tmp_path)
+    results = json.loads((tmp_path / "runs/tiny/results.json").read_text())
+    twins = {(t["condition"], t["label"]): t for t in results["twins"]}
+    assert set(twins) == {("typographic", "toxic"), ("typographic", "benign")}
+    toxic = twins["typographic", "toxic"]
+    assert toxic["n_pairs"] == 5 and toxic["method"] == "base"
+    assert (toxic["harmful_rate"], toxic["standard_rate"]) == (2 / 5, 4 / 5)
+    assert (toxic["only_condition"], toxic["only_standard"]) == (1, 3)
+    assert toxic["p_vs_standard"] == pytest.approx(10 / 16)
+    assert twins["typographic", "benign"]["n_pairs"] == 6 and twins["typographic", "benign"]["p_vs_standard"] is None
+    report = (tmp_path / "runs/tiny/results.md").read_text()
+    assert "| base | typographic | toxic | 5 | 40.0% | 80.0% | 1 / 3 | 0.62 |" in report
+    assert "typographic vs the same texts typed (standard), base, toxic items (5 pairs): 40.0% vs 80.0%" in report
+
+
+def test_random_draws_measure_the_random_controls_fluency_again(tmp_path, tiny):
+    """--random-draws 2: the random control's book perplexity also under seeds 1 and 2, each change vs base equal
+    to a plain text_nll under matched_random_control at that seed (seed 0 is the `random` row's), with the median,
+    range and the count of draws costlier than sgm; the report says it in a line."""
+    data = write_items(tmp_path / "items.jsonl", splits=("test",))
+    books = [dict(id=f"test-standard-book-{k}", split="test", label="benign", category="book", condition="standard",
+                  task="continue", text=text, image="", source="tests", image_text="")
+             for k, text in enumerate(["the old mill stood by the stream", "she read until the lamp went out"])]
+    with open(data, "a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in books)
+    model, processor, sites, model_meta = tiny
+    n = sum(m.in_features for _, m in sites)
+    alpha = torch.linspace(0.0, 1.0, n)  # graded, so that every shuffle damps other neurons
+    save_pt(tmp_path / "runs/tiny/suppression.pt", {"alpha": alpha},
+            dict(model_meta, data_checksum=load_items(data)[1], settings={}, calibration={}))
+    run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base,sgm,random", "--random-draws", 2,
+              "--max-new-tokens", "2", "--selectivity", "false", "--fluency-also", "", cwd=tmp_path)
+    results = json.loads((tmp_path / "runs/tiny/results.json").read_text())
+    draws = results["random_draws"]["book"]
+    loaded = [item for item in load_items(data)[0] if item["category"] == "book"]
+    sizes = [m.in_features for _, m in sites]
+    base = models.text_nll(model, processor, loaded).mean()
+    expected = []
+    for seed in (0, 1, 2):
+        with neurons.suppress_neurons(sites, neurons.matched_random_control(alpha, sizes, seed)):
+            expected.append(np.exp(models.text_nll(model, processor, loaded).mean() - base) - 1)
+    with neurons.suppress_neurons(sites, alpha):
+        sgm = np.exp(models.text_nll(model, processor, loaded).mean() - base) - 1
+    assert draws["seeds"] == [0, 1, 2] and np.allclose(draws["changes"], expected, rtol=1e-4, atol=1e-7)
+    assert len(set(np.round(expected, 6))) == 3  # the draws damp different neurons
+    fluency = {f["method"]: f for f in results["fluency"]}
+    assert draws["changes"][0] == pytest.approx(fluency["random"]["change_vs_base"], rel=1e-9)
+    assert draws["sgm_change"] == pytest.approx(sgm, rel=1e-4, abs=1e-7)
+    assert draws["costlier_than_sgm"] == sum(e > sgm for e in expected)
+    assert (draws["median"], draws["low"], draws["high"]) == pytest.approx(
+        (np.median(expected), min(expected), max(expected)), rel=1e-4, abs=1e-7)
+    assert results["meta"]["settings"]["random_draws"] == 2
+    assert "The random control drawn 3 times (seeds 0, 1, 2; the row above is seed 0)" in (
+        tmp_path / "runs/tiny/results.md").read_text()
+
+
+def test_the_book_sample_does_not_depend_on_the_item_limits(tmp_path):
+    """The fluency texts are a seeded sample of their own: a report on a few items and one on the full split score
+    the same books (the same per-text NLLs), so their perplexities compare."""
+    data = write_items(tmp_path / "items.jsonl", splits=("test",))
+    books = [dict(id=f"test-standard-book-{k}", split="test", label="benign", category="book", condition="standard",
+                  task="continue", text=text, image="", source="tests", image_text="")
+             for k, text in enumerate(["the old mill stood by the stream", "she read until the lamp went out",
+                                       "rain fell on the quiet town", "a boat drifted past the pier"])]
+    with open(data, "a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in books)
+    for report, limits in (("full", "0"), ("few", "standard=2")):
+        run_stage("04_evaluate.py", "--model", "tiny", "--data", data, "--methods", "base", "--limits", limits,
+                  "--perplexity-items", 2, "--max-new-tokens", "2", "--selectivity", "false", "--fluency-also", "",
+                  "--report", report, cwd=tmp_path)
+    full, few = (json.loads((tmp_path / f"runs/tiny/{r}.json").read_text()) for r in ("full", "few"))
+    assert sum(r["n"] for r in few["rows"]) == 4 and sum(r["n"] for r in full["rows"]) == 12
+    assert few["fluency"][0]["genres"][0]["nll"] == full["fluency"][0]["genres"][0]["nll"]
+    assert len(full["fluency"][0]["genres"][0]["nll"]) == 2

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 from scipy.stats import hypergeom, mannwhitneyu, spearmanr  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common import check_range, fail, load_items, parse_overrides, run_name  # noqa: E402
+from common import check_range, fail, load_items, parse_overrides, run_name, source_id  # noqa: E402
 from sgm.artifacts import load_npz, save_figure, write_text  # noqa: E402
 
 # ---- defaults (override with --key value) -------------------------------------------------------------------
@@ -118,7 +118,7 @@ def greedy_rows(arrays):
     """stem -> row of the greedy (or only) row of each item; stems with several such rows are ambiguous."""
     ids = arrays["item_ids"].astype(str)
     greedy = arrays["sample_index"] == 0 if "sample_index" in arrays else np.ones(ids.size, dtype=bool)
-    stems = np.array([i.rsplit("-", 1)[0] for i in ids])
+    stems = np.array([source_id(i) for i in ids])
     kept, count = {}, {}
     for row in np.flatnonzero(greedy):
         count[stems[row]] = count.get(stems[row], 0) + 1
