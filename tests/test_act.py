@@ -17,8 +17,8 @@ from test_suppress import suppress_alpha, write_expertise
 from common import UserError, encode
 from sgm.artifacts import load_npz, load_pt, save_npz
 from sgm.models import load_model
-from sgm.neurons import (FusedExperts, fold_alpha, matched_random_control, neuron_sites, suppress_neurons,
-                         transport_conditions, transport_scale_shift)
+from sgm.neurons import (FusedExperts, fold_alpha, matched_random_control, neuron_sites, random_controls,
+                         suppress_neurons, transport_conditions, transport_scale_shift)
 
 suppress = load_stage("03_suppress.py")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -173,8 +173,8 @@ def test_random_control_moves_each_map_as_one_and_keeps_layer_counts():
     assert torch.equal(shuffled[:, 1], matched_random_control(stacked[:, 1], sizes, 7))
     assert not torch.equal(shuffled, stacked)
     scale, shift = transport_scale_shift(shuffled[:, 1], shuffled[:, 2], 0.5)
-    torch.testing.assert_close(scale, 1 + 0.5 * (shuffled[:, 1] - 1)) and torch.testing.assert_close(
-        shift, 0.5 * shuffled[:, 2])
+    torch.testing.assert_close(scale, 1 + 0.5 * (shuffled[:, 1] - 1))
+    torch.testing.assert_close(shift, 0.5 * shuffled[:, 2])
 
 
 # ---- 03 as a command on hand-made artifacts ------------------------------------------------------------------------
@@ -371,11 +371,19 @@ def test_stacked_map_transports_then_damps_in_the_hooks_the_export_and_04(tiny_a
     # 04's conditions: sgm as above; random moves the (alpha, omega, beta) triples together, one permutation
     alphas = {"sgm": stacked["alpha"], "base": torch.ones_like(stacked["alpha"])}
     shifts = transport_conditions(alphas, stacked, meta["settings"], sites, 0)
-    torch.testing.assert_close(alphas["sgm"], scale) and torch.testing.assert_close(shifts["sgm"], shift)
+    torch.testing.assert_close(alphas["sgm"], scale)
+    torch.testing.assert_close(shifts["sgm"], shift)
     sizes = [size for _, size in meta["sites"]]
     moved = matched_random_control(torch.stack([alpha, omega, beta], 1), sizes, 0)
     torch.testing.assert_close(alphas["random"], (moved[:, 0] * (1 + 0.8 * (moved[:, 1] - 1))).float())
     torch.testing.assert_close(shifts["random"], (moved[:, 0] * 0.8 * moved[:, 2]).float())
+    # --random-draws: another seed's draw is the same construction under that seed (seed 0's is `random`'s)
+    draws = random_controls(alphas["sgm"], stacked, meta["settings"], sites, [0, 3])
+    torch.testing.assert_close(draws[0][0], alphas["random"])
+    torch.testing.assert_close(draws[0][1], shifts["random"])
+    moved = matched_random_control(torch.stack([alpha, omega, beta], 1), sizes, 3)
+    torch.testing.assert_close(draws[3][0], (moved[:, 0] * (1 + 0.8 * (moved[:, 1] - 1))).float())
+    torch.testing.assert_close(draws[3][1], (moved[:, 0] * 0.8 * moved[:, 2]).float())
     run_stage("04_evaluate.py", "--model", "tiny", "--run", "t", "--data", data, "--max-new-tokens", 3,
               "--conditions", "standard", "--selectivity", "false", "--suppression", "stacked.pt",
               "--methods", "base,sgm,sgm+prompt", "--report", "stacked", cwd=folder)
