@@ -126,13 +126,15 @@ browse: $(R)/suppression.pt
 # -> runs/<RUN>-seen/modalities-<RUN>-typed.json and .png. The image calibration runs as one batch (160 items): where
 # the image carries nothing (the blind demo), what differs between its rows is rounding that follows the batches, and
 # 01's batches follow the ids, so the labels (docs/RESULTS.md, "Do text and image share experts?"). 63 s on the demo.
-# MODALITIES_ARGS="--top 10,100" etc.
+# MODALITIES_ARGS="--top 10,100" etc.; MODALITIES_COLLECT_ARGS="--writer toxic-odds" also compares the writer scores.
 MODALITIES_BATCH ?= 160
 MODALITIES_ARGS ?=
+MODALITIES_COLLECT_ARGS ?=
 modalities: $(VENV)/.installed $(DATA)
-	$(PY) 01_collect.py --model $(MODEL) --data $(DATA) --run $(RUN)-typed --mode prompts --conditions standard
+	$(PY) 01_collect.py --model $(MODEL) --data $(DATA) --run $(RUN)-typed --mode prompts --conditions standard \
+		$(MODALITIES_COLLECT_ARGS)
 	$(PY) 01_collect.py --model $(MODEL) --data $(DATA) --run $(RUN)-seen --mode prompts --conditions typographic \
-		--positions image --batch-size $(MODALITIES_BATCH)
+		--positions image --batch-size $(MODALITIES_BATCH) $(MODALITIES_COLLECT_ARGS)
 	$(PY) 02_score.py --run $(RUN)-typed
 	$(PY) 02_score.py --run $(RUN)-seen
 	$(PY) -m tools.modalities --text $(RUN)-typed --image $(RUN)-seen $(MODALITIES_ARGS)
