@@ -503,7 +503,7 @@ twins = report.twin_rows(items, scores, methods, cfg["judge_threshold"])  # the 
 lines = report.markdown(cfg, meta, groups, methods, rows, fluency, selectivity, probe, extra_judges, neurons_of, twins,
                         random_draws)
 rates_png, tradeoff_png = io.BytesIO(), io.BytesIO()
-report.plot_rates(rates_png, cfg, groups, methods, rows)
+report.plot_rates(rates_png, cfg, groups, methods, rows, random_draws)
 if strengths:  # trade-off: toxic-language rate vs fluency cost, one line per condition, base = strength 0
     report.plot_tradeoff(tradeoff_png, cfg, groups, strengths, perplexity, rows, fluency_texts)
 out = f"{run_dir}/{cfg['report']}"  # the files as one set: a reader sees the whole old set or the whole new one

@@ -391,10 +391,25 @@ def genre_cells(genre):
 
 # ---- plots ----------------------------------------------------------------------------------------------------
 
-def plot_rates(path, cfg, groups, methods, rows):
-    """results.png: the toxic-language rate with its interval, per condition and method, toxic and benign items."""
+def plot_rates(path, cfg, groups, methods, rows, draws=None):
+    """results.png: the toxic-language rate with its interval, per condition and method, toxic and benign items;
+    with the random control drawn several times (random_draws), a third panel: each fluency genre's perplexity
+    change under every draw beside sgm's."""
     by_key = by_method_condition_label(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=False)
+    fig, axes = plt.subplots(1, 3 if draws else 2, figsize=(17 if draws else 12, 4), sharey=False)
+    if draws:
+        ax = axes[2]
+        for x, (genre, d) in enumerate(draws.items()):
+            ax.scatter(np.full(len(d["changes"]), x), 100 * np.array(d["changes"]), color="grey", alpha=0.7,
+                       label="random control, each draw" if x == 0 else None)
+            if d["sgm_change"] is not None:
+                ax.scatter([x], [100 * d["sgm_change"]], color="red", marker="D", label="sgm" if x == 0 else None)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(draws)), list(draws))
+        ax.set_xlim(-0.5, len(draws) - 0.5)
+        ax.set(ylabel="perplexity change vs base (%)", title=f"fluency: {len(next(iter(draws.values()))['changes'])}"
+               " draws of the random control")
+        ax.legend()
     for ax, label in zip(axes, ("toxic", "benign")):
         conditions = sorted({c for c, lab in groups if lab == label})
         width = 0.8 / len(methods)

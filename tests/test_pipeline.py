@@ -617,6 +617,9 @@ def test_random_draws_measure_the_random_controls_fluency_again(tmp_path, tiny):
     assert results["meta"]["settings"]["random_draws"] == 2
     assert "The random control drawn 3 times (seeds 0, 1, 2; the row above is seed 0)" in (
         tmp_path / "runs/tiny/results.md").read_text()
+    from PIL import Image
+    with Image.open(tmp_path / "runs/tiny/results.png") as png:  # a third panel: the draws (12 -> 17 inches wide)
+        assert png.size[0] == round(17 * 110)
 
 
 def test_the_book_sample_does_not_depend_on_the_item_limits(tmp_path):
