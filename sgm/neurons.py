@@ -526,13 +526,12 @@ def random_controls(alpha, tensors, settings, sites, seeds):
     --seed: {seed: (alpha, shift or None)}. A damping: matched_random_control of `alpha`; a transport map
     (`tensors` with omega): its triples moved together (transport_conditions). 04 measures fluency under these
     draws: what random damping of the same size costs varies from draw to draw (docs/RESULTS.md)."""
-    sizes = [part.numel() for part in split_by_site(alpha, sites)]
+    if "omega" not in tensors:
+        sizes = [part.numel() for part in split_by_site(alpha, sites)]
+        return {seed: (matched_random_control(alpha, sizes, seed), None) for seed in seeds}
     draws = {}
     for seed in seeds:
-        if "omega" in tensors:
-            drawn = {"sgm": alpha}  # transport_conditions puts each map's scale here
-            shift = transport_conditions(drawn, tensors, settings, sites, seed)["random"]
-            draws[seed] = (drawn["random"], shift)
-        else:
-            draws[seed] = (matched_random_control(alpha, sizes, seed), None)
+        drawn = {"sgm": alpha}  # transport_conditions puts each map's scale here
+        shift = transport_conditions(drawn, tensors, settings, sites, seed)["random"]
+        draws[seed] = (drawn["random"], shift)
     return draws
