@@ -882,18 +882,27 @@ if __name__ == "__main__":
 
     def named_at_starts(texts, probe=None):
         """(tokens at the true starts of `texts` drawn as the benchmark draws them, whether each one's code names
-        it, per text {token index: the token its code names}, and with a `probe` (letters_probe) each text's letters:
-        the probe's log-probabilities, (CHAR_CELLS, CHAR_CELLS, classes)): the recognition the packer is handed,
-        without the start maps' errors."""
+        it, per text {token index: the token its code names}, with a `probe` (letters_probe) each text's letters:
+        the probe's log-probabilities, (CHAR_CELLS, CHAR_CELLS, classes), and `maps`: the start maps' errors (texts
+        whose every start unit is right, true starts missed, starts seen where none is) and the slots the whole
+        eyes name right end to end): the recognition the packer is handed, without the start maps' errors, and
+        what those errors cost."""
         hits, ids, picks, letters = [], [], [], []
+        maps = dict(right=0, missed=0, spurious=0, slots_right=0, texts=len(texts))
         for start in range(0, len(texts), 16):
             chunk = texts[start:start + 16]
             batch = make_batch(chunk, tokenizer, processor.image_processor)
             mask = batch["mask"].to(device)
             with torch.no_grad():
                 cells = model.model.vision_tower(batch["pixels"].to(device), output_hidden_states=True).hidden_states
-                named = nearest(cell_parts(cells[STAGE_ENDS[2]], batch["units"].to(device), mask)[1],
-                                vocab_embeddings, vocab_ids)
+                logits, projected = cell_parts(cells[STAGE_ENDS[2]], batch["units"].to(device), mask)
+                named = nearest(projected, vocab_embeddings, vocab_ids)
+                seen, truth = (logits > 0).cpu(), batch["starts"] > 0
+                maps["right"] += int((seen == truth).flatten(1).all(-1).sum())
+                maps["missed"], maps["spurious"] = maps["missed"] + int((truth & ~seen).sum()), \
+                    maps["spurious"] + int((seen & ~truth).sum())
+                end_to_end = nearest(eyes_output(model, batch["pixels"].to(device)), vocab_embeddings, vocab_ids)
+                maps["slots_right"] += int(((end_to_end == batch["ids"].to(device)) & mask).sum())
                 if probe is not None:
                     letters += list(torch.log_softmax(probe(cells[STAGE_ENDS[1]]), -1).cpu().numpy()
                                     .reshape(len(chunk), CHAR_CELLS, CHAR_CELLS, -1))
@@ -904,7 +913,7 @@ if __name__ == "__main__":
                                         batch["tokens"][batch["mask"]].tolist(), named.tolist()):
                 page[row][token] = pick
             picks += page
-        return torch.cat(hits).cpu(), torch.cat(ids).cpu(), picks, letters
+        return torch.cat(hits).cpu(), torch.cat(ids).cpu(), picks, letters, maps
 
     def by_sightings(hits, ids):
         """named_by_sightings, rounded for the log."""
@@ -1019,8 +1028,9 @@ if __name__ == "__main__":
                               cfg["lexicon_probe_steps"], device)
     found, gaps, starts, lexicon = {}, {}, {}, {}
     for name, (texts, images) in sets.items():
-        hits, ids, picks, letters = named_at_starts(texts, probe)
-        starts[name] = dict(named=hits.float().mean().item(), n=len(hits), by_sightings=by_sightings(hits, ids))
+        hits, ids, picks, letters, maps = named_at_starts(texts, probe)
+        starts[name] = dict(named=hits.float().mean().item(), n=len(hits), by_sightings=by_sightings(hits, ids),
+                            start_maps=maps)
         if probe is not None:
             lexicon[name] = lexicon_summary(lexicon_naming(tokenizer, texts, letters, vocab_ids.cpu()), picks)
         found[name] = readout(model, processor, texts, images, f"readout {name}")
@@ -1030,6 +1040,10 @@ if __name__ == "__main__":
               "times training showed the token: " + ", ".join(
                   f"{k} {b['share']:.1%} of tokens, named {'-' if b['named'] is None else format(b['named'], '.1%')}"
                   for k, b in starts[name]["by_sightings"].items()))
+        maps = starts[name]["start_maps"]
+        print(f"{name} start maps wholly right {maps['right']} of {maps['texts']} ({maps['missed']} true starts missed, "
+              f"{maps['spurious']} seen where none is); slots named right end to end "
+              f"{maps['slots_right'] / max(1, starts[name]['n']):.1%}")
         if name in lexicon:
             lex = lexicon[name]
             print(f"{name} tokens named by a lexicon of the eyes' {len(vocab_ids)} tokens from the letters a probe "
