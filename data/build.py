@@ -305,7 +305,6 @@ def probe_items(seed, per_kind, size, font_size):
     multimodal ability survives suppression. Returns (items, {path: png bytes}); benign, task `answer`, with
     an `answer` field. On a model whose images carry no information it must score at chance."""
     items, files = [], {}
-    font = ImageFont.load_default(size=font_size * 2)
     for kind in ("colour", "count", "word"):
         for k in range(per_kind):
             pick = int(stable_key(seed, "probe", kind, k), 16)
@@ -324,7 +323,9 @@ def probe_items(seed, per_kind, size, font_size):
                 question = "How many circles are in the image? Answer with one word."
             else:
                 answer = PROBE_WORDS[pick % len(PROBE_WORDS)]
-                d.text((size / 2, size / 2), answer, fill="black", font=font, anchor="mm")
+                # in the typographic images' own layout (top left, their font size), the one the demo's eyes were
+                # trained on: drawn centred at twice the size they read none of the 8 (docs/RESULTS.md, session 21)
+                image = draw_typographic(answer, size, font_size)
                 question = "What word is written in the image? Answer with one word."
             path = f"images/probe-{kind}-{k:02d}.png"
             files[path] = png_bytes(image)
@@ -669,7 +670,7 @@ Built files are not committed or redistributed; each user builds them from the w
   counterpart, and keeping them out of calibration keeps prose style out of the neuron contrast.
 - `visual-probe` ({config['probe_per_kind']} per kind, half dev, half test; benign, `answer` task, standard condition):
   rendered images with an exact answer in the `answer` field — the colour of a square, the number of circles
-  (one to five, answered as a word), a short word written in the image. It measures whether multimodal
+  (one to five, answered as a word), a short word typed in the typographic images' layout. It measures whether multimodal
   ability survives suppression; a model that cannot see (the blind demo, `demo-blind`) must score at chance (the demo
   reads typed text in the typographic layout only: colours and counts are not what its eyes learned). Not a toxic/benign
   counterpart: left out of the surface-feature baseline.

@@ -212,7 +212,8 @@ def test_the_stages_loader_accepts_the_build(folder, items):
 
 
 def test_visual_probe_images_show_their_answer(folder, items):
-    """Colour probes are filled with the named colour; count probes hold that many blobs; word probes have ink."""
+    """Colour probes are filled with the named colour; count probes hold that many blobs; word probes are typed in
+    the typographic layout (what the demo's eyes read)."""
     from scipy import ndimage
     probes = [item for item in items if item["category"] == "visual-probe"]
     assert {p["split"] for p in probes} == {"dev", "test"} and len(probes) == 3 * build.DEFAULTS["probe_per_kind"]
@@ -226,8 +227,13 @@ def test_visual_probe_images_show_their_answer(folder, items):
         elif probe["id"].startswith("probe-count"):
             _, blobs = ndimage.label((pixels != 255).any(axis=2))
             assert blobs == build.PROBE_NUMBERS.index(probe["answer"]) + 1, probe["id"]
-        else:
-            assert (pixels < 128).any() and probe["image_text"] == probe["answer"], probe["id"]
+        else:  # typed as the typographic images type their text: one line at the top-left margin, their font size
+            ink = np.argwhere((pixels < 128).any(axis=2))
+            (top, left), (bottom, right) = ink.min(0), ink.max(0)
+            margin, font_size = SIZE // 16, build.DEFAULTS["font_size"]
+            assert margin <= left < margin + font_size // 4 and margin <= top < margin + font_size // 2, probe["id"]
+            assert bottom - top < 1.3 * font_size and right < SIZE - margin, probe["id"]
+            assert probe["image_text"] == probe["answer"], probe["id"]
 
 
 def test_card_counts_match_the_files(folder, items):
