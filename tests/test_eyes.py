@@ -527,20 +527,27 @@ def test_the_demo_is_the_blind_demos_lm_behind_the_eyes(tmp_path, monkeypatch):
 
 def test_the_shipped_eyes_are_one_small_fingerprinted_file_of_the_documented_recipe():
     """The demo's eyes ship as the repository's only weights: one safetensors file of at most 16 MB whose weights
-    match their fingerprint (load_eyes checks it), made by `make eyes`' second run from its first (the Makefile's
-    recipe, which the docs describe)."""
+    match their fingerprint (load_eyes checks it), made by `make eyes`' last run from its second, and that from its
+    first (the Makefile's recipe, which the docs describe): every flag of the last run is in the file's own settings,
+    every flag of the second in the command its metadata records for the eyes it started from."""
     from test_layout import repo_files
     assert repo_files(REPO, ".safetensors") == [REPO / "sgm/eyes.safetensors"]
     assert models.EYES_FILE.stat().st_size <= 16 * 2 ** 20
     state, meta = models.load_eyes(models.EYES_FILE)
     assert len(meta["fingerprint"]) == 64 and all(v.dtype != torch.float16 for v in state.values())
     recipe = (REPO / "Makefile").read_text().split("\neyes:")[1].split("\n\n")[0].replace("\\\n", " ")
-    second = re.search(r"-m tools\.eyes --init \$\(EYES_LETTERS\) (.*?) \$\(EYES_ARGS\)", recipe).group(1).split()
-    flags = dict(zip(second[::2], second[1::2]))
-    for flag, value in flags.items():  # every flag of the recipe's second run is in the file's own settings
+    runs = re.findall(r"-m tools\.eyes (.*?) \$\(EYES_ARGS\)", recipe)
+    assert len(runs) == 3 and all(run.startswith("--init") for run in runs[1:]), runs
+
+    def flags(run):  # the settings that make the weights (not where they are written or read from)
+        words = run.split()
+        return {k: v for k, v in zip(words[::2], words[1::2]) if k not in ("--init", "--out")}
+    for flag, value in flags(runs[2]).items():
         assert str(meta["config"][flag.removeprefix("--").replace("-", "_")]) == value, flag
-    assert meta["started_from"]["path"] == "runs/eyes/letters.safetensors"
     assert meta["config"]["picture_share"] > 0 and meta["config"]["image_word_share"] > 0
+    second = meta["started_from"]["command"].removeprefix("python -m tools.eyes ")
+    assert flags(second) == flags(runs[1]) and "--init runs/eyes/letters.safetensors" in second
+    assert runs[1].split()[1] == "$(EYES_LETTERS)" and runs[2].split()[1] == "$(EYES_WORDS)"
 
 
 def test_an_artifact_made_with_other_eyes_is_refused():
