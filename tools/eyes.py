@@ -1,10 +1,12 @@
 """The demo's eyes: a vision tower and projector trained here, from scratch, on CPU, with the language model frozen,
 so that an image of typed text reaches Gemma as that text's own input embeddings.
 
-    make eyes                                     # the shipped sgm/eyes.safetensors' recipe: the two runs below
+    make eyes                                     # the shipped sgm/eyes.safetensors' recipe: the three runs below
     python -m tools.eyes --out runs/eyes/letters.safetensors --readout 0 --readout-test false --lexicon-probe-steps 0
     python -m tools.eyes --init runs/eyes/letters.safetensors --image-word-share 0.4 --picture-share 0.1 \
-        --steps 1000 --readout 56 --lexicon-probe-steps 0     # -> sgm/eyes.safetensors, then its readout
+        --steps 1000 --readout 56 --lexicon-probe-steps 0 --out runs/eyes/words.safetensors
+    python -m tools.eyes --init runs/eyes/words.safetensors --image-word-share 0.55 --picture-share 0.1 \
+        --steps 1500 --readout 56 --lexicon-probe-steps 0     # -> sgm/eyes.safetensors, then its readout
     python -m tools.eyes --steps 300 --out runs/eyes/try.safetensors   # a short try beside the shipped file
     python -m tools.eyes --readout-only           # measure sgm/eyes.safetensors again (copy, copy NLL)
     python -m tools.eyes --init runs/eyes/a.safetensors --out runs/eyes/b.safetensors   # continue a run
@@ -50,7 +52,8 @@ their own: the packer's reading order is the text's.
 
 Measured while it trains, on 64 held-out windows, each beside its chance level: characters, start units and maps,
 tokens named at their true starts (and those split by how often training showed the token: named_by_sightings),
-slots end to end; then the readout (greedy copy and copy NLL against the oracle, typed and blank references) and
+slots end to end; then the readout (greedy copy and copy NLL against the oracle, typed and blank references; the
+start maps' errors on its texts: texts wholly right, starts missed and added, slots end to end) and
 what a lexicon would name from the letters the eyes see (lexicon_naming: each vocabulary token's glyphs fitted to
 the characters a linear probe of the 28 x 28 stage reads where the token is drawn; no training per token), beside
 the eyes' own naming of the same tokens.
@@ -899,8 +902,8 @@ if __name__ == "__main__":
                 named = nearest(projected, vocab_embeddings, vocab_ids)
                 seen, truth = (logits > 0).cpu(), batch["starts"] > 0
                 maps["right"] += int((seen == truth).flatten(1).all(-1).sum())
-                maps["missed"], maps["spurious"] = maps["missed"] + int((truth & ~seen).sum()), \
-                    maps["spurious"] + int((seen & ~truth).sum())
+                maps["missed"] += int((truth & ~seen).sum())
+                maps["spurious"] += int((seen & ~truth).sum())
                 end_to_end = nearest(eyes_output(model, batch["pixels"].to(device)), vocab_embeddings, vocab_ids)
                 maps["slots_right"] += int(((end_to_end == batch["ids"].to(device)) & mask).sum())
                 if probe is not None:
@@ -1041,8 +1044,8 @@ if __name__ == "__main__":
                   f"{k} {b['share']:.1%} of tokens, named {'-' if b['named'] is None else format(b['named'], '.1%')}"
                   for k, b in starts[name]["by_sightings"].items()))
         maps = starts[name]["start_maps"]
-        print(f"{name} start maps wholly right {maps['right']} of {maps['texts']} ({maps['missed']} true starts missed, "
-              f"{maps['spurious']} seen where none is); slots named right end to end "
+        print(f"{name} start maps wholly right {maps['right']} of {maps['texts']} ({maps['missed']} true starts "
+              f"missed, {maps['spurious']} seen where none is); slots named right end to end "
               f"{maps['slots_right'] / max(1, starts[name]['n']):.1%}")
         if name in lexicon:
             lex = lexicon[name]
