@@ -897,17 +897,18 @@ if __name__ == "__main__":
             batch = make_batch(chunk, tokenizer, processor.image_processor)
             mask = batch["mask"].to(device)
             with torch.no_grad():
-                cells = model.model.vision_tower(batch["pixels"].to(device), output_hidden_states=True).hidden_states
-                logits, projected = cell_parts(cells[STAGE_ENDS[2]], batch["units"].to(device), mask)
+                # one tower pass: what the LM receives, and the stages the start maps and letters are read from
+                output, letter_cells, start_cells = tower_outputs(model, batch["pixels"].to(device))
+                logits, projected = cell_parts(start_cells, batch["units"].to(device), mask)
                 named = nearest(projected, vocab_embeddings, vocab_ids)
                 seen, truth = (logits > 0).cpu(), batch["starts"] > 0
                 maps["right"] += int((seen == truth).flatten(1).all(-1).sum())
                 maps["missed"] += int((truth & ~seen).sum())
                 maps["spurious"] += int((seen & ~truth).sum())
-                end_to_end = nearest(eyes_output(model, batch["pixels"].to(device)), vocab_embeddings, vocab_ids)
+                end_to_end = nearest(output, vocab_embeddings, vocab_ids)
                 maps["slots_right"] += int(((end_to_end == batch["ids"].to(device)) & mask).sum())
                 if probe is not None:
-                    letters += list(torch.log_softmax(probe(cells[STAGE_ENDS[1]]), -1).cpu().numpy()
+                    letters += list(torch.log_softmax(probe(letter_cells), -1).cpu().numpy()
                                     .reshape(len(chunk), CHAR_CELLS, CHAR_CELLS, -1))
             ids.append(batch["ids"].to(device)[mask])
             hits.append(named == ids[-1])
