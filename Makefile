@@ -154,23 +154,29 @@ widthcheck: $(VENV)/.installed
 	$(PY) -m tools.widthcheck $(WIDTHCHECK_ARGS)
 
 # The demo's eyes (tools/eyes.py): train the vision tower and projector to read typed text, from scratch on the CPU with
-# the language model frozen, in three runs: letters (3,000 steps of 32 rendered texts -> runs/eyes/letters.safetensors,
+# the language model frozen, in four runs: letters (3,000 steps of 32 rendered texts -> runs/eyes/letters.safetensors,
 # ~65-90 min on 2 cores), then from there 1,000 steps with the words the benchmark draws in its images (40% of the
 # texts) and text-free pictures (10% of the images: the eyes must see no token in a picture) ->
 # runs/eyes/words.safetensors (~30 min; session 21's shipped eyes), then 1,500 steps more with 55% of the texts from
-# those words -> sgm/eyes.safetensors (~45 min), and its readout (held-out texts and every test typographic image,
-# beside the true embeddings, the typed text and a blank image; what it writes for the benchmark's pictures). The
-# shipped sgm/eyes.safetensors was made so (docs/RESULTS.md, "The demo's eyes", session 23). EYES_ARGS="--steps 300"
-# for a try (every run). Not in `make all`, which loads the shipped file.
+# those words -> runs/eyes/more.safetensors (~45 min; session 23's), then the projector alone, 300 steps with the
+# frozen LM in the loop (its hidden states with the eyes' codes in the image positions matched to those with the
+# text's own embeddings) -> sgm/eyes.safetensors (~30 min); runs 2-4 end with a readout (held-out texts and every test
+# typographic image, beside the true embeddings, the typed text and a blank image; what the eyes write for the
+# benchmark's pictures; ~11 min each). The shipped sgm/eyes.safetensors was made so (docs/RESULTS.md, "The demo's
+# eyes", session 24). EYES_ARGS="--steps 300 --polish-steps 20" for a try (every run). Not in `make all`, which loads
+# the shipped file.
 EYES_ARGS ?=
 EYES_LETTERS := runs/eyes/letters.safetensors
 EYES_WORDS := runs/eyes/words.safetensors
+EYES_MORE := runs/eyes/more.safetensors
 eyes: $(VENV)/.installed $(DATA)
 	$(PY) -m tools.eyes --out $(EYES_LETTERS) --readout 0 --readout-test false --lexicon-probe-steps 0 $(EYES_ARGS)
 	$(PY) -m tools.eyes --init $(EYES_LETTERS) --image-word-share 0.4 --picture-share 0.1 --steps 1000 --readout 56 \
 		--lexicon-probe-steps 0 --out $(EYES_WORDS) $(EYES_ARGS)
 	$(PY) -m tools.eyes --init $(EYES_WORDS) --image-word-share 0.55 --picture-share 0.1 --steps 1500 --readout 56 \
-		--lexicon-probe-steps 0 $(EYES_ARGS)
+		--lexicon-probe-steps 0 --out $(EYES_MORE) $(EYES_ARGS)
+	$(PY) -m tools.eyes --init $(EYES_MORE) --image-word-share 0.55 --picture-share 0.1 --steps 0 --polish-steps 300 \
+		--readout 56 --lexicon-probe-steps 0 $(EYES_ARGS)
 
 clean:
 	rm -rf runs

@@ -373,6 +373,55 @@ def test_one_tower_pass_gives_what_the_lm_receives():
     assert not torch.allclose(start_cells[0], start_cells[1], atol=1e-4)
 
 
+def test_codes_at_starts_puts_each_true_starts_code_in_its_slot():
+    """codes_at_starts (what the polish and the decomposition read): the code at the unit `units` names, in the
+    slot `mask` gives it, checked against a loop over the slots; zeros where no token is."""
+    torch.manual_seed(0)
+    cells = torch.randn(2, eyes.CELLS ** 2, packing.STAGE3_WIDTH)
+    units = torch.full((2, eyes.SLOTS), -1)
+    units[0, -3:] = torch.tensor([0, 5, 2 * 7 + 1])  # a first start in cell 0, a second start in cell 2, ...
+    units[1, -1] = 2 * 100
+    mask = units >= 0
+    placed = eyes.codes_at_starts(cells, units, mask)
+    assert placed.shape == (2, eyes.SLOTS, packing.CODE)
+    for row in range(2):
+        for slot in range(eyes.SLOTS):
+            unit = int(units[row, slot])
+            if unit < 0:
+                assert not placed[row, slot].any()
+                continue
+            cell, which = divmod(unit, 2)  # two start units a cell: the first start's code, then the second's
+            begin = packing.CODE_IN[0] + which * packing.CODE
+            assert torch.equal(placed[row, slot], cells[row, cell, begin:begin + packing.CODE])
+
+
+def test_lm_states_are_the_lms_own_states_of_the_typed_text():
+    """With the text's own embeddings (scale included) in the image positions, lm_states equals the LM run on the
+    tokens themselves (BOS, the 49 slots' tokens, POLISH_PROMPT), BOS dropped, layer by layer; so polish_loss is 0
+    exactly when the projector's output gives the LM what the typed text gives it, and grows with a perturbation."""
+    model, processor = tiny_gemma_eyes()
+    tokenizer, embed = processor.tokenizer, model.get_input_embeddings()
+    ids, wanted, mask, _ = eyes.targets(tokenizer, embed, ["the cat sat on the mat", "a dog"])
+    space = eyes.filler_ids(tokenizer)[0]
+    prompt = tokenizer(eyes.POLISH_PROMPT, add_special_tokens=False)["input_ids"]
+    tokens = torch.tensor([[tokenizer.bos_token_id] + torch.where(row_mask, row_ids, space).tolist() + prompt
+                           for row_ids, row_mask in zip(ids, mask)])
+    with torch.no_grad():
+        states = eyes.lm_states(model, wanted, tokenizer)
+        expected = model.model.language_model(input_ids=tokens, output_hidden_states=True).hidden_states[1:]
+        assert len(states) == 2 and all(torch.allclose(s, e[:, 1:], atol=1e-5) for s, e in zip(states, expected))
+        assert eyes.polish_loss(states, states).item() == 0
+        moved = eyes.lm_states(model, wanted + 0.3 * torch.randn_like(wanted), tokenizer)
+        loss = eyes.polish_loss(moved, states).item()
+    # independently: per layer, each dimension's squared difference over its spread (numpy), then the means
+    by_layer = []
+    for got, want in zip(moved, states):
+        got, want = got.reshape(-1, got.shape[-1]).numpy(), want.reshape(-1, want.shape[-1]).numpy()
+        spread = np.maximum(want.std(0, ddof=1), 1e-3)
+        by_layer.append(np.mean(((got - want) / spread) ** 2))
+    assert loss > 0.01 and loss == pytest.approx(np.mean(by_layer), rel=1e-4)
+
+
 def test_training_batches_are_the_same_from_rendering_workers():
     """The batch stream is fixed by (seed, workers): two loaders with 2 rendering processes give the same pixels and
     targets, in step order (the windows' growth shows it), and each batch's start targets are its slots' tokens."""
@@ -527,9 +576,10 @@ def test_the_demo_is_the_blind_demos_lm_behind_the_eyes(tmp_path, monkeypatch):
 
 def test_the_shipped_eyes_are_one_small_fingerprinted_file_of_the_documented_recipe():
     """The demo's eyes ship as the repository's only weights: one safetensors file of at most 16 MB whose weights
-    match their fingerprint (load_eyes checks it), made by `make eyes`' last run from its second, and that from its
-    first (the Makefile's recipe, which the docs describe): every flag of the last run is in the file's own settings,
-    every flag of the second in the command its metadata records for the eyes it started from."""
+    match their fingerprint (load_eyes checks it), made by `make eyes`' last run (the projector's polish) from its
+    third, each run from the one before (the Makefile's recipe, which the docs describe): every flag of the last run
+    is in the file's own settings, every flag of the third in the command its metadata records for the eyes it
+    started from."""
     from test_layout import repo_files
     assert repo_files(REPO, ".safetensors") == [REPO / "sgm/eyes.safetensors"]
     assert models.EYES_FILE.stat().st_size <= 16 * 2 ** 20
@@ -537,17 +587,23 @@ def test_the_shipped_eyes_are_one_small_fingerprinted_file_of_the_documented_rec
     assert len(meta["fingerprint"]) == 64 and all(v.dtype != torch.float16 for v in state.values())
     recipe = (REPO / "Makefile").read_text().split("\neyes:")[1].split("\n\n")[0].replace("\\\n", " ")
     runs = re.findall(r"-m tools\.eyes (.*?) \$\(EYES_ARGS\)", recipe)
-    assert len(runs) == 3 and all(run.startswith("--init") for run in runs[1:]), runs
+    assert len(runs) == 4 and all(run.startswith("--init") for run in runs[1:]), runs
 
     def flags(run):  # the settings that make the weights (not where they are written or read from)
         words = run.split()
         return {k: v for k, v in zip(words[::2], words[1::2]) if k not in ("--init", "--out")}
-    for flag, value in flags(runs[2]).items():
+    for flag, value in flags(runs[3]).items():
         assert str(meta["config"][flag.removeprefix("--").replace("-", "_")]) == value, flag
+    assert meta["config"]["steps"] == 0 and meta["config"]["polish_steps"] > 0 and len(meta["polish_history"]) > 1
     assert meta["config"]["picture_share"] > 0 and meta["config"]["image_word_share"] > 0
-    second = meta["started_from"]["command"].removeprefix("python -m tools.eyes ")
-    assert flags(second) == flags(runs[1]) and "--init runs/eyes/letters.safetensors" in second
-    assert runs[1].split()[1] == "$(EYES_LETTERS)" and runs[2].split()[1] == "$(EYES_WORDS)"
+    third = meta["started_from"]["command"].removeprefix("python -m tools.eyes ")
+    assert flags(third) == flags(runs[2])
+    chain = ["$(EYES_LETTERS)", "$(EYES_WORDS)", "$(EYES_MORE)"]  # run k + 1 starts from what run k wrote
+    for run, made in zip(runs[1:], chain):
+        assert run.split()[1] == made
+    for run, out in zip(runs, chain):
+        assert f"--out {out}" in run
+    assert "--out" not in runs[3]  # the last writes the shipped file (tools/eyes.py's default `out`)
 
 
 def test_an_artifact_made_with_other_eyes_is_refused():

