@@ -31,7 +31,7 @@ filler's embedding). Then, with `polish_steps`, the LM enters the loop, for the 
 from a 20-wide code cannot land on thousands of embeddings exactly (its outputs sit at cosine ~0.8 from their tokens'
 embeddings, about as near as the nearest other token's), so it is taught which misses the LM minds: the LM's hidden
 states with the projected codes in the image positions should be those the text's own embeddings give (polish_loss;
-the copy gap closed 65.9% -> 72.9% on the test typographic images in 300 steps: docs/RESULTS.md, session 24).
+the copy gap closed 65.9% -> 72.8% on the test typographic images in 300 steps: docs/RESULTS.md, session 24).
 The tower (sgm/models.py, EYES_TOWER) is a PVT: four stages at 56, 28, 14 and 7 x 7 positions. Its last stage is
 set by hand and never trained (sgm/packing.py): from the 14 x 14 stage's output it reads, in each 16-px cell, the
 logits that a first and a second token start there and each start's code (CODE numbers), counts the starts in
