@@ -1047,9 +1047,8 @@ if __name__ == "__main__":
                 """polish_loss on one batch, its gradient reaching the projector only."""
                 mask = batch["mask"].to(device)
                 with torch.no_grad():
-                    cells = model.model.vision_tower(batch["pixels"].to(device),
-                                                     output_hidden_states=True).hidden_states[STAGE_ENDS[2]]
-                    codes = codes_at_starts(cells, batch["units"].to(device), mask)
+                    start_cells = tower_outputs(model, batch["pixels"].to(device))[2]
+                    codes = codes_at_starts(start_cells, batch["units"].to(device), mask)
                     want = lm_states(model, torch.where(mask[..., None], embed(batch["ids"].to(device)), filler),
                                      tokenizer)
                 return polish_loss(lm_states(model, project_codes(model, codes), tokenizer), want)
