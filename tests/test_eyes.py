@@ -494,7 +494,8 @@ def test_named_by_sightings_splits_the_tokens_by_how_often_training_showed_them(
 def test_copy_nll_is_the_lms_own_likelihood_of_the_text():
     """copy_nll (batched, left-padded, through LLaVA) equals the NLL computed by hand, one unpadded row at a time:
     for `typed` from the LM alone on the prompt's token ids, for `oracle` from the LM on embeddings with the targets
-    put in the image positions by hand."""
+    put in the image positions by hand, for `starts` with the eyes' codes at the true starts (one text's tower pass,
+    projected) put there."""
     model, processor = tiny_gemma_eyes()
     tokenizer, embed = processor.tokenizer, model.get_input_embeddings()
     texts = ["the cat sat on the mat", "a dog ran home"]
@@ -518,7 +519,66 @@ def test_copy_nll_is_the_lms_own_likelihood_of_the_text():
         wanted = eyes.targets(tokenizer, embed, [text])[1][0]
         oracle = by_hand(f"{eyes.FEW_SHOT}<image>\nCopy:", text, wanted)
         assert abs(nll["typed"][row] - typed) < 1e-4 and abs(nll["oracle"][row] - oracle) < 1e-4
+        alone = eyes.make_batch([text], tokenizer, processor.image_processor)
+        with torch.no_grad():
+            cells = eyes.tower_outputs(model, alone["pixels"])[2]
+            codes = eyes.project_codes(model, eyes.codes_at_starts(cells, alone["units"], alone["mask"]))[0]
+        assert abs(nll["starts"][row] - by_hand(f"{eyes.FEW_SHOT}<image>\nCopy:", text, codes)) < 1e-4
     assert not np.allclose(nll["image"], nll["oracle"], atol=1e-3)  # the oracle hook took effect
+    assert not np.allclose(nll["starts"], nll["oracle"], atol=1e-3)  # ... and the starts hook its own
+
+
+def levenshtein(a, b):
+    """Edit distance by the textbook recursion (the golden value for eyes.edit_distance's rolling row)."""
+    from functools import lru_cache
+
+    @lru_cache(maxsize=None)
+    def d(i, j):
+        if not i or not j:
+            return i + j
+        return min(d(i - 1, j) + 1, d(i, j - 1) + 1, d(i - 1, j - 1) + (a[i - 1] != b[j - 1]))
+    return d(len(a), len(b))
+
+
+def test_edit_distance_is_levenshteins():
+    rng = np.random.default_rng(0)
+    pairs = [("", ""), ("", "abc"), ("kitten", "sitting"), ("flaw", "lawn")]
+    def word():
+        return "".join(rng.choice(list("ab c"), rng.integers(0, 9)))
+    pairs += [(word(), word()) for _ in range(200)]
+    assert all(eyes.edit_distance(a, b) == levenshtein(a, b) for a, b in pairs)
+    assert eyes.edit_distance("kitten", "sitting") == 3
+
+
+def test_readout_scores_the_first_line_of_each_copy(monkeypatch):
+    """readout's exact match and character error rate per kind, from what generate returns after the prompt: the
+    first line only, whitespace-normalised, against the text (the model's generate replaced: rows whose prompt
+    holds the text typed copy it, then a second line; rows with an image say one fixed wrong phrase)."""
+    model, processor = tiny_gemma_eyes()
+    tokenizer = processor.tokenizer
+    texts = ["the cat sat on the mat", "a dog ran home"]
+    images = [eyes.benchmark_layout(text)[0] for text in texts]
+    wrong = "the  dog sat"  # two spaces: normalised to one before it is scored
+
+    def fake_generate(input_ids, **kwargs):
+        rows = []
+        for row, ids in enumerate(input_ids):
+            typed = model.config.image_token_id not in ids.tolist()
+            said = f" {texts[row]}\nText: more" if typed else f" {wrong}"
+            rows.append(tokenizer(said, add_special_tokens=False)["input_ids"])
+        width = max(map(len, rows))
+        tail = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, tail], 1)
+    monkeypatch.setattr(model, "generate", fake_generate)
+    found = eyes.readout(model, processor, texts, images, "test")
+    assert set(found) == set(eyes.KINDS)
+    assert found["typed"] == dict(exact=1.0, cer=0.0, n=2)
+    said = tokenizer.decode(tokenizer(f" {wrong}", add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+    said = " ".join(said.split())
+    cer = np.mean([levenshtein(said, text) / len(text) for text in texts])
+    for kind in set(eyes.KINDS) - {"typed"}:
+        assert found[kind]["exact"] == 0.0 and found[kind]["cer"] == pytest.approx(cer) and found[kind]["n"] == 2
+    assert cer > 0.3
 
 
 def test_gap_closed_is_the_share_of_the_blank_to_typed_gap():
@@ -531,6 +591,7 @@ def test_gap_closed_is_the_share_of_the_blank_to_typed_gap():
     assert abs(gap["image"]["share"] - expected) < 1e-12 and 0.15 < expected < 0.35
     assert gap["image"]["ci"][0] < expected < gap["image"]["ci"][1]
     assert gap["oracle"]["share"] == pytest.approx(1.0) and gap["n"] == 40
+    assert set(gap) == {"mean_nll", "n", "image", "oracle"}  # a share for each kind given, none for the references
 
 
 def test_the_demo_is_the_blind_demos_lm_behind_the_eyes(tmp_path, monkeypatch):

@@ -656,6 +656,7 @@ def letters_probe(model, batches, steps, device):
 
 
 def edit_distance(a, b):
+    """Levenshtein distance of two strings (insertions, deletions, substitutions), one rolling row."""
     row = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         previous, row[0] = row[0], i
@@ -664,14 +665,18 @@ def edit_distance(a, b):
     return row[-1]
 
 
-KINDS = ("image", "oracle", "typed", "blank")  # what the readout gives the LM where the image goes
+KINDS = ("image", "starts", "oracle", "typed", "blank")  # what the readout gives the LM where the image goes
 
 
 def reference_batch(model, processor, kind, texts, pictures, answers=False):
     """The readout's input for one kind (KINDS) on `texts`: FEW_SHOT, then the picture (`image`), a white one
     (`blank`), the text typed (`typed`), or the picture's positions given the targets themselves (`oracle`: the
-    true embeddings, packed, zeros after; the best any eyes of this design can do), then "\nCopy:" and, with
-    `answers`, each text after it (teacher forcing). Returns (batch, a hook handle to remove, or None)."""
+    true embeddings, packed, the filler's before them; the best any eyes of this design can do) or the eyes' own
+    codes at the text's true starts, projected (`starts`: what the packer would deliver from perfect start maps, so
+    `image` against `starts` is what the start maps cost, `starts` against `oracle` what the codes and projector
+    cost), then "\nCopy:" and, with `answers`, each text after it (teacher forcing). `pictures` must be the texts
+    drawn as the benchmark draws them (benchmark_layout) for `starts`. Returns (batch, a hook handle to remove, or
+    None)."""
     blank = Image.new("RGB", (512, 512), "white")
     prompts = [(f"{FEW_SHOT}{text}\nCopy:" if kind == "typed" else f"{FEW_SHOT}{processor.image_token}\nCopy:")
                + (f" {text}" if answers else "") for text in texts]
@@ -680,6 +685,13 @@ def reference_batch(model, processor, kind, texts, pictures, answers=False):
     handle = None
     if kind == "oracle":  # the projector's output replaced by the targets, on a forward pass over these texts only
         wanted = targets(processor.tokenizer, model.get_input_embeddings(), texts)[1].to(model.device)
+    elif kind == "starts":  # ... or by the eyes' codes where the text's tokens truly start
+        truth = make_batch(texts, processor.tokenizer, processor.image_processor)  # its units: where each one starts
+        with torch.no_grad():
+            cells = tower_outputs(model, batch["pixel_values"].to(model.dtype))[2]
+            wanted = project_codes(model, codes_at_starts(cells, truth["units"].to(model.device),
+                                                          truth["mask"].to(model.device)))
+    if kind in ("oracle", "starts"):
         handle = model.model.multi_modal_projector.register_forward_hook(
             lambda module, args, out: wanted.to(out.dtype) if out.shape[0] == len(texts) else out)
     return batch, handle
@@ -742,8 +754,9 @@ def copy_nll(model, processor, texts, images, desc):
 
 def gap_closed(nll, seed=0):
     """The share of the blank-to-typed NLL gap that the image closes, (blank - image) / (blank - typed) of the mean
-    per-text NLLs (0: the image tells the LM nothing; 1: as much as the typed text), the same for the oracle, and
-    95% paired bootstrap intervals over the texts (scipy.stats.bootstrap, percentile)."""
+    per-text NLLs (0: the image tells the LM nothing; 1: as much as the typed text), the same for the other kinds
+    in `nll` (the oracle; perfect start maps), and 95% paired bootstrap intervals over the texts
+    (scipy.stats.bootstrap, percentile)."""
     from scipy.stats import bootstrap
 
     def share(kind):
@@ -753,7 +766,8 @@ def gap_closed(nll, seed=0):
                        n_resamples=2000, method="percentile", random_state=seed).confidence_interval
         return dict(share=float(statistic(nll["blank"], nll[kind], nll["typed"])), ci=[float(ci.low), float(ci.high)])
     means = {kind: float(values.mean()) for kind, values in nll.items()}
-    return dict(mean_nll=means, n=len(nll["image"]), image=share("image"), oracle=share("oracle"))
+    return dict(mean_nll=means, n=len(nll["image"]),
+                **{kind: share(kind) for kind in nll if kind not in ("typed", "blank")})
 
 
 def make_batch(texts, tokenizer, image_processor):
@@ -1144,7 +1158,7 @@ if __name__ == "__main__":
         print(f"{name} copy NLL (nats a token) " + ", ".join(f"{k} {v:.2f}" for k, v in gap["mean_nll"].items())
               + "; share of the blank-to-typed gap closed: " + ", ".join(
                   f"{k} {gap[k]['share']:.1%} [{gap[k]['ci'][0]:.1%}, {gap[k]['ci'][1]:.1%}]"
-                  for k in ("image", "oracle")))
+                  for k in ("image", "starts", "oracle")))
     report = Path("runs/eyes") / f"{Path(cfg['out']).stem}.readout.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     write_text(report, json.dumps(dict(eyes=cfg["out"], fingerprint=meta["fingerprint"], slot_accuracy=accuracy,
