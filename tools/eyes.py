@@ -674,9 +674,9 @@ def reference_batch(model, processor, kind, texts, pictures, answers=False):
     true embeddings, packed, the filler's before them; the best any eyes of this design can do) or the eyes' own
     codes at the text's true starts, projected (`starts`: what the packer would deliver from perfect start maps, so
     `image` against `starts` is what the start maps cost, `starts` against `oracle` what the codes and projector
-    cost), then "\nCopy:" and, with `answers`, each text after it (teacher forcing). `pictures` must be the texts
-    drawn as the benchmark draws them (benchmark_layout) for `starts`. Returns (batch, a hook handle to remove, or
-    None)."""
+    cost; the tower reads each text drawn afresh as the benchmark draws it, with its starts known: make_batch),
+    then "\nCopy:" and, with `answers`, each text after it (teacher forcing). Returns (batch, a hook handle to remove,
+    or None)."""
     blank = Image.new("RGB", (512, 512), "white")
     prompts = [(f"{FEW_SHOT}{text}\nCopy:" if kind == "typed" else f"{FEW_SHOT}{processor.image_token}\nCopy:")
                + (f" {text}" if answers else "") for text in texts]
@@ -686,9 +686,9 @@ def reference_batch(model, processor, kind, texts, pictures, answers=False):
     if kind == "oracle":  # the projector's output replaced by the targets, on a forward pass over these texts only
         wanted = targets(processor.tokenizer, model.get_input_embeddings(), texts)[1].to(model.device)
     elif kind == "starts":  # ... or by the eyes' codes where the text's tokens truly start
-        truth = make_batch(texts, processor.tokenizer, processor.image_processor)  # its units: where each one starts
+        truth = make_batch(texts, processor.tokenizer, processor.image_processor)  # pixels and true starts, together
         with torch.no_grad():
-            cells = tower_outputs(model, batch["pixel_values"].to(model.dtype))[2]
+            cells = tower_outputs(model, truth["pixels"].to(model.device, model.dtype))[2]
             wanted = project_codes(model, codes_at_starts(cells, truth["units"].to(model.device),
                                                           truth["mask"].to(model.device)))
     if kind in ("oracle", "starts"):
