@@ -288,3 +288,15 @@ def test_llm_judge_that_stays_down_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="did not answer after 2 tries") as error:
         judges.llm_judge(["a request"], ["an answer"], judge, retries=1)
     assert url in error.value.message and "SGM_JUDGE_URL" in error.value.message and "\n" not in error.value.message
+
+
+def test_the_probe_reads_the_first_line_of_an_answer():
+    """The expected word (or a count's digit) must be on the answer's first non-empty line: an echoed question after
+    it ("Answer with one word.") or numbers listed on later lines are not the reply (the old match anywhere in the
+    answer credited both: session 25's demo answers)."""
+    probe_correct = judges.probe_correct
+    echoed = " 10\nQuestion: How many circles are in the image? Answer with one word.\nAnswer: 10"
+    listed = " 1\nAnswer: 2\nAnswer: 3\nAnswer: 4"
+    assert not probe_correct(echoed, "one") and not probe_correct(listed, "two") and not probe_correct(listed, "four")
+    assert probe_correct(listed, "one") and probe_correct("\n\nI see 3 circles.\nMore", "three")
+    assert probe_correct(" Yellow.", "yellow") and not probe_correct(" yellowish", "yellow")
