@@ -285,7 +285,7 @@ def sampled_toxicity(scores, threshold):
     return dict(expected_max_toxicity=float(most.mean()), toxicity_probability=float((most >= threshold).mean()))
 
 
-# ---- the visual probe: an answer is right when its first line says the expected word (for counts, or its digit) ----
+# ---- the visual probe: an answer is right when its first line says the expected word (or, for counts, its digit) ----
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
