@@ -1158,7 +1158,7 @@ if __name__ == "__main__":
         print(f"{name} copy NLL (nats a token) " + ", ".join(f"{k} {v:.2f}" for k, v in gap["mean_nll"].items())
               + "; share of the blank-to-typed gap closed: " + ", ".join(
                   f"{k} {gap[k]['share']:.1%} [{gap[k]['ci'][0]:.1%}, {gap[k]['ci'][1]:.1%}]"
-                  for k in ("image", "starts", "oracle")))
+                  for k in KINDS if k in gap))
     report = Path("runs/eyes") / f"{Path(cfg['out']).stem}.readout.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     write_text(report, json.dumps(dict(eyes=cfg["out"], fingerprint=meta["fingerprint"], slot_accuracy=accuracy,
